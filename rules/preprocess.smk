@@ -1,0 +1,42 @@
+# Splits (from the raw case list) and preprocessing (reorient, normalize, resample) per dataset.
+
+
+rule splits:
+    input:
+        f"{R}/raw/{{dataset}}",
+    output:
+        f"{R}/splits/{{dataset}}.json",
+    params:
+        splits=config["splits"],
+        fractions=config["fractions"],
+        seeds=SEEDS,
+        split_seed=config.get("split_seed", 0),
+    log:
+        f"{R}/logs/splits/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/splits/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow_scripts/splits.py"
+
+
+rule preprocess:
+    input:
+        raw=f"{R}/raw/{{dataset}}",
+        splits=splits_if_downstream,
+    output:
+        directory(f"{R}/preprocessed/{{dataset}}"),
+    params:
+        preprocess=config["preprocess"],
+        group=lambda wc: config["datasets"][wc.dataset].get("group", "default"),
+        seed=config.get("split_seed", 0),
+    threads: threads_for("preprocess")
+    log:
+        f"{R}/logs/preprocess/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/preprocess/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow_scripts/preprocess.py"

@@ -1,0 +1,71 @@
+"""Configuration checks that a JSON schema cannot express (cross-references between keys).
+
+The schema (`schemas/config.schema.yaml`) checks types and ranges; these checks run right after it, at workflow
+start-up, and name the offending key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ctssl.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+UNLABELLED_PROFILES = {"chest"}
+
+
+def parse_init(init: str) -> tuple[str, str] | None:
+    """'scratch' -> None; '{method}-{pool}' -> (method, pool)."""
+    if init == "scratch":
+        return None
+    method, sep, pool = init.partition("-")
+    if not sep or not method or not pool:
+        raise ConfigError(f"inits: {init!r} is neither 'scratch' nor '{{method}}-{{pool}}'")
+    return method, pool
+
+
+def is_labelled(dataset_cfg: dict) -> bool:
+    return not (dataset_cfg["kind"] == "synthetic" and dataset_cfg["profile"] in UNLABELLED_PROFILES)
+
+
+def check_config(config: dict) -> None:
+    datasets = config["datasets"]
+    for key in ("downstream",):
+        for name in config[key]:
+            if name not in datasets:
+                raise ConfigError(f"{key}: unknown dataset {name!r}; defined in 'datasets': {sorted(datasets)}")
+            if not is_labelled(datasets[name]):
+                raise ConfigError(f"{key}: dataset {name!r} has no labels and cannot be fine-tuned/evaluated")
+    pretrain = config.get("pretrain", {})
+    for name in pretrain.get("pool_datasets", []):
+        if name not in datasets:
+            raise ConfigError(f"pretrain.pool_datasets: unknown dataset {name!r}; defined: {sorted(datasets)}")
+    pools = set(pretrain.get("pools", [])) | {p[1] for p in map(parse_init, config["inits"]) if p}
+    for pool in pools:
+        if pool != "all" and pool not in datasets:
+            raise ConfigError(f"pool {pool!r} (from pretrain.pools or inits) is neither 'all' nor a dataset name")
+    model, patch = config["model"], config["finetune"]["patch_size"]
+    if len(model["strides"]) != len(model["channels"]) - 1:
+        raise ConfigError("model.strides needs exactly one entry fewer than model.channels")
+    stride = 1
+    for s in model["strides"]:
+        stride *= s
+    if any(p % stride for p in patch):
+        raise ConfigError(f"finetune.patch_size {patch} must be divisible by the network stride {stride}")
+
+
+def load_config(path: str | Path) -> dict:
+    """Load and fully validate a config file outside Snakemake (tests, notebooks)."""
+    import jsonschema
+
+    config = yaml.safe_load(Path(path).read_text())
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    try:
+        jsonschema.validate(config, schema)
+    except jsonschema.ValidationError as exc:
+        where = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise ConfigError(f"{path}: config key {where}: {exc.message}") from None
+    check_config(config)
+    return config

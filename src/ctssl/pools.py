@@ -1,0 +1,46 @@
+"""Multi-domain pretraining manifests (`pools/{pool}.csv`) and the leakage guard.
+
+A pool is every preprocessed case of the configured pretraining domains (`all`) or of one dataset only (its name).
+Downstream test cases are removed before anything else, and the result is checked again: a test case seen during
+pretraining would silently inflate every number the report shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+POOL_COLUMNS = ["case", "dataset", "group", "image"]
+
+
+class LeakageError(AssertionError):
+    """A downstream test case ended up in a pretraining pool."""
+
+
+def build_pool(pool: str, manifests: Mapping[str, dict], preprocessed_dirs: Mapping[str, str],
+               test_cases: Mapping[str, Sequence[str]], pool_datasets: Sequence[str]) -> pd.DataFrame:
+    """`manifests`: preprocessed manifest per dataset; `test_cases`: downstream test cases per dataset."""
+    members = list(pool_datasets) if pool == "all" else [pool]
+    rows = []
+    for name in members:
+        excluded = set(test_cases.get(name, ()))
+        manifest = manifests[name]
+        for entry in manifest["cases"]:
+            if entry["case"] in excluded:
+                continue
+            rows.append({"case": entry["case"], "dataset": name, "group": manifest["group"],
+                         "image": f"{preprocessed_dirs[name]}/{entry['case']}.npy"})
+    frame = pd.DataFrame(rows, columns=POOL_COLUMNS)
+    if frame.empty:
+        raise ValueError(f"pool {pool!r} is empty (datasets {members})")
+    assert_no_leakage(frame, test_cases)
+    return frame
+
+
+def assert_no_leakage(pool: pd.DataFrame, test_cases: Mapping[str, Sequence[str]]) -> None:
+    """Raise LeakageError if any (dataset, case) of the pool is a downstream test case."""
+    leaked = [(d, c) for d, c in zip(pool["dataset"], pool["case"], strict=True) if c in set(test_cases.get(d, ()))]
+    if leaked:
+        raise LeakageError(f"downstream test cases in the pretraining pool: {leaked[:10]}"
+                           + (f" and {len(leaked) - 10} more" if len(leaked) > 10 else ""))

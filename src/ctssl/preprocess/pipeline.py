@@ -1,0 +1,95 @@
+"""Raw MSD dataset -> preprocessed arrays: check, reorient, normalize, resample, store with geometry."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ctssl.data.msd import Case, MSDDataset, read_msd_dataset
+from ctssl.io import atomic_dir, write_json
+from ctssl.preprocess.nifti import check_label_values, check_same_grid, load_nifti
+from ctssl.preprocess.normalize import normalize, sample_foreground, zscore_statistics
+from ctssl.preprocess.spatial import CANONICAL, orientation_code, reorient, resample_image, resample_label
+
+log = logging.getLogger(__name__)
+
+
+def load_checked_case(case: Case, dataset: MSDDataset) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Image (HU, float32), label (or None) and affine, after every consistency check on the raw files."""
+    image, affine = load_nifti(case.image)
+    if case.label is None:
+        return image, None, affine
+    label, label_affine = load_nifti(case.label)
+    check_same_grid(case.image, image.shape, affine, case.label, label.shape, label_affine)
+    check_label_values(case.label, label, set(dataset.labels))
+    return image, label.astype(np.uint8), affine
+
+
+def preprocess_case(case: Case, dataset: MSDDataset, cfg: dict, stats: dict | None) -> dict:
+    """Returns arrays and geometry of one case in the canonical, resampled, normalized space."""
+    image, label, affine = load_checked_case(case, dataset)
+    spacing = cfg["target_spacing"]
+    original = {"shape": list(image.shape), "affine": affine.tolist(),
+                "spacing": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
+                "orientation": orientation_code(affine)}
+    # Normalize before resampling (as nnU-Net does): clipping first keeps out-of-window values such as -3024
+    # scanner padding or metal from bleeding into neighbouring tissue through interpolation.
+    image = normalize(image, cfg["normalization"], stats)
+    image, canon_affine = reorient(image, affine, CANONICAL)
+    image, new_affine = resample_image(image, canon_affine, spacing, order=cfg.get("image_order", 1))
+    seg = None
+    if label is not None:
+        label_canon, _ = reorient(label, affine, CANONICAL)
+        seg, seg_affine = resample_label(label_canon, canon_affine, spacing, cfg.get("label_resampling", "onehot_linear"))
+        if seg.shape != image.shape or not np.allclose(seg_affine, new_affine, atol=1e-4):
+            raise AssertionError(f"{case.case_id}: image and label resampled onto different grids")
+    geometry = {"case": case.case_id, "source_image": str(case.image),
+                "source_label": str(case.label) if case.label else None, "original": original,
+                "shape": list(image.shape), "affine": new_affine.tolist(), "spacing": list(map(float, spacing)),
+                "orientation": CANONICAL}
+    return {"image": image.astype(np.float32), "label": seg, "geometry": geometry}
+
+
+def dataset_statistics(dataset: MSDDataset, cfg: dict, exclude: set[str], seed: int) -> dict | None:
+    """nnU-Net-style foreground statistics over the training cases (never the test cases)."""
+    if cfg["normalization"]["scheme"] != "zscore":
+        return None
+    rng = np.random.default_rng(seed)
+    samples = []
+    for case in dataset.cases:
+        if case.case_id in exclude:
+            continue
+        image, label, _ = load_checked_case(case, dataset)
+        samples.append(sample_foreground(image, label, rng))
+    return zscore_statistics(samples, tuple(cfg["normalization"].get("percentiles", (0.5, 99.5))))
+
+
+def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, name: str, cfg: dict, group: str,
+                       exclude_from_stats: set[str] = frozenset(), seed: int = 0) -> Path:
+    """Preprocess every case of one dataset into `out_dir` (atomic: all cases or nothing).
+
+    Layout: `{case}.npy` (float32 image), `{case}_seg.npy` (uint8 labels, if labelled), `{case}.json` (geometry),
+    and `manifest.json` (classes, cases, normalization and its statistics).
+    """
+    dataset = read_msd_dataset(raw_dir)
+    stats = dataset_statistics(dataset, cfg, set(exclude_from_stats), seed)
+    with atomic_dir(out_dir) as tmp:
+        cases = []
+        for case in dataset.cases:
+            out = preprocess_case(case, dataset, cfg, stats)
+            np.save(tmp / f"{case.case_id}.npy", out["image"])
+            if out["label"] is not None:
+                np.save(tmp / f"{case.case_id}_seg.npy", out["label"])
+            write_json(tmp / f"{case.case_id}.json", out["geometry"])
+            cases.append({"case": case.case_id, "shape": out["geometry"]["shape"], "labelled": out["label"] is not None})
+            log.info("%s: %s %s -> %s", case.case_id, out["geometry"]["original"]["orientation"],
+                     out["geometry"]["original"]["shape"], out["geometry"]["shape"])
+        write_json(tmp / "manifest.json", {
+            "dataset": name, "group": group, "labels": {str(k): v for k, v in dataset.labels.items()},
+            "labelled": dataset.labelled, "target_spacing": cfg["target_spacing"],
+            "normalization": cfg["normalization"], "statistics": stats,
+            "statistics_excluded_cases": sorted(exclude_from_stats), "cases": cases,
+        })
+    return Path(out_dir)

@@ -1,0 +1,48 @@
+"""Fixed test sets and nested label-fraction subsets.
+
+The test set depends only on the case list and `split_seed`, never on the fine-tuning seed, so every
+(init, fraction, seed) cell of a dataset is scored on the same cases. For each seed the training cases are shuffled
+once and a fraction p takes the first max(1, round(p% * n)) of that order, so 5% is inside 10% inside ... 100%.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def subset_size(fraction_pct: float, n_train: int) -> int:
+    return max(1, min(n_train, math.floor(fraction_pct / 100.0 * n_train + 0.5)))
+
+
+def fraction_key(fraction_pct: float) -> str:
+    """Canonical spelling of a fraction in paths and JSON keys: 10 -> '10', 2.5 -> '2.5'."""
+    return f"{fraction_pct:g}"
+
+
+def make_splits(case_ids: Sequence[str], *, test_fraction: float, min_test: int, fractions: Sequence[float],
+                seeds: Sequence[int], split_seed: int, official_test: Sequence[str] | None = None) -> dict:
+    ids = sorted(case_ids)
+    if official_test is not None:
+        unknown = sorted(set(official_test) - set(ids))
+        if unknown:
+            raise ValueError(f"official test cases not in the dataset: {unknown}")
+        test = sorted(official_test)
+    else:
+        n_test = max(min_test, math.floor(test_fraction * len(ids) + 0.5))
+        if n_test >= len(ids):
+            raise ValueError(f"{len(ids)} cases cannot give {n_test} test cases and at least one training case")
+        order = np.random.default_rng(split_seed).permutation(len(ids))
+        test = sorted(ids[i] for i in order[:n_test])
+    train = [c for c in ids if c not in set(test)]
+    if not train:
+        raise ValueError("no training cases left after removing the test set")
+    subsets: dict[str, dict[str, list[str]]] = {}
+    for seed in seeds:
+        # A seed-specific stream distinct from the test-split stream (which uses split_seed alone).
+        order = [train[i] for i in np.random.default_rng([split_seed, int(seed)]).permutation(len(train))]
+        subsets[str(seed)] = {fraction_key(p): sorted(order[: subset_size(p, len(train))]) for p in sorted(fractions)}
+    return {"split_seed": split_seed, "test": test, "train": train, "subsets": subsets,
+            "rule": "fraction p of seed s = first max(1, round(p% * n_train)) cases of a seed-s permutation"}

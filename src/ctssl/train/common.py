@@ -1,0 +1,69 @@
+"""Pieces every training loop shares: seeding, device, LR schedule, an endless batch stream, a CSV log."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and MONAI so that, on CPU, the same config gives the same numbers."""
+    from monai.utils import set_determinism
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    set_determinism(seed=seed)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def set_threads(threads: int | None) -> None:
+    """Respect the cores Snakemake gave the job instead of letting torch grab every core of the node."""
+    n = int(threads or os.environ.get("OMP_NUM_THREADS", 0) or 1)
+    torch.set_num_threads(max(1, n))
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_fraction: float = 0.01) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `final_fraction`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def endless(loader: Iterable) -> Iterator:
+    """Cycle a DataLoader forever (training is counted in steps, not epochs)."""
+    while True:
+        yield from loader
+
+
+class CsvLog:
+    """Append-only CSV training log, flushed every row so a killed run still shows its curve."""
+
+    def __init__(self, path: str | Path, fields: list[str], append: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not (append and self.path.exists())
+        self._fh = open(self.path, "w" if new else "a", newline="")  # noqa: SIM115 - lives as long as the run
+        self._writer = csv.DictWriter(self._fh, fieldnames=fields)
+        if new:
+            self._writer.writeheader()
+
+    def write(self, **row) -> None:
+        self._writer.writerow(row)
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()

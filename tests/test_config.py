@@ -1,0 +1,56 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctssl.config import load_config, parse_init
+from ctssl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def _load(tmp_path, config):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return load_config(path)
+
+
+def test_default_config_is_valid(tmp_path):
+    assert _load(tmp_path, DEFAULT)["downstream"] == ["liver", "spleen", "kidney"]
+
+
+@pytest.mark.parametrize("mutate, key, message", [
+    (lambda c: c["finetune"].update(steps="many"), "finetune.steps", "is not of type 'integer'"),
+    (lambda c: c.update(fractions=[10, 0]), "fractions.1", "less than or equal to the minimum"),
+    (lambda c: c.update(fractions=[10, 150]), "fractions.1", "greater than the maximum"),
+    (lambda c: c["datasets"]["liver"].update(profile="brain"), "datasets.liver.profile", "is not one of"),
+    (lambda c: c.update(unknown_key=1), "(top level)", "unknown_key"),
+])
+def test_schema_errors_name_the_key(tmp_path, mutate, key, message):
+    config = copy.deepcopy(DEFAULT)
+    mutate(config)
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, config)
+    assert f"config key {key}:" in str(info.value) and message in str(info.value)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.update(downstream=["liver", "pancreas"]), "downstream: unknown dataset 'pancreas'"),
+    (lambda c: c.update(downstream=["chest"]), "downstream: dataset 'chest' has no labels"),
+    (lambda c: c["pretrain"].update(pool_datasets=["lung"]), "pretrain.pool_datasets: unknown dataset 'lung'"),
+    (lambda c: c.update(inits=["scratch", "pgl-pancreas"]), "pool 'pancreas'"),
+    (lambda c: c["finetune"].update(patch_size=[48, 48, 30]), "finetune.patch_size"),
+])
+def test_cross_key_errors(tmp_path, mutate, message):
+    config = copy.deepcopy(DEFAULT)
+    mutate(config)
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, config)
+
+
+def test_parse_init():
+    assert parse_init("scratch") is None
+    assert parse_init("pgl-all") == ("pgl", "all")
+    assert parse_init("hssl-my_set") == ("hssl", "my_set")

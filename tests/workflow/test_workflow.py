@@ -1,0 +1,138 @@
+"""The real `snakemake` on a tiny config, end to end: outputs, idempotence, single-cell reruns, bad inputs.
+
+These tests share one workspace and run in file order (the later ones reuse the first run's results).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from ctssl.models.backbone import build_backbone
+
+ROOT = Path(__file__).resolve().parents[2]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
+pytestmark = pytest.mark.workflow
+
+TINY = {
+    "results": "results", "device": "cpu", "synthetic_seed": 1, "split_seed": 0, "seeds": [0],
+    "fractions": [50, 100],
+    "datasets": {"liver": {"kind": "synthetic", "profile": "liver", "n_cases": 4, "group": "abdomen"},
+                 "chest": {"kind": "synthetic", "profile": "chest", "n_cases": 2, "group": "chest"}},
+    "downstream": ["liver"], "inits": ["scratch", "custom-all"],
+    "pretrain": {"pool_datasets": ["liver", "chest"], "pools": ["all"]},
+    "splits": {"test_fraction": 0.25, "min_test": 1},
+    "preprocess": {"target_spacing": [3.0, 3.0, 4.0], "normalization": {"scheme": "window", "window": [-175, 250]}},
+    "model": {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 4, "num_res_units": 1},
+    "finetune": {"patch_size": [16, 16, 16], "batch_size": 2, "steps": 3, "lr": 0.01, "weight_decay": 0.0,
+                 "log_every": 1},
+}
+CELL = "results/finetune/liver/scratch/frac50/seed0/metrics.json"
+
+
+def snakemake(workdir: Path, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(config or workdir / "config.yaml"),
+           "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("workflow")
+    (work / "config.yaml").write_text(yaml.safe_dump(TINY))
+    # "Bring your own weights": a backbone file where init custom-all expects it.
+    weights = work / "results" / "pretrain" / "custom" / "all" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(build_backbone(TINY["model"]).state_dict(), weights)
+    return work
+
+
+def test_end_to_end(workspace):
+    run = snakemake(workspace)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = workspace / "results"
+    md = (res / "report" / "dice_table.md").read_text()
+    assert "| scratch" in md and "| custom-all" in md and "liver 50%" in md and "liver 100%" in md
+    long = pd.read_csv(res / "report" / "dice_table.csv")
+    assert set(long["init"]) == {"scratch", "custom-all"} and set(long["class"]) == {"liver", "tumour"}
+    assert (res / "report" / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    splits = json.loads((res / "splits" / "liver.json").read_text())
+    pool = pd.read_csv(res / "pools" / "all.csv")
+    assert set(pool["dataset"]) == {"liver", "chest"} and len(pool) == 3 + 2
+    assert not set(splits["test"]) & set(pool["case"])
+    metrics = json.loads((res / "finetune/liver/custom-all/frac100/seed0/metrics.json").read_text())
+    assert metrics["init_weights"]["path"].endswith("pretrain/custom/all/model.pt")
+    for sub in ("logs/finetune/liver/scratch/frac50/seed0.log", "benchmarks/finetune/liver/scratch/frac50/seed0.tsv",
+                "finetune/liver/scratch/frac50/seed0/train_log.csv", "preprocessed/liver/manifest.json"):
+        assert (res / sub).exists(), sub
+
+
+def test_second_run_has_nothing_to_do(workspace):
+    run = snakemake(workspace, "-n")
+    assert run.returncode == 0
+    assert "Nothing to be done" in run.stdout + run.stderr
+
+
+def test_forcing_one_cell_schedules_exactly_that_cell(workspace):
+    run = snakemake(workspace, "-n", "-f", CELL)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    stats = out[out.index("Job stats:"):]
+    assert "finetune        1" in stats and "total           1" in stats
+
+
+def test_forced_rerun_changes_only_that_cell(workspace):
+    res = workspace / "results"
+    cells = sorted(res.glob("finetune/**/metrics.json"))
+    before = {p: digest(p) for p in cells}
+    run = snakemake(workspace, "-f", CELL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    target = workspace / CELL
+    for path in cells:
+        if path != target:
+            assert digest(path) == before[path], path
+    assert json.loads(target.read_text())["per_case"]  # rewritten, complete
+
+
+def test_wrong_config_type_stops_at_startup_naming_the_key(workspace, tmp_path):
+    bad = json.loads(json.dumps(TINY))
+    bad["finetune"]["steps"] = "ten"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    run = snakemake(workspace, "-n", config=path)
+    assert run.returncode != 0
+    assert "steps" in run.stderr and "'ten' is not of type 'integer'" in run.stderr
+
+
+def test_unknown_dataset_stops_at_startup(workspace, tmp_path):
+    bad = json.loads(json.dumps(TINY))
+    bad["downstream"] = ["liver", "pancreas"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    run = snakemake(workspace, "-n", config=path)
+    assert run.returncode != 0 and "downstream: unknown dataset 'pancreas'" in run.stderr
+
+
+def test_truncated_raw_image_fails_cleanly(workspace):
+    """Last: corrupts the workspace. The preprocess job fails, names the file and leaves no output dir."""
+    image = workspace / "results/raw/liver/imagesTr/liver_001.nii.gz"
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 3])
+    run = snakemake(workspace, "-f", "results/preprocessed/liver")
+    assert run.returncode != 0
+    assert "liver_001.nii.gz: cannot read NIfTI" in run.stderr
+    assert not (workspace / "results/preprocessed/liver").exists()
+    assert not list((workspace / "results/preprocessed").glob(".liver*"))

@@ -1,0 +1,11 @@
+"""Snakemake entry: Dice tables and the label-efficiency figure."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the checkout's code, also in --sdm conda
+
+from ctssl.logutil import setup_logging  # noqa: E402
+from ctssl.report import write_report  # noqa: E402
+
+setup_logging(snakemake.log[0])
+write_report(snakemake.input, snakemake.output.csv, snakemake.output.md, snakemake.output.png)

@@ -1,0 +1,18 @@
+"""Snakemake entry: fixed test set and nested label-fraction subsets of one dataset."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the checkout's code, also in --sdm conda
+
+from ctssl.data.msd import read_msd_dataset  # noqa: E402
+from ctssl.io import write_json  # noqa: E402
+from ctssl.logutil import setup_logging  # noqa: E402
+from ctssl.splits import make_splits  # noqa: E402
+
+log = setup_logging(snakemake.log[0])
+dataset = read_msd_dataset(snakemake.input[0])
+p = snakemake.params
+splits = make_splits([c.case_id for c in dataset.cases], test_fraction=p.splits["test_fraction"],
+                     min_test=p.splits["min_test"], fractions=p.fractions, seeds=p.seeds, split_seed=p.split_seed)
+write_json(snakemake.output[0], {"dataset": snakemake.wildcards.dataset, **splits})
+log.info("%s: %d test, %d train cases", snakemake.wildcards.dataset, len(splits["test"]), len(splits["train"]))
