@@ -9,7 +9,11 @@ min_version("9.0")
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # run the checkout's code even if not pip-installed
 
 
-configfile: "config.yaml"
+# config.yaml is the default; a --configfile given on the command line replaces it rather than being deep-merged
+# into the demo's datasets (Snakemake's default), which would silently mix two studies.
+if not workflow.config_settings.configfiles:
+
+    configfile: "config.yaml"
 
 
 validate(config, "schemas/config.schema.yaml")

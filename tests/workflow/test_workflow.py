@@ -113,8 +113,9 @@ def test_wrong_config_type_stops_at_startup_naming_the_key(workspace, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     run = snakemake(workspace, "-n", config=path)
+    out = run.stdout + run.stderr
     assert run.returncode != 0
-    assert "steps" in run.stderr and "'ten' is not of type 'integer'" in run.stderr
+    assert "['finetune']['steps']" in out and "'ten' is not of type 'integer'" in out
 
 
 def test_unknown_dataset_stops_at_startup(workspace, tmp_path):
@@ -123,7 +124,7 @@ def test_unknown_dataset_stops_at_startup(workspace, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     run = snakemake(workspace, "-n", config=path)
-    assert run.returncode != 0 and "downstream: unknown dataset 'pancreas'" in run.stderr
+    assert run.returncode != 0 and "downstream: unknown dataset 'pancreas'" in run.stdout + run.stderr
 
 
 def test_truncated_raw_image_fails_cleanly(workspace):
@@ -133,6 +134,6 @@ def test_truncated_raw_image_fails_cleanly(workspace):
     image.write_bytes(data[: len(data) // 3])
     run = snakemake(workspace, "-f", "results/preprocessed/liver")
     assert run.returncode != 0
-    assert "liver_001.nii.gz: cannot read NIfTI" in run.stderr
+    assert "liver_001.nii.gz: cannot read NIfTI" in run.stdout + run.stderr
     assert not (workspace / "results/preprocessed/liver").exists()
     assert not list((workspace / "results/preprocessed").glob(".liver*"))
