@@ -23,6 +23,7 @@ include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/preprocess.smk"
 include: "rules/aggregate.smk"
+include: "rules/pretrain.smk"
 include: "rules/finetune.smk"
 include: "rules/report.smk"
 

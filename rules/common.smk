@@ -1,8 +1,12 @@
 # Helpers shared by the rules: cross-key config checks, wildcard constraints, target lists, paths.
+from pathlib import Path
+
 from snakemake.exceptions import WorkflowError
 from ctssl.config import check_config, parse_init
 from ctssl.errors import ConfigError
 from ctssl.splits import fraction_key
+from ctssl.ssl import METHODS
+from ctssl.train.pretrain import method_config
 
 try:
     check_config(config)
@@ -18,10 +22,21 @@ SEEDS = [int(s) for s in config["seeds"]]
 INITS = list(config["inits"])
 CONDA_ENV = "../envs/ctssl.yaml"
 
+for _init in INITS:
+    _parsed = parse_init(_init)
+    if _parsed and _parsed[0] not in METHODS:
+        _weights = Path(R) / "pretrain" / _parsed[0] / _parsed[1] / "model.pt"
+        if not _weights.exists():
+            raise WorkflowError(
+                f"inits: {_init!r} names no registered pretraining method ({', '.join(sorted(METHODS))}) "
+                f"and {_weights} does not exist (to use your own backbone weights, put them there)"
+            )
+
 
 wildcard_constraints:
     dataset="|".join(DATASETS),
     pool="all|" + "|".join(DATASETS),
+    method="|".join(sorted(METHODS)),
     init=r"scratch|[a-z0-9]+-[A-Za-z0-9_]+",
     pct=r"[0-9]+(\.[0-9]+)?",
     seed=r"[0-9]+",
@@ -65,6 +80,16 @@ def init_weights(wildcards):
     """scratch -> no input; {method}-{pool} -> that pretraining run's backbone weights."""
     parsed = parse_init(wildcards.init)
     return [] if parsed is None else [f"{R}/pretrain/{parsed[0]}/{parsed[1]}/model.pt"]
+
+
+def pretrain_params(wildcards):
+    """Only what this method's run depends on, so editing another method's settings retrains nothing here."""
+    return {
+        "model": config["model"],
+        "pretrain": method_config(config.get("pretrain", {}), wildcards.method),
+        "device": config.get("device", "auto"),
+        "amp": config.get("amp", True),
+    }
 
 
 def splits_if_downstream(wildcards):

@@ -69,6 +69,15 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """torch.save, atomically, through a file handle: given a path, torch names the zip's records after the
+    (temporary) file name, so identical weights would get different checksums."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -50,16 +50,24 @@ def endless(loader: Iterable) -> Iterator:
 
 
 class CsvLog:
-    """Append-only CSV training log, flushed every row so a killed run still shows its curve."""
+    """Training log as CSV, flushed every row so a killed run still shows its curve.
 
-    def __init__(self, path: str | Path, fields: list[str], append: bool = False):
+    `resume_step=k` keeps the rows of steps 1..k of an existing log (those after the checkpoint a run resumes from
+    would otherwise appear twice) and appends; `resume_step=0` starts a new log.
+    """
+
+    def __init__(self, path: str | Path, fields: list[str], resume_step: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not (append and self.path.exists())
-        self._fh = open(self.path, "w" if new else "a", newline="")  # noqa: SIM115 - lives as long as the run
+        kept: list[dict] = []
+        if resume_step > 0 and self.path.exists():
+            with open(self.path, newline="") as fh:
+                kept = [row for row in csv.DictReader(fh) if int(row["step"]) <= resume_step]
+        self._fh = open(self.path, "w", newline="")  # noqa: SIM115 - lives as long as the run
         self._writer = csv.DictWriter(self._fh, fieldnames=fields)
-        if new:
-            self._writer.writeheader()
+        self._writer.writeheader()
+        self._writer.writerows(kept)
+        self._fh.flush()
 
     def write(self, **row) -> None:
         self._writer.writerow(row)

@@ -1,0 +1,23 @@
+# Self-supervised pretraining of the backbone: one run per (method, pool). Methods come from the registry
+# (ctssl.ssl.METHODS), so adding a method needs no change here. The checkpoint under checkpoints/ is deliberately
+# not an output: Snakemake removes the outputs of a failed job, and the checkpoint is what a rerun resumes from.
+
+
+rule pretrain:
+    input:
+        pool=f"{R}/pools/{{pool}}.csv",
+        preprocessed=lambda wc: expand(f"{R}/preprocessed/{{d}}", d=pool_members(wc.pool)),
+    output:
+        model=f"{R}/pretrain/{{method}}/{{pool}}/model.pt",
+        meta=f"{R}/pretrain/{{method}}/{{pool}}/model.json",
+    params:
+        cfg=pretrain_params,
+    threads: threads_for("pretrain")
+    log:
+        f"{R}/logs/pretrain/{{method}}/{{pool}}.log",
+    benchmark:
+        f"{R}/benchmarks/pretrain/{{method}}/{{pool}}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow_scripts/pretrain.py"

@@ -1,0 +1,60 @@
+"""`ctssl` console command: stages runnable outside Snakemake (debugging, notebooks, the resume tests)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from ctssl.logutil import setup_logging
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from ctssl.train.pretrain import TrainingInterrupted, run_pretrain
+
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    log = setup_logging(args.log)
+    try:
+        run_pretrain(pool_csv=args.pool_csv, method=args.method, pool=args.pool, cfg=cfg, out_dir=args.out,
+                     threads=args.threads)
+    except TrainingInterrupted as exc:
+        log.error("%s", exc)
+        return 75
+    return 0
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from ctssl.data.synthetic import write_msd_dataset
+
+    setup_logging(None)
+    write_msd_dataset(args.out, args.name, args.profile, args.n_cases, args.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ctssl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="pretrain one method on one pool manifest (resumes from its checkpoint)")
+    p.add_argument("--config", required=True, help="YAML with 'model' and 'pretrain' sections")
+    p.add_argument("--pool-csv", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--pool", default="all", help="pool name recorded in model.json")
+    p.add_argument("--out", required=True, help="output folder (model.pt, model.json, checkpoints/)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--log", default=None)
+    p.set_defaults(func=_pretrain)
+    s = sub.add_parser("synthesize", help="write a synthetic CT dataset in MSD layout")
+    s.add_argument("out")
+    s.add_argument("--name", required=True)
+    s.add_argument("--profile", required=True, choices=["liver", "spleen", "kidney", "chest"])
+    s.add_argument("--n-cases", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_synthesize)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The contract every pretraining method fulfils, and the parts several methods share (EMA, two-view sampling).
+
+A method is an nn.Module with:
+- `backbone`: the online MONAI UNet whose weights become `model.pt`;
+- `view_sampler(...)` (classmethod): the data side, run in DataLoader workers: (volume, rng) -> dict of tensors;
+- `loss(batch)`: (scalar loss, dict of logged floats);
+- `momentum_pairs()`: the (online, target) module pairs updated by EMA after every optimizer step (may be empty).
+Register a new method with one line in `ctssl.ssl.METHODS`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandGaussianNoise,
+    RandGaussianSmooth,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
+from torch import nn
+
+from ctssl.geometry import random_view_pair, sample_view
+from ctssl.models.backbone import build_backbone
+
+Sampler = Callable[[np.ndarray, np.random.Generator], dict[str, torch.Tensor]]
+
+
+def ema_tau(step: int, total_steps: int, tau_base: float) -> float:
+    """BYOL's schedule: tau = 1 - (1 - tau_base) * (cos(pi * step / total) + 1) / 2, from tau_base up to 1."""
+    return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * step / max(1, total_steps)) + 1.0) / 2.0
+
+
+@torch.no_grad()
+def ema_update(online: nn.Module, target: nn.Module, tau: float) -> None:
+    """target <- tau * target + (1 - tau) * online, for parameters; buffers (BN statistics) are copied."""
+    for p_o, p_t in zip(online.parameters(), target.parameters(), strict=True):
+        p_t.mul_(tau).add_(p_o.detach(), alpha=1.0 - tau)
+    for b_o, b_t in zip(online.buffers(), target.buffers(), strict=True):
+        b_t.copy_(b_o)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A target network: a deep copy that never receives gradients."""
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """2 - 2 cos(p, z) along `dim`, averaged over everything else (z is a target: no gradient)."""
+    p = nn.functional.normalize(p.float(), dim=dim)
+    z = nn.functional.normalize(z.detach().float(), dim=dim)
+    return (2.0 - 2.0 * (p * z).sum(dim=dim)).mean()
+
+
+def intensity_transform(cfg: dict) -> Compose:
+    """Augmentations that do not move voxels (so they never disturb the recorded view geometry)."""
+    return Compose([
+        RandGaussianNoise(prob=cfg.get("noise_prob", 0.5), std=cfg.get("noise_std", 0.05)),
+        RandGaussianSmooth(prob=cfg.get("blur_prob", 0.3), sigma_x=tuple(cfg.get("blur_sigma", (0.5, 1.0))),
+                           sigma_y=tuple(cfg.get("blur_sigma", (0.5, 1.0))),
+                           sigma_z=tuple(cfg.get("blur_sigma", (0.5, 1.0)))),
+        RandScaleIntensity(prob=cfg.get("contrast_prob", 0.5), factors=cfg.get("contrast", 0.2)),
+        RandShiftIntensity(prob=cfg.get("brightness_prob", 0.5), offsets=cfg.get("brightness", 0.1)),
+        RandAdjustContrast(prob=cfg.get("gamma_prob", 0.3), gamma=tuple(cfg.get("gamma", (0.7, 1.5)))),
+    ])
+
+
+class TwoViewSampler:
+    """Two augmented views of one volume plus the geometry (box, flips) that made each."""
+
+    def __init__(self, patch: list[int], views_cfg: dict, use_crop: bool = True, use_flip: bool = True):
+        self.patch = [int(p) for p in patch]
+        self.cfg = views_cfg
+        self.use_crop, self.use_flip = use_crop, use_flip
+        self.intensity = intensity_transform(views_cfg.get("intensity", {}))
+
+    def __call__(self, volume: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        geom_a, geom_b = random_view_pair(
+            rng, volume.shape, self.patch, tuple(self.cfg.get("scale", (1.1, 1.4))),
+            float(self.cfg.get("flip_prob", 0.5)), float(self.cfg.get("min_overlap", 0.1)),
+            use_crop=self.use_crop, use_flip=self.use_flip)
+        source = torch.from_numpy(np.array(volume, dtype=np.float32))[None]  # a writable copy of the memmap
+        out = {}
+        for key, geom in (("a", geom_a), ("b", geom_b)):
+            view = sample_view(source, geom, self.patch)
+            self.intensity.set_random_state(seed=int(rng.integers(2**31)))
+            out[f"view_{key}"] = torch.as_tensor(self.intensity(view)).float()
+            out[f"geom_{key}"] = geom.to_tensor()
+        return out
+
+
+class SSLMethod(nn.Module):
+    """Base class; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+
+    def __init__(self, model_cfg: dict, method_cfg: dict, patch: list[int]):
+        super().__init__()
+        self.model_cfg, self.cfg, self.patch = model_cfg, method_cfg, [int(p) for p in patch]
+        self.backbone = build_backbone(model_cfg)
+
+    @classmethod
+    def view_sampler(cls, method_cfg: dict, patch: list[int]) -> Sampler:
+        return TwoViewSampler(patch, method_cfg.get("views", {}))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return []
+
+    @torch.no_grad()
+    def update_targets(self, step: int, total_steps: int) -> float:
+        """EMA step after the optimizer step; returns the tau used (1.0 when the method has no targets)."""
+        pairs = self.momentum_pairs()
+        if not pairs:
+            return 1.0
+        tau = ema_tau(step, total_steps, float(self.cfg.get("ema_tau_base", 0.996)))
+        for online, target in pairs:
+            ema_update(online, target, tau)
+        return tau

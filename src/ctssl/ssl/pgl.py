@@ -1,0 +1,110 @@
+"""PGL: prior-guided local self-supervision (implemented from the paper's description; no official code).
+
+Two views of one volume are made by known spatial transforms (crop/scale, flips). That knowledge - the prior -
+says which voxels of the two views show the same anatomy: the intersection of their boxes. The online and target
+(EMA) backbones produce voxel-wise feature maps of both views; both maps are sampled on one regular grid over the
+shared region (3D RoIAlign via grid_sample, see `ctssl.geometry`), so grid point (i, j, k) is the same source
+voxel in both. A voxel-wise projector (online and target) and predictor (online) follow, and the local consistency
+loss 2 - 2 cos(prediction_A, target_projection_B) is averaged over grid points and symmetrised over (A, B).
+An optional global BYOL term (`global_weight`) adds image-level consistency on the pooled bottleneck.
+
+Ablations (`priors`): ["crop", "flip"] (both, default), ["crop"], ["flip"]: a prior switched off is a spatial
+transform not applied when making the views (both views then share one box, or are never flipped).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctssl.geometry import ViewGeometry, normalized_coords, shared_grid, to_grid
+from ctssl.models.features import encode
+from ctssl.models.heads import voxel_mlp
+from ctssl.ssl.base import SSLMethod, TwoViewSampler, byol_loss, frozen_copy
+from ctssl.ssl.byol import GlobalBYOLHead
+
+PRIORS = {"crop", "flip"}
+
+
+def pair_grids(geom_a: torch.Tensor, geom_b: torch.Tensor, grid_size: list[int], patch: list[int],
+               feature_shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched grid_sample grids (B, G0, G1, G2, 3) for views A and B over each pair's shared region."""
+    grids_a, grids_b = [], []
+    for row_a, row_b in zip(geom_a, geom_b, strict=True):
+        a, b = ViewGeometry.from_tensor(row_a), ViewGeometry.from_tensor(row_b)
+        corner = shared_grid(a, b, grid_size, patch, feature_shape)
+        if corner is None:
+            raise ValueError("PGL views do not overlap; the view sampler must guarantee views.min_overlap > 0")
+        grids_a.append(to_grid(normalized_coords(a, corner)))
+        grids_b.append(to_grid(normalized_coords(b, corner)))
+    return torch.stack(grids_a), torch.stack(grids_b)
+
+
+def align(features: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """(B, C, F0, F1, F2) sampled at (B, G0, G1, G2, 3) -> (B, C, G0, G1, G2), trilinear, align_corners=False."""
+    return F.grid_sample(features, grid.to(features.dtype).to(features.device), mode="bilinear",
+                         padding_mode="border", align_corners=False)
+
+
+def local_consistency_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over aligned grid points of 2 - 2 cos along channels: 0 iff every point agrees in direction."""
+    return byol_loss(pred, target, dim=1)
+
+
+class PGL(SSLMethod):
+    name = "pgl"
+
+    def __init__(self, model_cfg: dict, method_cfg: dict, patch: list[int]):
+        super().__init__(model_cfg, method_cfg, patch)
+        priors = set(method_cfg.get("priors", ["crop", "flip"]))
+        if not priors or priors - PRIORS:
+            raise ValueError(f"pgl.priors must be a non-empty subset of {sorted(PRIORS)}, got {sorted(priors)}")
+        width = int(model_cfg["feature_channels"])
+        hidden, out = int(method_cfg.get("projector_hidden", 128)), int(method_cfg.get("projector_out", 64))
+        self.grid_size = [int(method_cfg.get("grid_size", 8))] * 3
+        self.projector = voxel_mlp(width, hidden, out)
+        self.predictor = voxel_mlp(out, hidden, out)
+        self.target_backbone = frozen_copy(self.backbone)
+        self.target_projector = frozen_copy(self.projector)
+        self.global_weight = float(method_cfg.get("global_weight", 0.0))
+        self.global_head = (GlobalBYOLHead(int(model_cfg["channels"][-1]), hidden, out)
+                            if self.global_weight > 0 else None)
+
+    @classmethod
+    def view_sampler(cls, method_cfg, patch):
+        priors = set(method_cfg.get("priors", ["crop", "flip"]))
+        return TwoViewSampler(patch, method_cfg.get("views", {}), use_crop="crop" in priors,
+                              use_flip="flip" in priors)
+
+    def loss(self, batch):
+        x = torch.cat([batch["view_a"], batch["view_b"]])
+        online = self.backbone(x)
+        with torch.no_grad():
+            target = self.target_backbone(x)
+        grid_a, grid_b = pair_grids(batch["geom_a"].cpu(), batch["geom_b"].cpu(), self.grid_size, self.patch,
+                                    list(online.shape[2:]))
+        on_a, on_b = online.chunk(2)
+        tg_a, tg_b = target.chunk(2)
+        pred = self.predictor(self.projector(torch.cat([align(on_a, grid_a), align(on_b, grid_b)])))
+        with torch.no_grad():
+            proj = self.target_projector(torch.cat([align(tg_a, grid_a), align(tg_b, grid_b)]))
+        p_a, p_b = pred.chunk(2)
+        z_a, z_b = proj.chunk(2)
+        local = 0.5 * (local_consistency_loss(p_a, z_b) + local_consistency_loss(p_b, z_a))
+        logs = {"local": float(local.detach())}
+        loss = local
+        if self.global_head is not None:
+            # The encoder runs a second time for the pooled bottleneck; cheap next to the full U-Net pass.
+            glob = self.global_head.loss(encode(self.backbone, x)[-1],
+                                         encode(self.target_backbone, x)[-1].detach())
+            logs["global"] = float(glob.detach())
+            loss = loss + self.global_weight * glob
+        return loss, logs
+
+    def momentum_pairs(self):
+        pairs: list[tuple[nn.Module, nn.Module]] = [(self.backbone, self.target_backbone),
+                                                    (self.projector, self.target_projector)]
+        if self.global_head is not None:
+            pairs.append((self.global_head.projector, self.global_head.target_projector))
+        return pairs

@@ -1,0 +1,226 @@
+"""The pretraining loop shared by every SSL method: data from a pool manifest, optimizer + schedule, AMP, EMA
+targets, CSV log, periodic checkpoints, resume, and checkpoint-on-signal for preemptible clusters.
+
+Resume is exact on CPU: each sample's randomness comes from a generator seeded by (seed, sample index), so a run
+resumed at step k draws the same volumes, views and augmentations as an uninterrupted one, and the optimizer,
+scheduler, scaler, EMA targets and torch RNG state come back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ctssl.io import save_torch, sha256_file, write_json
+from ctssl.models.backbone import backbone_kwargs, total_stride
+from ctssl.provenance import code_version, environment
+from ctssl.ssl import METHODS
+from ctssl.ssl.base import Sampler
+from ctssl.train.common import CsvLog, pick_device, seed_everything, set_threads, warmup_cosine
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoints/last.pt"
+LOG_FIELDS = ["step", "loss", "lr", "tau", "samples_per_s", "elapsed_s", "parts"]
+
+
+class TrainingInterrupted(RuntimeError):
+    """A signal asked the run to stop; a checkpoint was written and a rerun resumes from it."""
+
+
+class PoolDataset(Dataset):
+    """Sample i of the run (global index, across resumes) -> one volume of the pool through the method's sampler."""
+
+    def __init__(self, images: list[str], sampler: Sampler, seed: int, first_index: int, n_samples: int):
+        self.images, self.sampler, self.seed = images, sampler, seed
+        self.first_index, self.n_samples = first_index, n_samples
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def volume(self, k: int) -> np.ndarray:
+        if k not in self._cache:  # memory-mapped: the page cache, not every worker, holds the data
+            self._cache[k] = np.load(self.images[k], mmap_mode="r")
+        return self._cache[k]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.first_index + i])
+        k = int(rng.integers(len(self.images)))
+        return self.sampler(self.volume(k), rng)
+
+
+def method_config(pretrain_cfg: dict, method: str) -> dict:
+    """The shared `pretrain` settings overridden by `pretrain.methods.{method}`."""
+    shared = {k: v for k, v in pretrain_cfg.items() if k not in ("methods", "pool_datasets", "pools")}
+    return {**shared, **pretrain_cfg.get("methods", {}).get(method, {})}
+
+
+def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    opt = cfg.get("optimizer", {"name": "adamw"})
+    name, lr, wd = opt.get("name", "adamw"), float(opt.get("lr", 1e-3)), float(opt.get("weight_decay", 1e-5))
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(opt.get("momentum", 0.9)),
+                               nesterov=True)
+    raise ValueError(f"pretrain.optimizer.name must be adamw or sgd, got {name!r}")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _SignalFlag:
+    """SIGTERM/SIGUSR1 (SLURM's pre-timeout signal) -> finish the step, checkpoint, exit non-zero."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out_dir: str | Path,
+                 threads: int = 1) -> dict:
+    """Pretrain `method` on `pool`; writes model.pt (backbone weights) and model.json into `out_dir`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown pretraining method {method!r}; registered: {sorted(METHODS)}")
+    out_dir = Path(out_dir)
+    set_threads(threads)
+    model_cfg, mcfg = cfg["model"], method_config(cfg["pretrain"], method)
+    patch = [int(p) for p in mcfg["patch_size"]]
+    if any(p % total_stride(model_cfg) for p in patch):
+        raise ValueError(f"pretrain.patch_size {patch} must be divisible by the network stride "
+                         f"{total_stride(model_cfg)}")
+    seed, steps, batch_size = int(mcfg.get("seed", 0)), int(mcfg["steps"]), int(mcfg["batch_size"])
+    frame = pd.read_csv(pool_csv)
+    images = frame["image"].tolist()
+    seed_everything(seed)
+    device = pick_device(cfg.get("device", "auto"))
+    net = METHODS[method](model_cfg, mcfg, patch).to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, mcfg)
+    warmup = int(mcfg.get("warmup_steps", 0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
+    use_amp = device.type == "cuda" and bool(cfg.get("amp", True))
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for fp16 users
+
+    fingerprint = hashlib.sha256(json.dumps({"method": method, "model": model_cfg, "cfg": mcfg,
+                                             "pool": sha256_file(pool_csv)}, sort_keys=True).encode()).hexdigest()
+    ckpt_path = out_dir / CHECKPOINT
+    start = 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ckpt.get("fingerprint") == fingerprint:
+            net.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_state(ckpt["rng"])
+            start = int(ckpt["step"])
+            log.info("resuming %s/%s from step %d (%s)", method, pool, start, ckpt_path)
+        else:
+            stale = ckpt_path.with_name(f"stale-{ckpt.get('fingerprint', 'unknown')[:12]}.pt")
+            ckpt_path.rename(stale)
+            log.warning("checkpoint %s was made with another config/pool; kept as %s, starting afresh",
+                        ckpt_path, stale)
+
+    def save_checkpoint(step: int) -> None:
+        save_torch(ckpt_path, {"step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                               "rng": _rng_state(), "fingerprint": fingerprint, "method": method, "pool": pool})
+
+    dataset = PoolDataset(images, METHODS[method].view_sampler(mcfg, patch), seed, start * batch_size,
+                          (steps - start) * batch_size)
+    workers = int(mcfg.get("num_workers", 0))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
+    csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS, resume_step=start)
+    log_every, ckpt_every = int(mcfg.get("log_every", 10)), int(mcfg.get("checkpoint_every", 100))
+    net.train()
+    t0, loss_value, step = time.time(), float("nan"), start
+    with _SignalFlag() as flag, tqdm(total=steps, initial=start, desc=f"pretrain {method}-{pool}",
+                                     disable=None) as bar:
+        for batch in loader:
+            t_step = time.time()
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, parts = net.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, float(mcfg.get("grad_clip", 3.0)))
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            tau = net.update_targets(step, steps)
+            loss_value = float(loss.detach())
+            if not np.isfinite(loss_value):
+                raise FloatingPointError(f"{method}/{pool}: loss is {loss_value} at step {step}")
+            rate = batch_size / max(time.time() - t_step, 1e-9)
+            csv_log.write(step=step, loss=f"{loss_value:.6f}", lr=f"{scheduler.get_last_lr()[0]:.6g}",
+                          tau=f"{tau:.6f}", samples_per_s=f"{rate:.2f}", elapsed_s=f"{time.time() - t0:.2f}",
+                          parts=json.dumps({k: round(v, 6) for k, v in parts.items()}))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{rate:.1f}")
+            if step % log_every == 0 or step == steps:
+                log.info("step %d/%d loss %.4f lr %.3g tau %.4f %.1f samples/s", step, steps, loss_value,
+                         scheduler.get_last_lr()[0], tau, rate)
+            if step % ckpt_every == 0 or step == steps:
+                save_checkpoint(step)
+            if flag.received is not None and step < steps:
+                save_checkpoint(step)
+                csv_log.close()
+                raise TrainingInterrupted(
+                    f"{signal.Signals(flag.received).name} received: checkpoint at step {step}/{steps} written to "
+                    f"{ckpt_path}; rerun the same command to resume")
+    csv_log.close()
+
+    model_path = out_dir / "model.pt"
+    save_torch(model_path, {k: v.detach().cpu() for k, v in net.backbone.state_dict().items()})
+    meta = {
+        "method": method, "pool": pool, "steps": steps, "final_loss": loss_value,
+        "backbone": {"class": "monai.networks.nets.UNet", "kwargs": backbone_kwargs(model_cfg)},
+        "model_sha256": sha256_file(model_path), "pool_cases": len(images),
+        "pool_datasets": sorted(frame["dataset"].unique().tolist()), "config": {"model": model_cfg, method: mcfg},
+        "fingerprint": fingerprint, "resumed_from_step": start or None, "device": str(device),
+        "seconds": round(time.time() - t0, 2), "code_version": code_version(), "environment": environment(),
+    }
+    write_json(out_dir / "model.json", meta)
+    log.info("%s/%s: %d steps, final loss %.4f -> %s", method, pool, steps, loss_value, model_path)
+    return meta

@@ -1,0 +1,122 @@
+"""Real pretraining runs on a tiny pool: loss goes down, weights load for fine-tuning, and a run killed by a
+signal resumes to exactly the numbers of an uninterrupted run (CPU determinism)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from monai.networks.nets import UNet
+
+from ctssl.models.backbone import SegmentationNet, backbone_kwargs
+from ctssl.models.weights import load_backbone_weights, read_state_dict
+from ctssl.preprocess.pipeline import preprocess_dataset
+from ctssl.train.pretrain import run_pretrain
+
+MODEL = {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 4, "num_res_units": 1}
+PRETRAIN = {"seed": 0, "steps": 30, "batch_size": 2, "patch_size": [16, 16, 16], "warmup_steps": 2,
+            "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0}, "log_every": 10,
+            "checkpoint_every": 10, "views": {"scale": [1.1, 1.3], "min_overlap": 0.2},
+            "methods": {"pgl": {"grid_size": 4, "projector_hidden": 16, "projector_out": 8},
+                        "byol": {"projector_hidden": 16, "projector_out": 8}}}
+
+
+@pytest.fixture(scope="module")
+def pool_csv(liver_raw, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    pre = preprocess_dataset(liver_raw, root / "pre", "liver",
+                             {"target_spacing": [2.5, 2.5, 3.0],
+                              "normalization": {"scheme": "window", "window": [-175, 250]}}, "abdomen")
+    frame = pd.DataFrame([{"case": c, "dataset": "liver", "group": "abdomen", "image": str(pre / f"{c}.npy")}
+                          for c in (f"liver_{i:03d}" for i in range(4))])
+    frame.to_csv(root / "all.csv", index=False)
+    return root / "all.csv"
+
+
+def _cfg(**pretrain):
+    return {"model": MODEL, "pretrain": {**PRETRAIN, **pretrain}, "device": "cpu"}
+
+
+def _losses(out):
+    with open(out / "train_log.csv") as fh:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
+
+
+@pytest.mark.parametrize("method", ["pgl", "byol"])
+def test_short_run_learns_and_loads_for_finetuning(pool_csv, tmp_path, method):
+    meta = run_pretrain(pool_csv=pool_csv, method=method, pool="all", cfg=_cfg(), out_dir=tmp_path)
+    losses = [loss for _, loss in _losses(tmp_path)]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # it learns
+    assert meta["steps"] == 30 and meta["method"] == method and meta["pool_datasets"] == ["liver"]
+    assert json.loads((tmp_path / "model.json").read_text())["model_sha256"] == meta["model_sha256"]
+    state = read_state_dict(tmp_path / "model.pt")
+    net = SegmentationNet(MODEL, n_classes=3)
+    report = load_backbone_weights(net.backbone, state)
+    assert report["skipped"] == []  # model.pt is backbone only: no projector/target keys
+    plain = UNet(**backbone_kwargs(MODEL))
+    plain.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
+
+
+def _start(config_path, pool_csv, out):
+    return subprocess.Popen([sys.executable, "-m", "ctssl.cli", "pretrain", "--config", str(config_path),
+                             "--pool-csv", str(pool_csv), "--method", "pgl", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_rows(out, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "train_log.csv").exists() and len(_losses(out)) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stdout.read()}")
+        time.sleep(0.02)
+    raise AssertionError("run did not progress")
+
+
+@pytest.mark.parametrize("sig, expected_rc", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGKILL, -9)])
+def test_killed_run_resumes_to_the_uninterrupted_result(pool_csv, tmp_path, sig, expected_rc):
+    steps = 80
+    cfg = _cfg(steps=steps, checkpoint_every=5)
+    reference = run_pretrain(pool_csv=pool_csv, method="pgl", pool="all", cfg=cfg, out_dir=tmp_path / "ref")
+    config_path = tmp_path / "cfg.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    proc = _start(config_path, pool_csv, out)
+    _wait_for_rows(out, 7, proc)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == expected_rc, output
+    assert not (out / "model.pt").exists()
+    stopped_at = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"]
+    assert 5 <= stopped_at < steps
+    if sig != signal.SIGKILL:
+        assert "checkpoint at step" in output and "rerun the same command to resume" in output
+        assert _losses(out)[-1][0] == stopped_at  # checkpoint written at the step the signal arrived
+    resumed = _start(config_path, pool_csv, out)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert f"resuming pgl/all from step {stopped_at}" in output
+    curve = _losses(out)
+    assert [s for s, _ in curve] == list(range(1, steps + 1))  # the curve continues, no step twice
+    assert curve == _losses(tmp_path / "ref")  # and is the uninterrupted curve, exactly
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["final_loss"] == reference["final_loss"]
+    assert meta["model_sha256"] == reference["model_sha256"]
+
+
+def test_checkpoint_of_another_config_is_kept_aside(pool_csv, tmp_path):
+    run_pretrain(pool_csv=pool_csv, method="pgl", pool="all", cfg=_cfg(steps=4), out_dir=tmp_path)
+    run_pretrain(pool_csv=pool_csv, method="pgl", pool="all", cfg=_cfg(steps=6), out_dir=tmp_path)
+    stale = list((tmp_path / "checkpoints").glob("stale-*.pt"))
+    assert len(stale) == 1 and torch.load(stale[0], weights_only=False)["step"] == 4
+    assert [s for s, _ in _losses(tmp_path)] == list(range(1, 7))
