@@ -8,7 +8,6 @@ import torch
 
 from ctssl.io import write_json
 from ctssl.models.backbone import build_backbone
-from ctssl.preprocess.pipeline import preprocess_dataset
 from ctssl.splits import make_splits
 from ctssl.train.finetune import run_finetune
 
@@ -21,11 +20,9 @@ CFG = {
 
 
 @pytest.fixture(scope="module")
-def prepared(liver_raw, tmp_path_factory):
+def prepared(liver_preprocessed, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
-    pre = preprocess_dataset(liver_raw, root / "pre", "liver",
-                             {"target_spacing": [3.0, 3.0, 4.0],
-                              "normalization": {"scheme": "window", "window": [-175, 250]}}, "abdomen")
+    pre = liver_preprocessed
     ids = [f"liver_{i:03d}" for i in range(4)]
     splits = make_splits(ids, test_fraction=0.25, min_test=1, fractions=[50, 100], seeds=[0], split_seed=0)
     write_json(root / "splits.json", {"dataset": "liver", **splits})

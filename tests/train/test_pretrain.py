@@ -18,7 +18,6 @@ from monai.networks.nets import UNet
 
 from ctssl.models.backbone import SegmentationNet, backbone_kwargs
 from ctssl.models.weights import load_backbone_weights, read_state_dict
-from ctssl.preprocess.pipeline import preprocess_dataset
 from ctssl.train.pretrain import run_pretrain
 
 MODEL = {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 4, "num_res_units": 1}
@@ -30,11 +29,9 @@ PRETRAIN = {"seed": 0, "steps": 30, "batch_size": 2, "patch_size": [16, 16, 16],
 
 
 @pytest.fixture(scope="module")
-def pool_csv(liver_raw, tmp_path_factory):
+def pool_csv(liver_preprocessed, tmp_path_factory):
     root = tmp_path_factory.mktemp("pool")
-    pre = preprocess_dataset(liver_raw, root / "pre", "liver",
-                             {"target_spacing": [2.5, 2.5, 3.0],
-                              "normalization": {"scheme": "window", "window": [-175, 250]}}, "abdomen")
+    pre = liver_preprocessed
     frame = pd.DataFrame([{"case": c, "dataset": "liver", "group": "abdomen", "image": str(pre / f"{c}.npy")}
                           for c in (f"liver_{i:03d}" for i in range(4))])
     frame.to_csv(root / "all.csv", index=False)

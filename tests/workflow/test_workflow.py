@@ -27,8 +27,10 @@ TINY = {
     "fractions": [50, 100],
     "datasets": {"liver": {"kind": "synthetic", "profile": "liver", "n_cases": 4, "group": "abdomen"},
                  "chest": {"kind": "synthetic", "profile": "chest", "n_cases": 2, "group": "chest"}},
-    "downstream": ["liver"], "inits": ["scratch", "custom-all"],
-    "pretrain": {"pool_datasets": ["liver", "chest"], "pools": ["all"]},
+    "downstream": ["liver"], "inits": ["scratch", "custom-all", "pgl-all"],
+    "pretrain": {"pool_datasets": ["liver", "chest"], "pools": ["all"], "steps": 3, "batch_size": 2,
+                 "patch_size": [16, 16, 16], "checkpoint_every": 2,
+                 "methods": {"pgl": {"grid_size": 4, "projector_hidden": 8, "projector_out": 8}}},
     "splits": {"test_fraction": 0.25, "min_test": 1},
     "preprocess": {"target_spacing": [3.0, 3.0, 4.0], "normalization": {"scheme": "window", "window": [-175, 250]}},
     "model": {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 4, "num_res_units": 1},
@@ -67,7 +69,11 @@ def test_end_to_end(workspace):
     md = (res / "report" / "dice_table.md").read_text()
     assert "| scratch" in md and "| custom-all" in md and "liver 50%" in md and "liver 100%" in md
     long = pd.read_csv(res / "report" / "dice_table.csv")
-    assert set(long["init"]) == {"scratch", "custom-all"} and set(long["class"]) == {"liver", "tumour"}
+    assert set(long["init"]) == {"scratch", "custom-all", "pgl-all"} and set(long["class"]) == {"liver", "tumour"}
+    pgl = json.loads((res / "pretrain/pgl/all/model.json").read_text())
+    assert pgl["steps"] == 3 and pgl["pool_datasets"] == ["chest", "liver"]
+    cell = json.loads((res / "finetune/liver/pgl-all/frac50/seed0/metrics.json").read_text())
+    assert cell["init_weights"]["sha256"] == pgl["model_sha256"]  # the cell used exactly these weights
     assert (res / "report" / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
     splits = json.loads((res / "splits" / "liver.json").read_text())
     pool = pd.read_csv(res / "pools" / "all.csv")
@@ -107,24 +113,31 @@ def test_forced_rerun_changes_only_that_cell(workspace):
     assert json.loads(target.read_text())["per_case"]  # rewritten, complete
 
 
-def test_wrong_config_type_stops_at_startup_naming_the_key(workspace, tmp_path):
+def dry_run_with(workspace: Path, tmp_path: Path, mutate) -> tuple[int, str]:
+    """`snakemake -n` with a mutated copy of the tiny config: (exit code, everything it printed)."""
     bad = json.loads(json.dumps(TINY))
-    bad["finetune"]["steps"] = "ten"
+    mutate(bad)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     run = snakemake(workspace, "-n", config=path)
-    out = run.stdout + run.stderr
-    assert run.returncode != 0
+    return run.returncode, run.stdout + run.stderr
+
+
+def test_wrong_config_type_stops_at_startup_naming_the_key(workspace, tmp_path):
+    rc, out = dry_run_with(workspace, tmp_path, lambda c: c["finetune"].update(steps="ten"))
+    assert rc != 0
     assert "['finetune']['steps']" in out and "'ten' is not of type 'integer'" in out
 
 
 def test_unknown_dataset_stops_at_startup(workspace, tmp_path):
-    bad = json.loads(json.dumps(TINY))
-    bad["downstream"] = ["liver", "pancreas"]
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(bad))
-    run = snakemake(workspace, "-n", config=path)
-    assert run.returncode != 0 and "downstream: unknown dataset 'pancreas'" in run.stdout + run.stderr
+    rc, out = dry_run_with(workspace, tmp_path, lambda c: c.update(downstream=["liver", "pancreas"]))
+    assert rc != 0 and "downstream: unknown dataset 'pancreas'" in out
+
+
+def test_unknown_method_without_weights_stops_at_startup(workspace, tmp_path):
+    rc, out = dry_run_with(workspace, tmp_path, lambda c: c.update(inits=["scratch", "simclr-all"]))
+    assert rc != 0 and "'simclr-all' names no registered pretraining method" in out
+    assert "pretrain/simclr/all/model.pt does not exist" in out
 
 
 def test_truncated_raw_image_fails_cleanly(workspace):

@@ -1,0 +1,143 @@
+"""Time per pretraining step of PGL vs BYOL at equal patch and batch, plus view-sampling throughput.
+
+Usage: python benchmarks/pretrain_step.py [--configfile config.yaml] [--device auto|cpu|cuda] [--steps 10]
+       [--batch 2] [--patch 48 48 32] [--threads 2] [--channels 16 32 64 128 256 --feature-channels 32]
+
+A step = forward of both views through online and target networks, loss, backward, optimizer step, EMA update;
+batches are pre-sampled so data loading is measured separately (samples/s of the view sampler on one core).
+Also times the backbone alone (full U-Net on both views, online fwd+bwd + target fwd) to separate PGL's
+alignment/head overhead from the cost of running the decoder. On CUDA: bf16 autocast, steps/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ctssl.ssl import METHODS
+from ctssl.train.common import pick_device, set_threads
+from ctssl.train.pretrain import method_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_batch(method: str, mcfg: dict, patch: list[int], batch: int, device) -> dict:
+    sampler = METHODS[method].view_sampler(mcfg, patch)
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=[int(p * 1.6) for p in patch]).astype(np.float32)
+    samples = [sampler(volume, rng) for _ in range(batch)]
+    return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
+
+
+def time_steps(step_fn, steps: int, device) -> float:
+    for _ in range(2):  # warm-up (allocator, cudnn autotune)
+        step_fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def bench_method(method, model_cfg, mcfg, patch, batch, steps, device, amp):
+    torch.manual_seed(0)
+    net = METHODS[method](model_cfg, mcfg, patch).to(device).train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    data = make_batch(method, mcfg, patch, batch, device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = net.loss(data)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        net.update_targets(1, 100)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = time_steps(step, steps, device)
+    memory = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    return seconds, memory, net, data
+
+
+def bench_backbone_only(net, data, steps, device, amp):
+    """Online U-Net fwd+bwd and target U-Net fwd on both views: the floor any dense method pays."""
+    x = torch.cat([data["view_a"], data["view_b"]])
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = net.backbone(x)
+            with torch.no_grad():
+                net.target_backbone(x)
+        out.float().mean().backward()
+
+    return time_steps(step, steps, device)
+
+
+def sampler_rate(method, mcfg, patch, n=20) -> float:
+    sampler = METHODS[method].view_sampler(mcfg, patch)
+    rng = np.random.default_rng(1)
+    volume = rng.normal(size=[int(p * 1.6) for p in patch]).astype(np.float32)
+    start = time.perf_counter()
+    for _ in range(n):
+        sampler(volume, rng)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configfile", type=Path, default=ROOT / "config.yaml")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--patch", type=int, nargs=3, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--channels", type=int, nargs="+", default=None)
+    parser.add_argument("--feature-channels", type=int, default=None)
+    args = parser.parse_args()
+
+    config = yaml.safe_load(args.configfile.read_text())
+    model_cfg = dict(config["model"])
+    if args.channels:
+        model_cfg["channels"] = args.channels
+        model_cfg["strides"] = [2] * (len(args.channels) - 1)
+    if args.feature_channels:
+        model_cfg["feature_channels"] = args.feature_channels
+    set_threads(args.threads)
+    device = pick_device(args.device)
+    amp = device.type == "cuda"
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} threads'})"
+          f", AMP bf16: {amp}, model channels {model_cfg['channels']}, feature channels "
+          f"{model_cfg['feature_channels']}")
+    results = {}
+    for method in ("byol", "pgl"):
+        mcfg = method_config(config["pretrain"], method)
+        patch = args.patch or mcfg["patch_size"]
+        batch = args.batch or int(mcfg["batch_size"])
+        seconds, memory, net, data = bench_method(method, model_cfg, mcfg, patch, batch, args.steps, device, amp)
+        results[method] = seconds
+        line = (f"{method:5s} patch {tuple(patch)} batch {batch}: {seconds * 1000:8.1f} ms/step "
+                f"({1 / seconds:6.2f} steps/s, {batch / seconds:7.1f} volumes/s)")
+        if device.type == "cuda":
+            line += f", peak memory {memory:,.0f} MiB"
+        print(line)
+        if method == "pgl":
+            floor = bench_backbone_only(net, data, args.steps, device, amp)
+            print(f"      backbone alone (U-Net on both views, online fwd+bwd, target fwd): {floor * 1000:8.1f} "
+                  f"ms/step -> PGL alignment + heads + EMA overhead: {100 * (seconds / floor - 1):+.0f}%")
+        print(f"      view sampler: {sampler_rate(method, mcfg, patch):.1f} pairs/s on one core")
+    print(f"PGL / BYOL time per step: {results['pgl'] / results['byol']:.2f}x (target <= 1.25x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
