@@ -1,4 +1,4 @@
-"""Time per pretraining step of PGL vs BYOL at equal patch and batch, plus view-sampling throughput.
+"""Time per pretraining step of PGL vs BYOL (and HSSL, Genesis) at equal patch and batch, plus sampler throughput.
 
 Usage: python benchmarks/pretrain_step.py [--configfile config.yaml] [--device auto|cpu|cuda] [--steps 10]
        [--batch 2] [--patch 48 48 32] [--threads 2] [--channels 16 32 64 128 256 --feature-channels 32]
@@ -24,6 +24,7 @@ from ctssl.train.common import pick_device, set_threads
 from ctssl.train.pretrain import method_config
 
 ROOT = Path(__file__).resolve().parents[1]
+POOL_META = {"datasets": ["chest", "kidney", "liver", "spleen"], "groups": ["abdomen", "chest"]}
 
 
 def make_batch(method: str, mcfg: dict, patch: list[int], batch: int, device) -> dict:
@@ -31,7 +32,10 @@ def make_batch(method: str, mcfg: dict, patch: list[int], batch: int, device) ->
     rng = np.random.default_rng(0)
     volume = rng.normal(size=[int(p * 1.6) for p in patch]).astype(np.float32)
     samples = [sampler(volume, rng) for _ in range(batch)]
-    return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
+    out = {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
+    out["dataset_id"] = torch.arange(batch, device=device) % len(POOL_META["datasets"])
+    out["group_id"] = torch.arange(batch, device=device) % len(POOL_META["groups"])
+    return out
 
 
 def time_steps(step_fn, steps: int, device) -> float:
@@ -49,7 +53,7 @@ def time_steps(step_fn, steps: int, device) -> float:
 
 def bench_method(method, model_cfg, mcfg, patch, batch, steps, device, amp):
     torch.manual_seed(0)
-    net = METHODS[method](model_cfg, mcfg, patch).to(device).train()
+    net = METHODS[method](model_cfg, mcfg, patch, POOL_META).to(device).train()
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     data = make_batch(method, mcfg, patch, batch, device)
@@ -119,10 +123,10 @@ def main() -> int:
           f", AMP bf16: {amp}, model channels {model_cfg['channels']}, feature channels "
           f"{model_cfg['feature_channels']}")
     results = {}
-    for method in ("byol", "pgl"):
+    for method in ("byol", "pgl", "hssl", "genesis"):
         mcfg = method_config(config["pretrain"], method)
-        patch = args.patch or mcfg["patch_size"]
-        batch = args.batch or int(mcfg["batch_size"])
+        patch = args.patch or config["pretrain"]["patch_size"]  # equal patch and batch for every method
+        batch = args.batch or int(config["pretrain"]["batch_size"])
         seconds, memory, net, data = bench_method(method, model_cfg, mcfg, patch, batch, args.steps, device, amp)
         results[method] = seconds
         line = (f"{method:5s} patch {tuple(patch)} batch {batch}: {seconds * 1000:8.1f} ms/step "

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from ctssl.config import check_config, parse_init
+from ctssl.config import all_inits, check_config, inits_for, parse_init
 from ctssl.errors import ConfigError
 from ctssl.splits import fraction_key
 from ctssl.ssl import METHODS
@@ -19,7 +19,7 @@ DOWNSTREAM = list(config["downstream"])
 POOL_DATASETS = list(config.get("pretrain", {}).get("pool_datasets", DATASETS))
 FRACTIONS = [fraction_key(f) for f in config["fractions"]]
 SEEDS = [int(s) for s in config["seeds"]]
-INITS = list(config["inits"])
+INITS = all_inits(config)
 CONDA_ENV = "../envs/ctssl.yaml"
 
 for _init in INITS:
@@ -61,7 +61,13 @@ def cell_dir(dataset="{dataset}", init="{init}", pct="{pct}", seed="{seed}"):
 
 
 def metrics_targets():
-    return expand(cell_dir() + "/metrics.json", dataset=DOWNSTREAM, init=INITS, pct=FRACTIONS, seed=SEEDS)
+    return [
+        cell_dir(dataset, init, pct, seed) + "/metrics.json"
+        for dataset in DOWNSTREAM
+        for init in inits_for(config, dataset)
+        for pct in FRACTIONS
+        for seed in SEEDS
+    ]
 
 
 def pool_targets():

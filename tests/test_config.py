@@ -18,7 +18,8 @@ def _load(tmp_path, config):
 
 
 def test_default_config_is_valid(tmp_path):
-    assert _load(tmp_path, DEFAULT)["downstream"] == ["liver", "spleen", "kidney"]
+    config = _load(tmp_path, DEFAULT)
+    assert config["downstream"] == ["liver", "spleen"] and "hssl-liver" in config["dataset_inits"]["liver"]
 
 
 @pytest.mark.parametrize("mutate, key, message", [
@@ -42,12 +43,22 @@ def test_schema_errors_name_the_key(tmp_path, mutate, key, message):
     (lambda c: c["pretrain"].update(pool_datasets=["lung"]), "pretrain.pool_datasets: unknown dataset 'lung'"),
     (lambda c: c.update(inits=["scratch", "pgl-pancreas"]), "pool 'pancreas'"),
     (lambda c: c["finetune"].update(patch_size=[48, 48, 30]), "finetune.patch_size"),
+    (lambda c: c.update(dataset_inits={"chest": ["hssl-chest"]}), "dataset_inits: 'chest' is not a downstream"),
+    (lambda c: c.update(dataset_inits={"liver": ["hssl-spleen"]}), "dataset_inits.liver: 'hssl-spleen'"),
 ])
 def test_cross_key_errors(tmp_path, mutate, message):
     config = copy.deepcopy(DEFAULT)
     mutate(config)
     with pytest.raises(ConfigError, match=message):
         _load(tmp_path, config)
+
+
+def test_inits_per_dataset():
+    from ctssl.config import all_inits, inits_for
+
+    assert inits_for(DEFAULT, "liver") == ["scratch", "pgl-all", "hssl-all", "byol-all", "genesis-all", "hssl-liver"]
+    assert inits_for(DEFAULT, "spleen") == ["scratch", "pgl-all", "hssl-all"]
+    assert all_inits(DEFAULT) == inits_for(DEFAULT, "liver")
 
 
 def test_parse_init():

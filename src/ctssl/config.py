@@ -26,6 +26,16 @@ def parse_init(init: str) -> tuple[str, str] | None:
     return method, pool
 
 
+def all_inits(config: dict) -> list[str]:
+    """Every init of the grid: `inits` (all downstream datasets) plus `dataset_inits` (one dataset each)."""
+    extra = [i for inits in config.get("dataset_inits", {}).values() for i in inits]
+    return list(dict.fromkeys([*config["inits"], *extra]))
+
+
+def inits_for(config: dict, dataset: str) -> list[str]:
+    return list(dict.fromkeys([*config["inits"], *config.get("dataset_inits", {}).get(dataset, [])]))
+
+
 def is_labelled(dataset_cfg: dict) -> bool:
     return not (dataset_cfg["kind"] == "synthetic" and dataset_cfg["profile"] in UNLABELLED_PROFILES)
 
@@ -38,11 +48,19 @@ def check_config(config: dict) -> None:
                 raise ConfigError(f"{key}: unknown dataset {name!r}; defined in 'datasets': {sorted(datasets)}")
             if not is_labelled(datasets[name]):
                 raise ConfigError(f"{key}: dataset {name!r} has no labels and cannot be fine-tuned/evaluated")
+    for name, extra in config.get("dataset_inits", {}).items():
+        if name not in config["downstream"]:
+            raise ConfigError(f"dataset_inits: {name!r} is not a downstream dataset ({config['downstream']})")
+        for init in extra:
+            parsed = parse_init(init)
+            if parsed and parsed[1] not in ("all", name):
+                raise ConfigError(f"dataset_inits.{name}: {init!r} pretrains on pool {parsed[1]!r}; use 'all' or "
+                                  f"{name!r} (a pool of another dataset belongs in 'inits')")
     pretrain = config.get("pretrain", {})
     for name in pretrain.get("pool_datasets", []):
         if name not in datasets:
             raise ConfigError(f"pretrain.pool_datasets: unknown dataset {name!r}; defined: {sorted(datasets)}")
-    pools = set(pretrain.get("pools", [])) | {p[1] for p in map(parse_init, config["inits"]) if p}
+    pools = set(pretrain.get("pools", [])) | {p[1] for p in map(parse_init, all_inits(config)) if p}
     for pool in pools:
         if pool != "all" and pool not in datasets:
             raise ConfigError(f"pool {pool!r} (from pretrain.pools or inits) is neither 'all' nor a dataset name")

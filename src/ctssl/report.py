@@ -80,12 +80,14 @@ def markdown_report(cells: pd.DataFrame) -> str:
 def label_efficiency_plot(cells: pd.DataFrame, path: str | Path) -> None:
     """Dice vs labelled fraction: one panel per dataset, one line per init, error bars = sd over seeds."""
     datasets = sorted(cells["dataset"].unique())
+    colours = {init: f"C{i % 10}" for i, init in enumerate(_init_order(cells["init"]))}  # same init, same colour
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         sub = cells[cells["dataset"] == dataset]
         for init in _init_order(sub["init"]):
             agg = sub[sub["init"] == init].groupby("fraction")["mean_fg_dice"].agg(["mean", "std"]).fillna(0.0)
-            ax.errorbar(agg.index, 100 * agg["mean"], yerr=100 * agg["std"], marker="o", capsize=3, label=init)
+            ax.errorbar(agg.index, 100 * agg["mean"], yerr=100 * agg["std"], marker="o", capsize=3, label=init,
+                        color=colours[init])
         ax.set_xscale("log")
         fractions = sorted(sub["fraction"].unique())
         ax.set_xticks(fractions, [f"{fraction_key(f)}%" for f in fractions])

@@ -47,13 +47,14 @@ def _losses(out):
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
 
 
-@pytest.mark.parametrize("method", ["pgl", "byol"])
+@pytest.mark.parametrize("method", ["pgl", "byol", "hssl", "genesis"])
 def test_short_run_learns_and_loads_for_finetuning(pool_csv, tmp_path, method):
     meta = run_pretrain(pool_csv=pool_csv, method=method, pool="all", cfg=_cfg(), out_dir=tmp_path)
     losses = [loss for _, loss in _losses(tmp_path)]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # it learns
     assert meta["steps"] == 30 and meta["method"] == method and meta["pool_datasets"] == ["liver"]
+    assert meta["pool_groups"] == ["abdomen"]
     assert json.loads((tmp_path / "model.json").read_text())["model_sha256"] == meta["model_sha256"]
     state = read_state_dict(tmp_path / "model.pt")
     net = SegmentationNet(MODEL, n_classes=3)

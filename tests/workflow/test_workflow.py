@@ -28,9 +28,11 @@ TINY = {
     "datasets": {"liver": {"kind": "synthetic", "profile": "liver", "n_cases": 4, "group": "abdomen"},
                  "chest": {"kind": "synthetic", "profile": "chest", "n_cases": 2, "group": "chest"}},
     "downstream": ["liver"], "inits": ["scratch", "custom-all", "pgl-all"],
+    "dataset_inits": {"liver": ["hssl-all", "hssl-liver"]},
     "pretrain": {"pool_datasets": ["liver", "chest"], "pools": ["all"], "steps": 3, "batch_size": 2,
                  "patch_size": [16, 16, 16], "checkpoint_every": 2,
-                 "methods": {"pgl": {"grid_size": 4, "projector_hidden": 8, "projector_out": 8}}},
+                 "methods": {"pgl": {"grid_size": 4, "projector_hidden": 8, "projector_out": 8},
+                             "hssl": {"projector_hidden": 8, "projector_out": 8, "levels": ["bottleneck", "output"]}}},
     "splits": {"test_fraction": 0.25, "min_test": 1},
     "preprocess": {"target_spacing": [3.0, 3.0, 4.0], "normalization": {"scheme": "window", "window": [-175, 250]}},
     "model": {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 4, "num_res_units": 1},
@@ -69,7 +71,15 @@ def test_end_to_end(workspace):
     md = (res / "report" / "dice_table.md").read_text()
     assert "| scratch" in md and "| custom-all" in md and "liver 50%" in md and "liver 100%" in md
     long = pd.read_csv(res / "report" / "dice_table.csv")
-    assert set(long["init"]) == {"scratch", "custom-all", "pgl-all"} and set(long["class"]) == {"liver", "tumour"}
+    assert set(long["init"]) == {"scratch", "custom-all", "pgl-all", "hssl-all", "hssl-liver"}
+    assert set(long["class"]) == {"liver", "tumour"}
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    for init in ("hssl-all", "hssl-liver"):  # single- vs multi-domain HSSL, side by side for the same dataset
+        assert init in rows and rows[init].count("±") == 2, rows
+    multi = json.loads((res / "pretrain/hssl/all/model.json").read_text())
+    single = json.loads((res / "pretrain/hssl/liver/model.json").read_text())
+    assert multi["pool_datasets"] == ["chest", "liver"] and single["pool_datasets"] == ["liver"]
+    assert len(pd.read_csv(res / "pools" / "liver.csv")) == 3  # liver's training cases only
     pgl = json.loads((res / "pretrain/pgl/all/model.json").read_text())
     assert pgl["steps"] == 3 and pgl["pool_datasets"] == ["chest", "liver"]
     cell = json.loads((res / "finetune/liver/pgl-all/frac50/seed0/metrics.json").read_text())

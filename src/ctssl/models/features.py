@@ -43,3 +43,28 @@ def encode(unet: UNet, x: torch.Tensor) -> list[torch.Tensor]:
         feats.append(x)
     feats.append(bottom_layer(unet)(x))
     return feats
+
+
+def tap_widths(model_cfg: dict) -> dict[str, int]:
+    """Channels at each tap of `forward_with_taps` for a `model` config."""
+    channels = [int(c) for c in model_cfg["channels"]]
+    widths = {"bottleneck": channels[-1], "output": int(model_cfg["feature_channels"])}
+    # MONAI's up layer k (k = 0 the coarsest) outputs channels[-3 - k]; the last one is the backbone output.
+    for k in range(len(channels) - 2):
+        widths[f"decoder{k}"] = channels[-3 - k]
+    return widths
+
+
+def forward_with_taps(unet: UNet, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One full forward pass returning the bottleneck, every decoder stage ('decoder0' = coarsest) and 'output'."""
+    taps: dict[str, torch.Tensor] = {}
+    modules = {"bottleneck": bottom_layer(unet),
+               **{f"decoder{k}": m for k, m in enumerate(decoder_layers(unet)[:-1])}}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: taps.__setitem__(name, out))
+             for name, m in modules.items()]
+    try:
+        taps["output"] = unet(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return taps

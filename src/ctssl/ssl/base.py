@@ -5,6 +5,7 @@ A method is an nn.Module with:
 - `view_sampler(...)` (classmethod): the data side, run in DataLoader workers: (volume, rng) -> dict of tensors;
 - `loss(batch)`: (scalar loss, dict of logged floats);
 - `momentum_pairs()`: the (online, target) module pairs updated by EMA after every optimizer step (may be empty).
+Every batch also carries `dataset_id` and `group_id` (indices into `pool_meta["datasets"]`/`["groups"]`).
 Register a new method with one line in `ctssl.ssl.METHODS`.
 """
 
@@ -104,9 +105,10 @@ class SSLMethod(nn.Module):
 
     name: ClassVar[str]
 
-    def __init__(self, model_cfg: dict, method_cfg: dict, patch: list[int]):
+    def __init__(self, model_cfg: dict, method_cfg: dict, patch: list[int], pool_meta: dict | None = None):
         super().__init__()
         self.model_cfg, self.cfg, self.patch = model_cfg, method_cfg, [int(p) for p in patch]
+        self.pool_meta = pool_meta or {}  # {"datasets": [...], "groups": [...]} of the pretraining pool
         self.backbone = build_backbone(model_cfg)
 
     @classmethod

@@ -37,8 +37,8 @@ class GlobalBYOLHead(nn.Module):
 class BYOL(SSLMethod):
     name = "byol"
 
-    def __init__(self, model_cfg: dict, method_cfg: dict, patch: list[int]):
-        super().__init__(model_cfg, method_cfg, patch)
+    def __init__(self, model_cfg: dict, method_cfg: dict, patch: list[int], pool_meta: dict | None = None):
+        super().__init__(model_cfg, method_cfg, patch, pool_meta)
         self.target_backbone = frozen_copy(self.backbone)
         self.head = GlobalBYOLHead(int(model_cfg["channels"][-1]), int(method_cfg.get("projector_hidden", 4096)),
                                    int(method_cfg.get("projector_out", 256)))

@@ -55,8 +55,8 @@ def local_consistency_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Te
 class PGL(SSLMethod):
     name = "pgl"
 
-    def __init__(self, model_cfg: dict, method_cfg: dict, patch: list[int]):
-        super().__init__(model_cfg, method_cfg, patch)
+    def __init__(self, model_cfg: dict, method_cfg: dict, patch: list[int], pool_meta: dict | None = None):
+        super().__init__(model_cfg, method_cfg, patch, pool_meta)
         priors = set(method_cfg.get("priors", ["crop", "flip"]))
         if not priors or priors - PRIORS:
             raise ValueError(f"pgl.priors must be a non-empty subset of {sorted(PRIORS)}, got {sorted(priors)}")

@@ -41,8 +41,10 @@ class TrainingInterrupted(RuntimeError):
 class PoolDataset(Dataset):
     """Sample i of the run (global index, across resumes) -> one volume of the pool through the method's sampler."""
 
-    def __init__(self, images: list[str], sampler: Sampler, seed: int, first_index: int, n_samples: int):
+    def __init__(self, images: list[str], sampler: Sampler, seed: int, first_index: int, n_samples: int,
+                 dataset_ids: list[int], group_ids: list[int]):
         self.images, self.sampler, self.seed = images, sampler, seed
+        self.dataset_ids, self.group_ids = dataset_ids, group_ids
         self.first_index, self.n_samples = first_index, n_samples
         self._cache: dict[int, np.ndarray] = {}
 
@@ -57,7 +59,10 @@ class PoolDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.first_index + i])
         k = int(rng.integers(len(self.images)))
-        return self.sampler(self.volume(k), rng)
+        sample = self.sampler(self.volume(k), rng)
+        sample["dataset_id"] = torch.tensor(self.dataset_ids[k])
+        sample["group_id"] = torch.tensor(self.group_ids[k])
+        return sample
 
 
 def method_config(pretrain_cfg: dict, method: str) -> dict:
@@ -129,9 +134,14 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     seed, steps, batch_size = int(mcfg.get("seed", 0)), int(mcfg["steps"]), int(mcfg["batch_size"])
     frame = pd.read_csv(pool_csv)
     images = frame["image"].tolist()
+    # Free labels for methods that use them (HSSL): indices into the names present in this pool, nothing else.
+    pool_meta = {"datasets": sorted(frame["dataset"].unique().tolist()),
+                 "groups": sorted(frame["group"].unique().tolist())}
+    dataset_ids = [pool_meta["datasets"].index(d) for d in frame["dataset"]]
+    group_ids = [pool_meta["groups"].index(g) for g in frame["group"]]
     seed_everything(seed)
     device = pick_device(cfg.get("device", "auto"))
-    net = METHODS[method](model_cfg, mcfg, patch).to(device)
+    net = METHODS[method](model_cfg, mcfg, patch, pool_meta).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, mcfg)
     warmup = int(mcfg.get("warmup_steps", 0))
@@ -165,7 +175,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
                                "rng": _rng_state(), "fingerprint": fingerprint, "method": method, "pool": pool})
 
     dataset = PoolDataset(images, METHODS[method].view_sampler(mcfg, patch), seed, start * batch_size,
-                          (steps - start) * batch_size)
+                          (steps - start) * batch_size, dataset_ids, group_ids)
     workers = int(mcfg.get("num_workers", 0))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
@@ -217,7 +227,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
         "method": method, "pool": pool, "steps": steps, "final_loss": loss_value,
         "backbone": {"class": "monai.networks.nets.UNet", "kwargs": backbone_kwargs(model_cfg)},
         "model_sha256": sha256_file(model_path), "pool_cases": len(images),
-        "pool_datasets": sorted(frame["dataset"].unique().tolist()), "config": {"model": model_cfg, method: mcfg},
+        "pool_datasets": pool_meta["datasets"], "pool_groups": pool_meta["groups"], "config": {"model": model_cfg, method: mcfg},
         "fingerprint": fingerprint, "resumed_from_step": start or None, "device": str(device),
         "seconds": round(time.time() - t0, 2), "code_version": code_version(), "environment": environment(),
     }
