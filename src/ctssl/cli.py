@@ -33,6 +33,20 @@ def _synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dicom2nifti(args: argparse.Namespace) -> int:
+    from ctssl.data.dicom import DicomError, dicom_to_nifti
+
+    log = setup_logging(None)
+    try:
+        written = dicom_to_nifti(args.dicom_dir, args.out_dir)
+    except (DicomError, FileExistsError) as exc:
+        log.error("%s", exc)
+        return 2
+    for uid, path in written.items():
+        print(f"{uid}\t{path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctssl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--n-cases", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_synthesize)
+    d = sub.add_parser("dicom2nifti", help="convert every CT series under DICOM_DIR to OUT_DIR/{SeriesUID}.nii.gz")
+    d.add_argument("dicom_dir")
+    d.add_argument("out_dir")
+    d.set_defaults(func=_dicom2nifti)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -16,14 +16,15 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds.
 
-    The temporary lives in the same directory so the final `os.replace` is atomic on POSIX file systems.
+    The temporary lives in the same directory so the final `os.replace` is atomic on POSIX file systems;
+    `suffix` lets writers that infer the format from the name (nibabel) see the right extension.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -67,6 +68,15 @@ def read_json(path: str | os.PathLike) -> Any:
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array)
+
+
+def save_nifti(path: str | os.PathLike, image: Any) -> None:
+    """nibabel.save, atomically (the temporary keeps the .nii/.nii.gz extension nibabel needs)."""
+    import nibabel as nib
+
+    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else Path(path).suffix
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(image, tmp)
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
