@@ -42,6 +42,12 @@ wildcard_constraints:
     seed=r"[0-9]+",
 
 
+def kind_pattern(kinds):
+    """Wildcard regex of the dataset names of these kinds (never matches anything if there are none)."""
+    names = [n for n, d in config["datasets"].items() if d["kind"] in kinds]
+    return "|".join(names) if names else "(?!)"
+
+
 def threads_for(rule_name, default=1):
     return int(config.get("threads", {}).get(rule_name, default))
 

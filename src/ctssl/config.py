@@ -37,7 +37,12 @@ def inits_for(config: dict, dataset: str) -> list[str]:
 
 
 def is_labelled(dataset_cfg: dict) -> bool:
-    return not (dataset_cfg["kind"] == "synthetic" and dataset_cfg["profile"] in UNLABELLED_PROFILES)
+    kind = dataset_cfg["kind"]
+    if kind == "synthetic":
+        return dataset_cfg["profile"] not in UNLABELLED_PROFILES
+    if kind == "folder":
+        return any(case.get("label") for case in dataset_cfg["cases"].values())
+    return True
 
 
 def check_config(config: dict) -> None:

@@ -4,64 +4,15 @@ truncated archives, offline message."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import json
 import socket
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
 
 from ctssl.data.download import MSD_TASKS, DownloadError, extract_tar, fetch, install_msd_task
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    cut_first_response_at: int | None = None
-    requests: list[dict] = []
-
-    def do_GET(self):  # noqa: N802 - http.server API
-        body = self.files.get(self.path)
-        type(self).requests.append({"path": self.path, "range": self.headers.get("Range")})
-        if body is None:
-            self.send_error(404)
-            return
-        start = 0
-        if self.headers.get("Range"):
-            start = int(self.headers["Range"].split("=")[1].split("-")[0])
-            if start >= len(body):
-                self.send_error(416)
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        cut = type(self).cut_first_response_at
-        if cut is not None:
-            type(self).cut_first_response_at = None
-            self.wfile.write(body[start:cut])
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops mid-transfer
-            return
-        self.wfile.write(body[start:])
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    _Handler.files, _Handler.requests, _Handler.cut_first_response_at = {}, [], None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", _Handler
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def _task_tar(realct: Path, task: str = "Task99_Test", evil: str | None = None) -> bytes:

@@ -1,0 +1,177 @@
+"""Every dataset kind ends as the same thing: `raw/{dataset}` in MSD layout (imagesTr/, labelsTr/, dataset.json).
+
+Kinds: `synthetic` (the embedded demo), `msd` (a Decathlon task, downloaded and verified), `kits19` (per-case
+downloads), `manual` (BTCV: a login-protected archive the user fetched, imported from a path) and `folder` (the
+user's own NIfTI files or DICOM series, optionally relabelled). Source NIfTI files are linked, not copied, so a
+rebuilt `raw/` never touches them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ctssl.data.dicom import convert_series, find_series
+from ctssl.data.download import (
+    BTCV_LABELS,
+    BTCV_TRAINING_CASES,
+    KITS19_IMAGE_URL,
+    KITS19_LABEL_URL,
+    KITS19_LABELS,
+    KITS19_TRAINING_CASES,
+    DownloadError,
+    extract_zip,
+    fetch,
+    file_digest,
+    install_msd_task,
+)
+from ctssl.data.synthetic import write_msd_dataset
+from ctssl.errors import InputDataError
+from ctssl.io import atomic_dir, save_nifti, write_json
+from ctssl.preprocess.nifti import AFFINE_TOLERANCE_MM
+
+log = logging.getLogger(__name__)
+
+
+def _dataset_json(root: Path, name: str, labels: dict[int, str], entries: list[dict], group: str, **extra) -> None:
+    write_json(root / "dataset.json", {
+        "name": name, "modality": {"0": "CT"}, "labels": {str(k): v for k, v in sorted(labels.items())},
+        "numTraining": len(entries), "training": entries, "test": [], "ctssl": {"group": group, **extra}})
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(source.resolve(), target)
+
+
+def _as_nifti(source: Path, where: str) -> nib.Nifti1Image | Path:
+    """A NIfTI file is used as is; a folder is a DICOM series (exactly one) converted on the fly."""
+    if source.is_dir():
+        series = find_series(source)
+        if len(series) != 1:
+            raise InputDataError(f"{where}: {source} holds {len(series)} DICOM series; point at one series")
+        return convert_series(next(iter(series.values())), where=f"{where} ({source})")
+    if not source.exists():
+        raise InputDataError(f"{where}: {source} does not exist")
+    return source
+
+
+def _label_on_image_grid(label: nib.Nifti1Image, image: nib.Nifti1Image, where: str) -> nib.Nifti1Image:
+    """Labels stored in another axis order/direction (e.g. LAS labels for an LPS DICOM series) are reoriented
+    onto the image grid, but only if both describe the same voxels; anything else is an error, never resampled."""
+    if label.shape == image.shape and np.allclose(label.affine, image.affine, atol=AFFINE_TOLERANCE_MM):
+        return label
+    target = nib.orientations.io_orientation(image.affine)
+    current = nib.orientations.io_orientation(label.affine)
+    transform = nib.orientations.ornt_transform(current, target)
+    moved = label.as_reoriented(transform)
+    if moved.shape != image.shape or not np.allclose(moved.affine, image.affine, atol=AFFINE_TOLERANCE_MM):
+        raise InputDataError(f"{where}: label grid {label.shape} does not match the image grid {image.shape} even "
+                             "after reorientation; resample it onto the image first")
+    return moved
+
+
+def import_folder(out_dir: Path, name: str, cfg: dict) -> Path:
+    """`cases: {id: {image: file-or-DICOM-dir, label: file}}` -> MSD layout; `label_map` relabels (others -> 0)."""
+    labels = {int(k): v for k, v in cfg.get("labels", {0: "background"}).items()}
+    mapping = {int(k): int(v) for k, v in (cfg.get("label_map") or {}).items()}
+    with atomic_dir(out_dir) as tmp:
+        entries = []
+        for case, spec in cfg["cases"].items():
+            where = f"datasets.{name}.cases.{case}"
+            image = _as_nifti(Path(spec["image"]), where)
+            image_path = tmp / "imagesTr" / f"{case}.nii.gz"
+            if isinstance(image, Path) and image.name.endswith(".nii.gz"):
+                _link(image, image_path)
+                image = nib.load(image)
+            else:
+                image = image if isinstance(image, nib.Nifti1Image) else nib.load(image)
+                save_nifti(image_path, image)
+            entry = {"image": f"./imagesTr/{case}.nii.gz"}
+            if spec.get("label"):
+                label = nib.load(_as_nifti(Path(spec["label"]), where))
+                label = _label_on_image_grid(label, image, where)
+                data = np.asanyarray(label.dataobj)
+                if mapping:
+                    out = np.zeros(data.shape, np.uint8)
+                    for src, dst in mapping.items():
+                        out[data == src] = dst
+                    data = out
+                save_nifti(tmp / "labelsTr" / f"{case}.nii.gz", nib.Nifti1Image(data.astype(np.uint8), image.affine))
+                entry["label"] = f"./labelsTr/{case}.nii.gz"
+            entries.append(entry)
+        _dataset_json(tmp, name, labels, entries, cfg.get("group", "default"), kind="folder",
+                      sources={c: {k: str(v) for k, v in s.items()} for c, s in cfg["cases"].items()})
+    return out_dir
+
+
+def import_btcv(out_dir: Path, name: str, cfg: dict, downloads: Path) -> Path:
+    """BTCV (Synapse login): import RawData.zip or its extracted folder from `path`; check case count."""
+    source = Path(cfg.get("path", ""))
+    if not cfg.get("path") or not source.exists():
+        raise DownloadError(
+            f"datasets.{name}: BTCV needs a Synapse login, so ctssl cannot download it. Register at "
+            "synapse.org, download RawData.zip of 'Multi-Atlas Labeling Beyond the Cranial Vault', and set "
+            f"datasets.{name}.path to the zip or its extracted folder (now: {cfg.get('path')!r}).")
+    if source.suffix == ".zip":
+        extracted = downloads / f"{name}_extracted"
+        if not extracted.exists():
+            extract_zip(source, extracted)
+        source = extracted
+    images = sorted(source.rglob("img/img*.nii.gz"))
+    expected = int(cfg.get("expected_cases", BTCV_TRAINING_CASES))
+    if len(images) != expected:
+        raise InputDataError(f"{source}: found {len(images)} training images (img/img*.nii.gz), expected {expected}")
+    with atomic_dir(out_dir) as tmp:
+        entries = []
+        for image in images:
+            case = f"{name}_{image.name[3:7]}"
+            label = image.parent.parent / "label" / image.name.replace("img", "label")
+            if not label.exists():
+                raise InputDataError(f"{image}: no matching label {label}")
+            _link(image, tmp / "imagesTr" / f"{case}.nii.gz")
+            _link(label, tmp / "labelsTr" / f"{case}.nii.gz")
+            entries.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+        _dataset_json(tmp, name, BTCV_LABELS, entries, cfg.get("group", "abdomen"), kind="manual", source=str(source))
+    return out_dir
+
+
+def import_kits19(out_dir: Path, name: str, cfg: dict, downloads: Path) -> Path:
+    """KiTS19 training cases: images from the challenge host, labels from the kits19 repository."""
+    n_cases = int(cfg.get("n_cases", KITS19_TRAINING_CASES))
+    image_url, label_url = cfg.get("image_url", KITS19_IMAGE_URL), cfg.get("label_url", KITS19_LABEL_URL)
+    store = downloads / "kits19"
+    with atomic_dir(out_dir) as tmp:
+        entries, digests = [], {}
+        for i in range(n_cases):
+            case = f"case_{i:05d}"
+            image = fetch(image_url.format(case=i), store / case / "imaging.nii.gz")
+            label = fetch(label_url.format(case=i), store / case / "segmentation.nii.gz")
+            digests[case] = {"image_sha256": file_digest(image, "sha256"), "label_sha256": file_digest(label, "sha256")}
+            _link(image, tmp / "imagesTr" / f"{case}.nii.gz")
+            _link(label, tmp / "labelsTr" / f"{case}.nii.gz")
+            entries.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+        _dataset_json(tmp, name, KITS19_LABELS, entries, cfg.get("group", "abdomen"), kind="kits19",
+                      sha256=digests)
+    return out_dir
+
+
+def prepare_raw(name: str, cfg: dict, out_dir: str | Path, downloads: str | Path, seed: int = 0) -> Path:
+    """Build `out_dir` (raw/{name}) for a dataset of any kind."""
+    out_dir, downloads = Path(out_dir), Path(downloads)
+    kind = cfg["kind"]
+    if kind == "synthetic":
+        return write_msd_dataset(out_dir, name, cfg["profile"], int(cfg["n_cases"]), seed)
+    if kind == "msd":
+        return install_msd_task(cfg["task"], out_dir, downloads, url=cfg.get("url"), md5=cfg.get("md5"))
+    if kind == "kits19":
+        return import_kits19(out_dir, name, cfg, downloads)
+    if kind == "manual":
+        return import_btcv(out_dir, name, cfg, downloads)
+    if kind == "folder":
+        return import_folder(out_dir, name, cfg)
+    raise ValueError(f"datasets.{name}.kind: unknown kind {kind!r}")
