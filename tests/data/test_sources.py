@@ -82,3 +82,23 @@ def test_kits19_downloads_each_case_and_records_checksums(server, tmp_path):
     assert [e["image"] for e in meta["training"]] == ["./imagesTr/case_00000.nii.gz", "./imagesTr/case_00001.nii.gz"]
     assert len(meta["ctssl"]["sha256"]["case_00001"]["image_sha256"]) == 64
     assert (tmp_path / "dl" / "kits19" / "case_00001" / "segmentation.nii.gz").exists()
+
+
+def test_folder_kind_from_an_images_and_a_labels_folder(realct, tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    ts = realct / "totalsegmentator"
+    (images / "a.nii.gz").symlink_to(ts / "example_ct_sm.nii.gz")
+    (labels / "a.nii.gz").symlink_to(ts / "example_seg.nii.gz")
+    (images / "b").symlink_to(realct / "dcmqi_ct3slice" / "dicom")  # a DICOM series, unlabelled
+    (images / "notes.txt").write_text("ignored")
+    cfg = {"kind": "folder", "images_dir": str(images), "labels_dir": str(labels),
+           "labels": {"0": "background", "1": "spleen"}, "label_map": {"1": 1}}
+    dataset = read_msd_dataset(prepare_raw("mine", cfg, tmp_path / "raw", tmp_path / "dl"))
+    assert [(c.case_id, c.label is not None) for c in dataset.cases] == [("a", True), ("b", False)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputDataError, match="needs `cases` or an `images_dir`"):
+        prepare_raw("none", {"kind": "folder", "images_dir": str(tmp_path / "empty")}, tmp_path / "r2", tmp_path / "dl")
+    with pytest.raises(InputDataError, match="is not a folder"):
+        prepare_raw("none", {"kind": "folder", "images_dir": str(tmp_path / "nope")}, tmp_path / "r3", tmp_path / "dl")

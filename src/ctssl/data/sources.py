@@ -75,13 +75,36 @@ def _label_on_image_grid(label: nib.Nifti1Image, image: nib.Nifti1Image, where: 
     return moved
 
 
+def folder_cases(cfg: dict) -> dict[str, dict[str, str]]:
+    """Explicit `cases`, or every `{id}.nii[.gz]` / DICOM sub-folder of `images_dir`, labelled by
+    `labels_dir/{id}.nii[.gz]` when that file exists."""
+    cases = dict(cfg.get("cases") or {})
+    if cfg.get("images_dir"):
+        images_dir, labels_dir = Path(cfg["images_dir"]), Path(cfg["labels_dir"]) if cfg.get("labels_dir") else None
+        if not images_dir.is_dir():
+            raise InputDataError(f"images_dir {images_dir} is not a folder")
+        for entry in sorted(images_dir.iterdir()):
+            case = entry.name.removesuffix(".gz").removesuffix(".nii")
+            if not (entry.is_dir() or entry.name.endswith((".nii", ".nii.gz"))) or case in cases:
+                continue
+            spec = {"image": str(entry)}
+            for suffix in (".nii.gz", ".nii"):
+                if labels_dir is not None and (labels_dir / f"{case}{suffix}").exists():
+                    spec["label"] = str(labels_dir / f"{case}{suffix}")
+            cases[case] = spec
+    if not cases:
+        raise InputDataError("a folder dataset needs `cases` or an `images_dir` with .nii/.nii.gz files or DICOM folders")
+    return cases
+
+
 def import_folder(out_dir: Path, name: str, cfg: dict) -> Path:
-    """`cases: {id: {image: file-or-DICOM-dir, label: file}}` -> MSD layout; `label_map` relabels (others -> 0)."""
+    """Cases (see `folder_cases`) -> MSD layout; `label_map` relabels (unlisted values -> 0)."""
     labels = {int(k): v for k, v in cfg.get("labels", {0: "background"}).items()}
     mapping = {int(k): int(v) for k, v in (cfg.get("label_map") or {}).items()}
+    cases = folder_cases(cfg)
     with atomic_dir(out_dir) as tmp:
         entries = []
-        for case, spec in cfg["cases"].items():
+        for case, spec in cases.items():
             where = f"datasets.{name}.cases.{case}"
             image = _as_nifti(Path(spec["image"]), where)
             image_path = tmp / "imagesTr" / f"{case}.nii.gz"
@@ -105,7 +128,7 @@ def import_folder(out_dir: Path, name: str, cfg: dict) -> Path:
                 entry["label"] = f"./labelsTr/{case}.nii.gz"
             entries.append(entry)
         _dataset_json(tmp, name, labels, entries, cfg.get("group", "default"), kind="folder",
-                      sources={c: {k: str(v) for k, v in s.items()} for c, s in cfg["cases"].items()})
+                      sources={c: {k: str(v) for k, v in spec.items()} for c, spec in cases.items()})
     return out_dir
 
 
