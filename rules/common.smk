@@ -1,8 +1,6 @@
 # Helpers shared by the rules: cross-key config checks, wildcard constraints, target lists, paths.
-from pathlib import Path
-
 from snakemake.exceptions import WorkflowError
-from ctssl.config import all_inits, check_config, inits_for, parse_init
+from ctssl.config import all_inits, check_config, inits_for, parse_init, unresolvable_inits
 from ctssl.errors import ConfigError
 from ctssl.splits import fraction_key
 from ctssl.ssl import METHODS
@@ -22,15 +20,8 @@ SEEDS = [int(s) for s in config["seeds"]]
 INITS = all_inits(config)
 CONDA_ENV = "../envs/ctssl.yaml"
 
-for _init in INITS:
-    _parsed = parse_init(_init)
-    if _parsed and _parsed[0] not in METHODS:
-        _weights = Path(R) / "pretrain" / _parsed[0] / _parsed[1] / "model.pt"
-        if not _weights.exists():
-            raise WorkflowError(
-                f"inits: {_init!r} names no registered pretraining method ({', '.join(sorted(METHODS))}) "
-                f"and {_weights} does not exist (to use your own backbone weights, put them there)"
-            )
+for _problem in unresolvable_inits(config, set(METHODS)):
+    raise WorkflowError(_problem)
 
 
 wildcard_constraints:

@@ -13,6 +13,7 @@ from ctssl.geometry import (
     overlap_fraction,
     random_view_pair,
     sample_view,
+    sample_view_from_array,
     shared_grid,
     source_index_coords,
 )
@@ -38,6 +39,16 @@ def test_sample_view_matches_analytic_source_coordinates():
         a, _ = random_view_pair(rng, SHAPE, PATCH, (1.1, 1.4), 0.5, 0.1)
         sampled = sample_view(coordinate_volume(SHAPE), a, PATCH)
         assert torch.allclose(sampled.double(), source_index_coords(a, PATCH), atol=1e-4)
+
+
+def test_sampling_a_block_of_an_array_equals_sampling_the_whole_volume():
+    rng = np.random.default_rng(5)
+    volume = rng.normal(size=SHAPE).astype(np.float32)
+    for _ in range(30):
+        a, b = random_view_pair(rng, SHAPE, PATCH, (0.6, 1.5), 0.5, 0.0)
+        for g in (a, b):  # includes boxes touching the volume's borders and sub-voxel starts
+            whole = sample_view(torch.from_numpy(volume)[None], g, PATCH)
+            assert torch.allclose(sample_view_from_array(volume, g, PATCH), whole, atol=1e-5)
 
 
 def test_flip_reverses_the_view_axis():

@@ -36,6 +36,20 @@ def inits_for(config: dict, dataset: str) -> list[str]:
     return list(dict.fromkeys([*config["inits"], *config.get("dataset_inits", {}).get(dataset, [])]))
 
 
+def unresolvable_inits(config: dict, registered: set[str]) -> list[str]:
+    """Inits naming no registered method whose weights file is not already in place (nothing could build it)."""
+    missing = []
+    for init in all_inits(config):
+        parsed = parse_init(init)
+        if parsed and parsed[0] not in registered:
+            weights = Path(config["results"]) / "pretrain" / parsed[0] / parsed[1] / "model.pt"
+            if not weights.exists():
+                missing.append(f"inits: {init!r} names no registered pretraining method "
+                               f"({', '.join(sorted(registered))}) and {weights} does not exist "
+                               "(to use your own backbone weights, put them there)")
+    return missing
+
+
 def is_labelled(dataset_cfg: dict) -> bool:
     kind = dataset_cfg["kind"]
     if kind == "synthetic":

@@ -78,6 +78,20 @@ def sample_view(volume: torch.Tensor, geometry: ViewGeometry, patch: Sequence[in
                          align_corners=False)[0]
 
 
+def sample_view_from_array(volume: np.ndarray, geometry: ViewGeometry, patch: Sequence[int]) -> torch.Tensor:
+    """`sample_view` on a (X, Y, Z) array, typically a memory map, reading only the block the view touches.
+
+    The block spans the box plus one voxel on each side (every trilinear neighbour), clipped to the volume, so the
+    result equals sampling the whole volume while copying a patch-sized block instead of the full scan.
+    """
+    lo = [max(0, int(np.floor(s)) - 1) for s in geometry.start]
+    hi = [min(n, int(np.ceil(s + z)) + 1) for s, z, n in zip(geometry.start, geometry.size, volume.shape, strict=True)]
+    block = np.array(volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)  # writable copy
+    shifted = ViewGeometry(tuple(s - o for s, o in zip(geometry.start, lo, strict=True)), geometry.size,
+                           geometry.flips)
+    return sample_view(torch.from_numpy(block)[None], shifted, patch)
+
+
 def intersection(a: ViewGeometry, b: ViewGeometry) -> tuple[np.ndarray, np.ndarray] | None:
     """(lo, hi) corner coordinates of the shared region, or None if the boxes do not overlap."""
     lo = np.maximum(np.array(a.start), np.array(b.start))

@@ -65,11 +65,6 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, array)
-
-
 def save_nifti(path: str | os.PathLike, image: Any) -> None:
     """nibabel.save, atomically (the temporary keeps the .nii/.nii.gz extension nibabel needs)."""
     import nibabel as nib
@@ -88,8 +83,9 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, fh)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file, read in chunks (archives can be tens of GB)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)

@@ -8,8 +8,11 @@ pretraining would silently inflate every number the report shows.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pandas as pd
+
+from ctssl.io import atomic_path, read_json
 
 POOL_COLUMNS = ["case", "dataset", "group", "image"]
 
@@ -44,3 +47,19 @@ def assert_no_leakage(pool: pd.DataFrame, test_cases: Mapping[str, Sequence[str]
     if leaked:
         raise LeakageError(f"downstream test cases in the pretraining pool: {leaked[:10]}"
                            + (f" and {len(leaked) - 10} more" if len(leaked) > 10 else ""))
+
+
+def write_pool(pool: str, members: Sequence[str], preprocessed_dirs: Sequence[str], splits_files: Sequence[str],
+               out_csv: str | Path) -> pd.DataFrame:
+    """Build pool `pool` from the members' preprocessed folders, excluding every downstream test case listed in
+    `splits_files`, and write it atomically to `out_csv`."""
+    dirs = dict(zip(members, preprocessed_dirs, strict=True))
+    manifests = {name: read_json(Path(d) / "manifest.json") for name, d in dirs.items()}
+    test_cases = {}
+    for path in splits_files:
+        splits = read_json(path)
+        test_cases[splits["dataset"]] = splits["test"]
+    frame = build_pool(pool, manifests, dirs, test_cases, members)
+    with atomic_path(out_csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame

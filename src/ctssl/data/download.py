@@ -8,7 +8,6 @@ Only the standard library is used for HTTP (urllib) so that the code runs wherev
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import http.client
 import logging
 import os
@@ -19,7 +18,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from ctssl.io import atomic_dir
+from ctssl.io import atomic_dir, file_digest
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -67,14 +66,6 @@ BTCV_LABELS = {0: "background", 1: "spleen", 2: "right_kidney", 3: "left_kidney"
                6: "liver", 7: "stomach", 8: "aorta", 9: "inferior_vena_cava", 10: "portal_splenic_vein",
                11: "pancreas", 12: "right_adrenal_gland", 13: "left_adrenal_gland"}
 BTCV_TRAINING_CASES = 30
-
-
-def file_digest(path: str | os.PathLike, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        while block := fh.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(url: str, dest: str | os.PathLike, *, md5: str | None = None, timeout: float = 60.0) -> Path:

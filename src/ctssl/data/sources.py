@@ -26,12 +26,11 @@ from ctssl.data.download import (
     DownloadError,
     extract_zip,
     fetch,
-    file_digest,
     install_msd_task,
 )
 from ctssl.data.synthetic import write_msd_dataset
 from ctssl.errors import InputDataError
-from ctssl.io import atomic_dir, save_nifti, write_json
+from ctssl.io import atomic_dir, file_digest, save_nifti, write_json
 from ctssl.preprocess.nifti import AFFINE_TOLERANCE_MM
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from monai.transforms import (
 )
 from torch import nn
 
-from ctssl.geometry import random_view_pair, sample_view
+from ctssl.geometry import random_view_pair, sample_view_from_array
 from ctssl.models.backbone import build_backbone
 
 Sampler = Callable[[np.ndarray, np.random.Generator], dict[str, torch.Tensor]]
@@ -90,10 +90,9 @@ class TwoViewSampler:
             rng, volume.shape, self.patch, tuple(self.cfg.get("scale", (1.1, 1.4))),
             float(self.cfg.get("flip_prob", 0.5)), float(self.cfg.get("min_overlap", 0.1)),
             use_crop=self.use_crop, use_flip=self.use_flip)
-        source = torch.from_numpy(np.array(volume, dtype=np.float32))[None]  # a writable copy of the memmap
         out = {}
         for key, geom in (("a", geom_a), ("b", geom_b)):
-            view = sample_view(source, geom, self.patch)
+            view = sample_view_from_array(volume, geom, self.patch)
             self.intensity.set_random_state(seed=int(rng.integers(2**31)))
             out[f"view_{key}"] = torch.as_tensor(self.intensity(view)).float()
             out[f"geom_{key}"] = geom.to_tensor()

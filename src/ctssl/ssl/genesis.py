@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from monai.transforms import RandCoarseDropout, RandCoarseShuffle
 from torch import nn
 
-from ctssl.geometry import ViewGeometry, sample_view
+from ctssl.geometry import ViewGeometry, sample_view_from_array
 from ctssl.ssl.base import SSLMethod
 
 DEFAULTS = {"flip_prob": 0.4, "shuffle_prob": 0.5, "nonlinear_prob": 0.9, "paint_prob": 0.9, "outpaint_ratio": 0.8}
@@ -80,8 +80,7 @@ class GenesisSampler:
         self.p = {k: float(cfg.get(k, v)) for k, v in DEFAULTS.items()}
 
     def __call__(self, volume: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        source = torch.from_numpy(np.array(volume, dtype=np.float32))[None]
-        clean = sample_view(source, random_crop(rng, volume.shape, self.patch), self.patch).numpy()
+        clean = sample_view_from_array(volume, random_crop(rng, volume.shape, self.patch), self.patch).numpy()
         if rng.random() < self.p["flip_prob"]:
             axes = [1 + a for a in range(3) if rng.random() < 0.5] or [1 + int(rng.integers(3))]
             clean = np.ascontiguousarray(np.flip(clean, axis=axes))

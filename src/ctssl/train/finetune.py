@@ -22,7 +22,7 @@ from monai.transforms import (
 from tqdm import tqdm
 
 from ctssl.evaluate import dice_per_class, predict_volume, summarize
-from ctssl.io import read_json, sha256_file, write_json
+from ctssl.io import file_digest, read_json, write_json
 from ctssl.models.backbone import SegmentationNet, total_stride
 from ctssl.models.weights import load_backbone_weights, read_state_dict
 from ctssl.provenance import code_version, environment
@@ -83,7 +83,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     if init_weights is not None:
         state = read_state_dict(init_weights)
         report = load_backbone_weights(net.backbone, state, source=str(init_weights))
-        weights_info.update(path=str(init_weights), sha256=sha256_file(init_weights),
+        weights_info.update(path=str(init_weights), sha256=file_digest(init_weights),
                             loaded=len(report["loaded"]), skipped=report["skipped"])
 
     dataset = Dataset([load_case(preprocessed_dir, c) for c in train_cases], training_transforms(patch, ft))

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ctssl.io import save_torch, sha256_file, write_json
+from ctssl.io import file_digest, save_torch, write_json
 from ctssl.models.backbone import backbone_kwargs, total_stride
 from ctssl.provenance import code_version, environment
 from ctssl.ssl import METHODS
@@ -150,7 +150,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for fp16 users
 
     fingerprint = hashlib.sha256(json.dumps({"method": method, "model": model_cfg, "cfg": mcfg,
-                                             "pool": sha256_file(pool_csv)}, sort_keys=True).encode()).hexdigest()
+                                             "pool": file_digest(pool_csv)}, sort_keys=True).encode()).hexdigest()
     ckpt_path = out_dir / CHECKPOINT
     start = 0
     if ckpt_path.exists():
@@ -226,7 +226,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     meta = {
         "method": method, "pool": pool, "steps": steps, "final_loss": loss_value,
         "backbone": {"class": "monai.networks.nets.UNet", "kwargs": backbone_kwargs(model_cfg)},
-        "model_sha256": sha256_file(model_path), "pool_cases": len(images),
+        "model_sha256": file_digest(model_path), "pool_cases": len(images),
         "pool_datasets": pool_meta["datasets"], "pool_groups": pool_meta["groups"], "config": {"model": model_cfg, method: mcfg},
         "fingerprint": fingerprint, "resumed_from_step": start or None, "device": str(device),
         "seconds": round(time.time() - t0, 2), "code_version": code_version(), "environment": environment(),
