@@ -1,5 +1,6 @@
 # ctssl: self-supervised pretraining for 3D CT segmentation under label scarcity.
 # This file only sets up; the stages live in rules/, the logic in src/ctssl/.
+import signal
 import sys
 from pathlib import Path
 
@@ -7,6 +8,12 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # run the checkout's code even if not pip-installed
+
+# SLURM's pre-timeout warning (profiles/slurm: --signal=USR1@...) reaches every process of the job step, this
+# Snakemake included. Python's default action for SIGUSR1 is to die, and SLURM then kills the step's other
+# processes, the training job before it has written its checkpoint. Snakemake ignores it; the training loops
+# install their own handler (ctssl.train.checkpoint) and exit after checkpointing.
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 # config.yaml is the default; a --configfile given on the command line replaces it rather than being deep-merged

@@ -9,6 +9,8 @@ rule aggregate:
         f"{R}/pools/{{pool}}.csv",
     params:
         members=lambda wc: pool_members(wc.pool),
+    resources:
+        **stage_resources("cpu"),
     log:
         f"{R}/logs/aggregate/{{pool}}.log",
     benchmark:

@@ -43,6 +43,20 @@ def threads_for(rule_name, default=1):
     return int(config.get("threads", {}).get(rule_name, default))
 
 
+def stage_resources(stage):
+    """`resources.{stage}` of the config as rule resources: memory and runtime grow with the attempt, so the
+    profile's `retries` resubmits a job that ran out of either with more (a preempted one resumes anyway)."""
+    spec = dict(config.get("resources", {}).get(stage, {}))
+    res = {k: spec[k] for k in ("gpu", "gpu_model", "cpus_per_gpu") if k in spec and spec[k] is not None}
+    if not res.get("gpu"):
+        res.pop("cpus_per_gpu", None)  # a CPU job: the plugin uses the rule's threads as --cpus-per-task
+        res.pop("gpu", None)
+    for key in ("mem_mb", "runtime"):
+        if key in spec:
+            res[key] = lambda wildcards, attempt, base=int(spec[key]): base * attempt
+    return res
+
+
 def pools():
     """Every pool some target needs: configured ones plus those named by pretrained inits."""
     named = [p[1] for p in map(parse_init, INITS) if p]

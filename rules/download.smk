@@ -10,6 +10,8 @@ rule synthesize:
     params:
         dataset=lambda wc: config["datasets"][wc.dataset],
         seed=config.get("synthetic_seed", 0),
+    resources:
+        **stage_resources("cpu"),
     log:
         f"{R}/logs/synthesize/{{dataset}}.log",
     benchmark:
@@ -29,6 +31,8 @@ rule fetch_raw:
         dataset=lambda wc: config["datasets"][wc.dataset],
         downloads=config.get("downloads", f"{R}/downloads"),
     retries: 2
+    resources:
+        **stage_resources("cpu"),
     log:
         f"{R}/logs/fetch_raw/{{dataset}}.log",
     benchmark:

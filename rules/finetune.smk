@@ -13,6 +13,8 @@ rule finetune:
         cfg={k: config[k] for k in ("model", "finetune") if k in config}
         | {"device": config.get("device", "auto"), "amp": config.get("amp", True)},
     threads: threads_for("finetune")
+    resources:
+        **stage_resources("finetune"),
     log:
         f"{R}/logs/finetune/{{dataset}}/{{init}}/frac{{pct}}/seed{{seed}}.log",
     benchmark:

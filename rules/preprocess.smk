@@ -11,6 +11,8 @@ rule splits:
         fractions=config["fractions"],
         seeds=SEEDS,
         split_seed=config.get("split_seed", 0),
+    resources:
+        **stage_resources("cpu"),
     log:
         f"{R}/logs/splits/{{dataset}}.log",
     benchmark:
@@ -32,6 +34,8 @@ rule preprocess:
         group=lambda wc: config["datasets"][wc.dataset].get("group", "default"),
         seed=config.get("split_seed", 0),
     threads: threads_for("preprocess")
+    resources:
+        **stage_resources("cpu"),
     log:
         f"{R}/logs/preprocess/{{dataset}}.log",
     benchmark:

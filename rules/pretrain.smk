@@ -13,6 +13,8 @@ rule pretrain:
     params:
         cfg=pretrain_params,
     threads: threads_for("pretrain")
+    resources:
+        **stage_resources("pretrain"),
     log:
         f"{R}/logs/pretrain/{{method}}/{{pool}}.log",
     benchmark:

@@ -8,6 +8,8 @@ rule report:
         csv=f"{R}/report/dice_table.csv",
         md=f"{R}/report/dice_table.md",
         png=f"{R}/report/label_efficiency.png",
+    resources:
+        **stage_resources("cpu"),
     log:
         f"{R}/logs/report/report.log",
     benchmark:

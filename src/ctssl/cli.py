@@ -12,17 +12,13 @@ from ctssl.logutil import setup_logging
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from ctssl.train.pretrain import TrainingInterrupted, run_pretrain
+    from ctssl.train.checkpoint import run_interruptible
+    from ctssl.train.pretrain import run_pretrain
 
     cfg = yaml.safe_load(Path(args.config).read_text())
     log = setup_logging(args.log)
-    try:
-        run_pretrain(pool_csv=args.pool_csv, method=args.method, pool=args.pool, cfg=cfg, out_dir=args.out,
-                     threads=args.threads)
-    except TrainingInterrupted as exc:
-        log.error("%s", exc)
-        return 75
-    return 0
+    return run_interruptible(lambda: run_pretrain(pool_csv=args.pool_csv, method=args.method, pool=args.pool,
+                                                  cfg=cfg, out_dir=args.out, threads=args.threads), log)
 
 
 def _synthesize(args: argparse.Namespace) -> int:

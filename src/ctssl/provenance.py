@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import socket
 import subprocess
 from pathlib import Path
 
@@ -32,3 +34,14 @@ def environment() -> dict[str, str]:
         "monai": monai.__version__,
         "platform": platform.platform(),
     }
+
+
+SCHEDULER_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_PARTITION",
+                  "SLURM_RESTART_COUNT", "CUDA_VISIBLE_DEVICES")
+
+
+def scheduler_info() -> dict[str, str]:
+    """Where the job ran: host, SLURM job/array ids and the GPUs it was given (only the variables that are set)."""
+    info = {"host": socket.gethostname()}
+    info.update({k: os.environ[k] for k in SCHEDULER_VARS if k in os.environ})
+    return info

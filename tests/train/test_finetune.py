@@ -1,6 +1,10 @@
 """A tiny real fine-tuning run: files, keys, determinism on CPU, and pretrained-weight provenance."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -66,3 +70,43 @@ def test_pretrained_init_is_loaded_and_recorded(prepared, tmp_path):
     scratch = _run(prepared, tmp_path / "s")
     assert metrics["final_loss"] != scratch["final_loss"]  # the weights really changed the run
     assert np.isfinite(metrics["final_loss"])
+
+
+def test_preempted_cell_resumes_to_the_uninterrupted_result(prepared, tmp_path):
+    """SIGUSR1 mid-run -> checkpoint + exit 75; the rerun resumes and ends with the uninterrupted numbers exactly,
+    even though the first run's train_log.csv was deleted in between (as Snakemake does with a failed job's outputs)."""
+    pre, splits_path, _ = prepared
+    cfg = {**CFG, "finetune": {**CFG["finetune"], "steps": 60, "log_every": 100}}
+    reference = run_finetune(preprocessed_dir=pre, splits_path=splits_path, fraction=50, seed=0, init="scratch",
+                             init_weights=None, cfg=cfg, out_dir=tmp_path / "ref")
+    out = tmp_path / "cell"
+    script = (
+        "import json, sys\n"
+        "from ctssl.logutil import setup_logging\n"
+        "from ctssl.train.checkpoint import run_interruptible\n"
+        "from ctssl.train.finetune import run_finetune\n"
+        f"args = json.loads({json.dumps(json.dumps({'preprocessed_dir': str(pre), 'splits_path': str(splits_path), 'cfg': cfg, 'out_dir': str(out)}))})\n"
+        "log = setup_logging(None)\n"
+        "sys.exit(run_interruptible(lambda: run_finetune(fraction=50, seed=0, init='scratch', init_weights=None,"
+        " **args), log))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = out / "train_log.csv"
+    deadline = time.time() + 120
+    while not (log_path.exists() and len(log_path.read_text().splitlines()) > 6):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, output
+    assert "SIGUSR1 received: checkpoint at step" in output and not (out / "metrics.json").exists()
+    stopped_at = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"]
+    assert 6 <= stopped_at < 60
+    log_path.unlink()
+    resumed = run_finetune(preprocessed_dir=pre, splits_path=splits_path, fraction=50, seed=0, init="scratch",
+                           init_weights=None, cfg=cfg, out_dir=out)
+    assert resumed["resumed_from_step"] == stopped_at
+    assert resumed["final_loss"] == reference["final_loss"] and resumed["per_case"] == reference["per_case"]
+    # the rows before the checkpoint came back from it, the rest continue the same curve
+    assert [line.split(",")[:3] for line in log_path.read_text().splitlines()] == [
+        line.split(",")[:3] for line in (tmp_path / "ref/train_log.csv").read_text().splitlines()]
+    assert not (out / "checkpoints").exists()  # a finished cell keeps no checkpoint

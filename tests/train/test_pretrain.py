@@ -103,7 +103,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(pool_csv, tmp_path, sig,
     resumed = _start(config_path, pool_csv, out)
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
-    assert f"resuming pgl/all from step {stopped_at}" in output
+    assert f"resuming from step {stopped_at}" in output
     curve = _losses(out)
     assert [s for s, _ in curve] == list(range(1, steps + 1))  # the curve continues, no step twice
     assert curve == _losses(tmp_path / "ref")  # and is the uninterrupted curve, exactly

@@ -52,17 +52,21 @@ def endless(loader: Iterable) -> Iterator:
 class CsvLog:
     """Training log as CSV, flushed every row so a killed run still shows its curve.
 
-    `resume_step=k` keeps the rows of steps 1..k of an existing log (those after the checkpoint a run resumes from
-    would otherwise appear twice) and appends; `resume_step=0` starts a new log.
+    `resume_step=k` keeps the rows of steps 1..k (those after the checkpoint a run resumes from would otherwise
+    appear twice) and appends; they come from `rows` when given (a checkpoint's copy: Snakemake deletes the
+    declared outputs of a failed job), else from the existing file. `resume_step=0` starts a new log.
     """
 
-    def __init__(self, path: str | Path, fields: list[str], resume_step: int = 0):
+    def __init__(self, path: str | Path, fields: list[str], resume_step: int = 0, rows: list[dict] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[dict] = []
-        if resume_step > 0 and self.path.exists():
+        if resume_step > 0 and rows is None and self.path.exists():
             with open(self.path, newline="") as fh:
-                kept = [row for row in csv.DictReader(fh) if int(row["step"]) <= resume_step]
+                rows = list(csv.DictReader(fh))
+        if resume_step > 0 and rows:
+            kept = [row for row in rows if int(row["step"]) <= resume_step]
+        self.rows = list(kept)
         self._fh = open(self.path, "w", newline="")  # noqa: SIM115 - lives as long as the run
         self._writer = csv.DictWriter(self._fh, fieldnames=fields)
         self._writer.writeheader()
@@ -70,6 +74,8 @@ class CsvLog:
         self._fh.flush()
 
     def write(self, **row) -> None:
+        row = {k: str(v) for k, v in row.items()}
+        self.rows.append(row)
         self._writer.writerow(row)
         self._fh.flush()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,11 +28,14 @@ from ctssl.evaluate import dice_per_class, predict_volume, summarize
 from ctssl.io import file_digest, read_json, write_json
 from ctssl.models.backbone import SegmentationNet, total_stride
 from ctssl.models.weights import load_backbone_weights, read_state_dict
-from ctssl.provenance import code_version, environment
+from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.splits import fraction_key
+from ctssl.train.checkpoint import SignalFlag, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ctssl.train.common import CsvLog, endless, pick_device, seed_everything, set_threads, warmup_cosine
 
 log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoints/last.pt"
+LOG_FIELDS = ["step", "loss", "lr", "elapsed_s"]
 
 
 def load_case(preprocessed_dir: Path, case: str) -> dict[str, np.ndarray]:
@@ -77,6 +83,8 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     train_cases = splits["subsets"][str(seed)][fraction_key(fraction)]
     test_cases = splits["test"]
     device = pick_device(cfg.get("device", "auto"))
+    log.info("fine-tune %s %s frac%s seed%d on %s", manifest["dataset"], init, fraction_key(fraction), seed,
+             scheduler_info())
 
     net = SegmentationNet(model_cfg, n_classes=len(classes)).to(device)
     weights_info: dict = {"init": init, "path": None}
@@ -96,13 +104,35 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     steps, warmup = int(ft["steps"]), int(ft.get("warmup_steps", 0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
     use_amp = device.type == "cuda" and bool(cfg.get("amp", True))
-    csv_log = CsvLog(out_dir / "train_log.csv", ["step", "loss", "lr", "elapsed_s"])
+
+    # Resume after preemption. The batch stream is replayed up to the checkpoint's step (cheap: cropping only), so
+    # the transforms' and the loader's random streams are where an uninterrupted run would have them; the
+    # checkpoint then restores weights, optimizer, schedule and global RNG states: on CPU the result is identical.
+    fingerprint = hashlib.sha256(json.dumps(
+        {"cfg": {"finetune": ft, "model": model_cfg}, "init": init, "fraction": fraction, "seed": seed,
+         "train_cases": list(train_cases), "weights": weights_info.get("sha256")}, sort_keys=True).encode()).hexdigest()
+    ckpt_path = out_dir / CHECKPOINT
+    state = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
+    batches = endless(loader)
+    ckpt_log = torch.load(ckpt_path, weights_only=False).get("log_rows") if ckpt_path.exists() else None
+    start = load_checkpoint(ckpt_path, fingerprint, state, device)
+    if start:
+        rng = rng_state()
+        for _ in range(start):
+            next(batches)
+        set_rng_state(rng)
+    csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS, resume_step=start, rows=ckpt_log if start else None)
     log_every = int(ft.get("log_every", 10))
+    ckpt_every = int(ft.get("checkpoint_every", 0))
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt_path, step, fingerprint, state, log_rows=csv_log.rows)
 
     net.train()
-    batches = endless(loader)
     t_train = time.time()
-    with tqdm(range(steps), desc=f"finetune {init} frac{fraction_key(fraction)} seed{seed}", disable=None) as bar:
+    value = float("nan")
+    with SignalFlag() as flag, tqdm(range(start, steps), desc=f"finetune {init} frac{fraction_key(fraction)} seed{seed}",
+                                    disable=None) as bar:
         for step in bar:
             batch = next(batches)
             x, y = batch["image"].to(device), batch["label"].to(device)
@@ -119,6 +149,12 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
             bar.set_postfix(loss=f"{value:.4f}")
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 log.info("step %d/%d loss %.4f lr %.3g", step + 1, steps, value, scheduler.get_last_lr()[0])
+            if flag.received is not None and step + 1 < steps:
+                checkpoint(step + 1)
+                csv_log.close()
+                raise flag.interrupted(step + 1, steps, ckpt_path)
+            if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
+                checkpoint(step + 1)
     csv_log.close()
     train_seconds = time.time() - t_train
 
@@ -141,10 +177,16 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
         "init_weights": weights_info,
         "timings_s": {"train": round(train_seconds, 2), "evaluate": round(time.time() - t_eval, 2),
                       "total": round(time.time() - t_start, 2)},
-        "steps": steps, "final_loss": value, "device": str(device),
+        "steps": steps, "final_loss": value, "device": str(device), "resumed_from_step": start or None,
         "config": copy.deepcopy(cfg), "code_version": code_version(), "environment": environment(),
+        "scheduler": scheduler_info(),
     }
     write_json(out_dir / "metrics.json", metrics)
+    # The checkpoint only serves an interrupted run: a finished cell is metrics.json + train_log.csv, and a forced
+    # rerun (`snakemake -f`) must train again rather than resume at the last step.
+    ckpt_path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        ckpt_path.parent.rmdir()
     log.info("%s %s frac%s seed%d: mean foreground Dice %.4f", manifest["dataset"], init, fraction_key(fraction),
              seed, summary["mean_foreground_dice"])
     return metrics

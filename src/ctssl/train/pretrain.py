@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
-import signal
 import time
 from pathlib import Path
 
@@ -24,18 +22,15 @@ from tqdm import tqdm
 
 from ctssl.io import file_digest, save_torch, write_json
 from ctssl.models.backbone import backbone_kwargs, total_stride
-from ctssl.provenance import code_version, environment
+from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.ssl import METHODS
 from ctssl.ssl.base import Sampler
+from ctssl.train.checkpoint import SignalFlag, load_checkpoint, save_checkpoint
 from ctssl.train.common import CsvLog, pick_device, seed_everything, set_threads, warmup_cosine
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/last.pt"
 LOG_FIELDS = ["step", "loss", "lr", "tau", "samples_per_s", "elapsed_s", "parts"]
-
-
-class TrainingInterrupted(RuntimeError):
-    """A signal asked the run to stop; a checkpoint was written and a rerun resumes from it."""
 
 
 class PoolDataset(Dataset):
@@ -82,43 +77,6 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     raise ValueError(f"pretrain.optimizer.name must be adamw or sgd, got {name!r}")
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _SignalFlag:
-    """SIGTERM/SIGUSR1 (SLURM's pre-timeout signal) -> finish the step, checkpoint, exit non-zero."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out_dir: str | Path,
                  threads: int = 1) -> dict:
     """Pretrain `method` on `pool`; writes model.pt (backbone weights) and model.json into `out_dir`."""
@@ -126,6 +84,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
         raise ValueError(f"unknown pretraining method {method!r}; registered: {sorted(METHODS)}")
     out_dir = Path(out_dir)
     set_threads(threads)
+    log.info("pretrain %s/%s on %s", method, pool, scheduler_info())
     model_cfg, mcfg = cfg["model"], method_config(cfg["pretrain"], method)
     patch = [int(p) for p in mcfg["patch_size"]]
     if any(p % total_stride(model_cfg) for p in patch):
@@ -152,27 +111,8 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     fingerprint = hashlib.sha256(json.dumps({"method": method, "model": model_cfg, "cfg": mcfg,
                                              "pool": file_digest(pool_csv)}, sort_keys=True).encode()).hexdigest()
     ckpt_path = out_dir / CHECKPOINT
-    start = 0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt.get("fingerprint") == fingerprint:
-            net.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["rng"])
-            start = int(ckpt["step"])
-            log.info("resuming %s/%s from step %d (%s)", method, pool, start, ckpt_path)
-        else:
-            stale = ckpt_path.with_name(f"stale-{ckpt.get('fingerprint', 'unknown')[:12]}.pt")
-            ckpt_path.rename(stale)
-            log.warning("checkpoint %s was made with another config/pool; kept as %s, starting afresh",
-                        ckpt_path, stale)
-
-    def save_checkpoint(step: int) -> None:
-        save_torch(ckpt_path, {"step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                               "rng": _rng_state(), "fingerprint": fingerprint, "method": method, "pool": pool})
+    state = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    start = load_checkpoint(ckpt_path, fingerprint, state, device)
 
     dataset = PoolDataset(images, METHODS[method].view_sampler(mcfg, patch), seed, start * batch_size,
                           (steps - start) * batch_size, dataset_ids, group_ids)
@@ -183,7 +123,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     log_every, ckpt_every = int(mcfg.get("log_every", 10)), int(mcfg.get("checkpoint_every", 100))
     net.train()
     t0, loss_value, step = time.time(), float("nan"), start
-    with _SignalFlag() as flag, tqdm(total=steps, initial=start, desc=f"pretrain {method}-{pool}",
+    with SignalFlag() as flag, tqdm(total=steps, initial=start, desc=f"pretrain {method}-{pool}",
                                      disable=None) as bar:
         for batch in loader:
             t_step = time.time()
@@ -212,13 +152,11 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
                 log.info("step %d/%d loss %.4f lr %.3g tau %.4f %.1f samples/s", step, steps, loss_value,
                          scheduler.get_last_lr()[0], tau, rate)
             if step % ckpt_every == 0 or step == steps:
-                save_checkpoint(step)
+                save_checkpoint(ckpt_path, step, fingerprint, state, method=method, pool=pool)
             if flag.received is not None and step < steps:
-                save_checkpoint(step)
+                save_checkpoint(ckpt_path, step, fingerprint, state, method=method, pool=pool)
                 csv_log.close()
-                raise TrainingInterrupted(
-                    f"{signal.Signals(flag.received).name} received: checkpoint at step {step}/{steps} written to "
-                    f"{ckpt_path}; rerun the same command to resume")
+                raise flag.interrupted(step, steps, ckpt_path)
     csv_log.close()
 
     model_path = out_dir / "model.pt"
@@ -230,6 +168,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
         "pool_datasets": pool_meta["datasets"], "pool_groups": pool_meta["groups"], "config": {"model": model_cfg, method: mcfg},
         "fingerprint": fingerprint, "resumed_from_step": start or None, "device": str(device),
         "seconds": round(time.time() - t0, 2), "code_version": code_version(), "environment": environment(),
+        "scheduler": scheduler_info(),
     }
     write_json(out_dir / "model.json", meta)
     log.info("%s/%s: %d steps, final loss %.4f -> %s", method, pool, steps, loss_value, model_path)

@@ -1,0 +1,102 @@
+"""Checkpoint-on-signal and resume, shared by pretraining and fine-tuning.
+
+On a preemptible cluster a job is told to stop (SLURM: SIGUSR1 some minutes before the time limit, SIGTERM at it).
+The loops finish the current step, write a checkpoint with everything needed to continue (weights, optimizer,
+schedule, RNG states, step), and exit with EX_TEMPFAIL (75); rerunning the same job resumes from that checkpoint.
+A checkpoint carries a fingerprint of the run's settings, so a changed config never resumes a stale run.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctssl.io import save_torch
+
+log = logging.getLogger(__name__)
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: "try again later"
+
+
+class TrainingInterrupted(RuntimeError):
+    """A signal asked the run to stop; a checkpoint was written and a rerun resumes from it."""
+
+
+class SignalFlag:
+    """SIGTERM/SIGUSR1 -> remember it; the loop checks `received` after each step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> SignalFlag:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def interrupted(self, step: int, total: int, ckpt_path: Path) -> TrainingInterrupted:
+        return TrainingInterrupted(
+            f"{signal.Signals(self.received).name} received: checkpoint at step {step}/{total} written to "
+            f"{ckpt_path}; rerun the same command to resume")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, step: int, fingerprint: str, modules: dict, **extra) -> None:
+    """`modules`: name -> object with state_dict() (network, optimizer, scheduler, scaler)."""
+    save_torch(path, {"step": step, "fingerprint": fingerprint, "rng": rng_state(),
+                      **{name: obj.state_dict() for name, obj in modules.items()}, **extra})
+
+
+def load_checkpoint(path: Path, fingerprint: str, modules: dict, device: torch.device) -> int:
+    """Restore `modules` and the RNG states from `path` if it belongs to this run; returns the step to resume
+    from (0 = start afresh). A checkpoint of other settings is kept aside as stale-*.pt, never deleted."""
+    if not path.exists():
+        return 0
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if ckpt.get("fingerprint") != fingerprint:
+        stale = path.with_name(f"stale-{str(ckpt.get('fingerprint', 'unknown'))[:12]}.pt")
+        path.rename(stale)
+        log.warning("checkpoint %s was made with other settings; kept as %s, starting afresh", path, stale)
+        return 0
+    for name, obj in modules.items():
+        obj.load_state_dict(ckpt[name])
+    set_rng_state(ckpt["rng"])
+    log.info("resuming from step %d (%s)", int(ckpt["step"]), path)
+    return int(ckpt["step"])
+
+
+def run_interruptible(run, log: logging.Logger) -> int:
+    """Exit status of `run()`: 0, or EXIT_INTERRUPTED after a checkpoint-on-signal (logged, not a traceback)."""
+    try:
+        run()
+    except TrainingInterrupted as exc:
+        log.error("%s", exc)
+        return EXIT_INTERRUPTED
+    return 0
