@@ -26,6 +26,9 @@ if not workflow.config_settings.configfiles:
 validate(config, "schemas/config.schema.yaml")
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/preprocess.smk"

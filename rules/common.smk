@@ -86,7 +86,7 @@ def pool_targets():
 
 
 def report_targets():
-    return [f"{R}/report/dice_table.csv", f"{R}/report/dice_table.md", f"{R}/report/label_efficiency.png"]
+    return [f"{R}/report/dice_table.{ext}" for ext in ("csv", "md", "tex")] + [f"{R}/report/label_efficiency.png"]
 
 
 def all_targets():

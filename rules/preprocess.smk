@@ -6,10 +6,8 @@ rule splits:
         f"{R}/raw/{{dataset}}",
     output:
         f"{R}/splits/{{dataset}}.json",
-    params:
+    params:  # not fractions/seeds: adding one must not rewrite the splits and so retrain every cell
         splits=config["splits"],
-        fractions=config["fractions"],
-        seeds=SEEDS,
         split_seed=config.get("split_seed", 0),
     resources:
         **stage_resources("cpu"),

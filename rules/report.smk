@@ -1,13 +1,24 @@
-# Paper-shaped tables and the label-efficiency figure from every cell's metrics.json.
+# Paper-shaped tables (md, csv, tex), figures and provenance from every cell's metrics.json. The outputs flagged
+# with report() make up `snakemake --report report.html`, with the captions in report/.
 
 
 rule report:
     input:
         metrics_targets(),
     output:
-        csv=f"{R}/report/dice_table.csv",
-        md=f"{R}/report/dice_table.md",
-        png=f"{R}/report/label_efficiency.png",
+        table_csv=report(f"{R}/report/dice_table.csv", caption="../report/dice_table.rst", category="Tables",
+                         labels={"table": "Dice by init and label fraction"}),
+        table_md=f"{R}/report/dice_table.md",
+        table_tex=f"{R}/report/dice_table.tex",
+        per_case_csv=f"{R}/report/dice_per_case.csv",
+        per_class_csv=report(f"{R}/report/dice_per_class.csv", caption="../report/dice_per_class.rst",
+                             category="Tables", labels={"table": "Dice per class"}),
+        provenance_csv=report(f"{R}/report/provenance.csv", caption="../report/provenance.rst",
+                              category="Provenance", labels={"table": "cells"}),
+        efficiency_png=report(f"{R}/report/label_efficiency.png", caption="../report/label_efficiency.rst",
+                              category="Figures", labels={"figure": "label efficiency"}),
+        per_class_png=report(f"{R}/report/per_class.png", caption="../report/per_class.rst",
+                             category="Figures", labels={"figure": "Dice per class"}),
     resources:
         **stage_resources("cpu"),
     log:

@@ -1,15 +1,23 @@
-import json
+"""Report numbers on hand-made cells: means, sd, Δ, the paired Wilcoxon p, best marks, per-class tables, LaTeX."""
 
+import json
+import re
+
+import numpy as np
 import pandas as pd
 import pytest
 
-from ctssl.report import collect, dice_table, write_report
+from ctssl.report import collect, paired_wilcoxon, per_class_table, summary_table, write_report
 
 
-def _cell(tmp_path, dataset, init, fraction, seed, liver, tumour):
+def _cell(tmp_path, dataset, init, fraction, seed, liver, tumour, weights=None):
+    """Case c2 has no tumour in prediction or reference (Dice null -> NaN, skipped)."""
     m = {"dataset": dataset, "init": init, "fraction": fraction, "seed": seed,
-         "per_case": {"c1": {"liver": liver, "tumour": tumour}, "c2": {"liver": liver, "tumour": None}},
-         "mean_foreground_dice": (liver + tumour) / 2, "train_cases": ["a"], "test_cases": ["c1", "c2"]}
+         "per_case": {"c1": {"liver": liver, "tumour": tumour}, "c2": {"liver": liver - 0.1, "tumour": None}},
+         "mean_foreground_dice": ((liver + liver - 0.1) / 2 + tumour) / 2, "train_cases": ["a", "b"],
+         "test_cases": ["c1", "c2"], "code_version": "0.1.0+abc", "config": {"x": 1},
+         "init_weights": {"init": init, "path": weights, "sha256": "f" * 64 if weights else None},
+         "scheduler": {"host": "node1", "SLURM_JOB_ID": "42"}}
     path = tmp_path / f"{dataset}_{init}_{fraction}_{seed}.json"
     path.write_text(json.dumps(m))
     return path
@@ -17,30 +25,81 @@ def _cell(tmp_path, dataset, init, fraction, seed, liver, tumour):
 
 @pytest.fixture
 def files(tmp_path):
-    return [_cell(tmp_path, "liver", init, f, s, 0.5 + 0.1 * s + (0.2 if init != "scratch" else 0), 0.2)
-            for init in ("scratch", "pgl-all") for f in (10, 100) for s in (0, 1)]
+    # pgl-all beats scratch by 0.2 on liver in every (seed, case) pair; byol-all equals scratch exactly.
+    out = []
+    for init, gain in (("scratch", 0.0), ("pgl-all", 0.2), ("byol-all", 0.0)):
+        weights = None if init == "scratch" else f"pretrain/{init}/model.pt"
+        for f in (10, 100):
+            for s in (0, 1):
+                out.append(_cell(tmp_path, "liver", init, f, s, 0.5 + 0.1 * s + gain, 0.2, weights))
+    return out
 
 
-def test_long_table_and_paper_table(files):
-    long, cells = collect(files)
+def test_collect_keeps_nan_and_provenance(files):
+    long, cells, prov = collect(files)
     assert list(long.columns) == ["dataset", "init", "fraction", "seed", "case", "class", "dice"]
-    assert len(long) == 8 * 4 and long["dice"].isna().sum() == 8  # the null tumour Dice stays NaN
-    table = dice_table(cells)
-    assert list(table.index) == ["scratch", "pgl-all"]  # scratch is the reference row, first
-    assert list(table.columns) == ["liver 10%", "liver 100%"]
-    # scratch: mean fg dice = (0.5+0.2)/2=0.35 and (0.6+0.2)/2=0.40 -> 37.5 ± 3.5
-    assert table.loc["scratch", "liver 10%"] == "37.5 ± 3.5"
-    assert table.loc["pgl-all", "liver 100%"] == "47.5 ± 3.5"
+    assert len(long) == 12 * 4 and long["dice"].isna().sum() == 12  # the null tumour Dice stays NaN
+    assert len(cells) == 12
+    row = prov[(prov["init"] == "pgl-all") & (prov["fraction"] == 10) & (prov["seed"] == 0)].iloc[0]
+    assert row["weights_sha256"] == "f" * 64 and row["test_cases"] == "c1 c2" and row["slurm_job"] == "42"
+    assert row["code_version"] == "0.1.0+abc" and len(row["config_sha256"]) == 16
+
+
+def test_summary_numbers_delta_wilcoxon_and_best(files):
+    long, cells, _ = collect(files)
+    table = summary_table(cells, long).set_index(["fraction", "init"])
+    scratch = table.loc[(10, "scratch")]
+    # seed 0: ((0.5+0.4)/2 + 0.2)/2 = 0.325; seed 1: 0.375 -> 35.0 ± 3.54
+    assert scratch["dice_mean"] == pytest.approx(35.0) and scratch["dice_sd"] == pytest.approx(100 * np.std(
+        [0.325, 0.375], ddof=1))
+    assert np.isnan(scratch["delta_vs_scratch"]) and np.isnan(scratch["p_wilcoxon"])
+    pgl = table.loc[(10, "pgl-all")]
+    assert pgl["delta_vs_scratch"] == pytest.approx(10.0)  # +0.2 liver -> +0.1 mean foreground
+    # 4 pairs (2 seeds x 2 cases), all in favour of pgl-all: exact two-sided p = 2 / 2**4
+    assert pgl["n_pairs"] == 4 and pgl["p_wilcoxon"] == pytest.approx(0.125)
+    byol = table.loc[(10, "byol-all")]
+    assert byol["delta_vs_scratch"] == pytest.approx(0.0) and byol["p_wilcoxon"] == 1.0
+    assert table["best"].sum() == 2 and table.loc[(10, "pgl-all"), "best"] and table.loc[(100, "pgl-all"), "best"]
+    assert (table["n_seeds"] == 2).all() and (table["n_test_cases"] == 2).all()
+
+
+def test_paired_wilcoxon_uses_only_shared_pairs():
+    a = pd.Series([0.9, 0.8, 0.7, np.nan, 0.6], index=list("abcde"))
+    b = pd.Series([0.5, 0.5, 0.5, 0.5], index=list("abcd"))
+    p, n = paired_wilcoxon(a, b)
+    assert n == 3 and p == pytest.approx(0.25)  # d has a NaN, e no partner
+    assert paired_wilcoxon(a.iloc[:0], b.iloc[:0])[1] == 0
+
+
+def test_per_class_table(files):
+    long, _, _ = collect(files)
+    pc = per_class_table(long).set_index(["class", "fraction", "init"])
+    # liver, scratch, 10%: seed 0 mean over cases (0.5, 0.4) = 0.45, seed 1 = 0.55 -> 50.0
+    assert pc.loc[("liver", 10, "scratch"), "dice_mean"] == pytest.approx(50.0)
+    assert pc.loc[("tumour", 10, "scratch"), "dice_mean"] == pytest.approx(20.0)  # NaN case skipped
+    assert pc.loc[("liver", 10, "pgl-all"), "best"] and not pc.loc[("liver", 10, "scratch"), "best"]
 
 
 def test_write_report_files(files, tmp_path):
-    out = tmp_path / "report"
-    write_report(files, out / "t.csv", out / "t.md", out / "fig.png")
-    assert pd.read_csv(out / "t.csv").shape == (32, 7)
-    md = (out / "t.md").read_text()
-    assert "| scratch | 37.5 ± 3.5" in md.replace("  ", " ") or "37.5 ± 3.5" in md
-    assert "seeds [0, 1]" in md
-    assert (out / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = {k: tmp_path / "report" / name for k, name in (
+        ("table_csv", "t.csv"), ("table_md", "t.md"), ("table_tex", "t.tex"), ("per_case_csv", "case.csv"),
+        ("per_class_csv", "class.csv"), ("provenance_csv", "prov.csv"), ("efficiency_png", "eff.png"),
+        ("per_class_png", "cls.png"))}
+    write_report(files, out)
+    assert pd.read_csv(out["per_case_csv"]).shape == (48, 7)
+    summary = pd.read_csv(out["table_csv"])
+    assert {"delta_vs_scratch", "p_wilcoxon", "n_pairs", "best", "n_seeds", "n_test_cases"} <= set(summary.columns)
+    md = re.sub(r" +", " ", out["table_md"].read_text())
+    assert "| pgl-all | **45.0 ± 3.5** | +10.0 | 0.125 | **45.0 ± 3.5** |" in md
+    assert "| scratch | 35.0 ± 3.5 | – | – |" in md and "| byol-all | 35.0 ± 3.5 | +0.0 | 1.000 |" in md
+    assert "n = 2 test cases × 2 seeds (4 pairs per test)" in md
+    assert "# Dice per class" in md and "# Provenance" in md and "ffffffffffffffff" in md
+    tex = out["table_tex"].read_text()
+    assert tex.count(r"\begin{tabular}") == 2 and r"\textbf{45.0 $\pm$ 3.5}" in tex
+    assert r"10\% Dice" in tex and r"\label{tab:dice-liver}" in tex and "**" not in tex
+    for png in ("efficiency_png", "per_class_png"):
+        assert out[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(pd.read_csv(out["provenance_csv"])) == 12
 
 
 def test_no_cells_is_an_error():

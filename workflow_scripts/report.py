@@ -1,4 +1,4 @@
-"""Snakemake entry: Dice tables and the label-efficiency figure."""
+"""Snakemake entry: Dice tables (md, csv, tex), figures and provenance."""
 import sys
 from pathlib import Path
 
@@ -8,4 +8,4 @@ from ctssl.logutil import setup_logging  # noqa: E402
 from ctssl.report import write_report  # noqa: E402
 
 setup_logging(snakemake.log[0])
-write_report(snakemake.input, snakemake.output.csv, snakemake.output.md, snakemake.output.png)
+write_report(snakemake.input, dict(snakemake.output.items()))

@@ -1,4 +1,4 @@
-"""Snakemake entry: fixed test set and nested label-fraction subsets of one dataset."""
+"""Snakemake entry: fixed test set of one dataset (cells derive their label subsets: ctssl.splits.label_subset)."""
 import sys
 from pathlib import Path
 
@@ -13,6 +13,6 @@ log = setup_logging(snakemake.log[0])
 dataset = read_msd_dataset(snakemake.input[0])
 p = snakemake.params
 splits = make_splits([c.case_id for c in dataset.cases], test_fraction=p.splits["test_fraction"],
-                     min_test=p.splits["min_test"], fractions=p.fractions, seeds=p.seeds, split_seed=p.split_seed)
+                     min_test=p.splits["min_test"], split_seed=p.split_seed)
 write_json(snakemake.output[0], {"dataset": snakemake.wildcards.dataset, **splits})
 log.info("%s: %d test, %d train cases", snakemake.wildcards.dataset, len(splits["test"]), len(splits["train"]))

@@ -1,8 +1,17 @@
-"""Paper-shaped tables and figures from the per-cell `metrics.json` files."""
+"""Paper-shaped tables, figures and provenance from the per-cell `metrics.json` files.
+
+Numbers: a cell's score is its mean foreground Dice (class means over test cases, NaN skipped, as nnU-Net). Tables
+show mean ± sd over seeds, the difference to `scratch` in Dice points, and a paired Wilcoxon signed-rank test of
+each init against scratch over (seed, test case) pairs, where a pair's values are the case's mean foreground Dice
+under the two inits. The best mean of each column is marked.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+import json
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import matplotlib
@@ -11,104 +20,308 @@ matplotlib.use("Agg")  # report jobs run headless (cluster nodes, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from scipy.stats import wilcoxon  # noqa: E402
 
 from ctssl.io import atomic_path, read_json  # noqa: E402
 from ctssl.splits import fraction_key  # noqa: E402
 
 LONG_COLUMNS = ["dataset", "init", "fraction", "seed", "case", "class", "dice"]
+REFERENCE = "scratch"
 
 
-def collect(metrics_files: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(long per case x class table, one row per cell with its mean foreground Dice)."""
-    rows, cells = [], []
+def collect(metrics_files: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(long per case x class table, one row per cell with its mean foreground Dice, provenance per cell)."""
+    rows, cells, provenance = [], [], []
     for path in metrics_files:
         m = read_json(path)
+        key = {"dataset": m["dataset"], "init": m["init"], "fraction": float(m["fraction"]), "seed": int(m["seed"])}
         for case, scores in m["per_case"].items():
             for cls, dice in scores.items():
-                rows.append({"dataset": m["dataset"], "init": m["init"], "fraction": float(m["fraction"]),
-                             "seed": int(m["seed"]), "case": case, "class": cls,
-                             "dice": np.nan if dice is None else float(dice)})
+                rows.append({**key, "case": case, "class": cls, "dice": np.nan if dice is None else float(dice)})
         mfd = m["mean_foreground_dice"]
-        cells.append({"dataset": m["dataset"], "init": m["init"], "fraction": float(m["fraction"]),
-                      "seed": int(m["seed"]), "mean_fg_dice": np.nan if mfd is None else float(mfd),
+        cells.append({**key, "mean_fg_dice": np.nan if mfd is None else float(mfd),
                       "n_test": len(m["test_cases"]), "n_train": len(m["train_cases"])})
+        weights = m.get("init_weights") or {}
+        sched = m.get("scheduler") or {}
+        provenance.append({
+            **key, "metrics": str(path), "code_version": m.get("code_version"),
+            "config_sha256": hashlib.sha256(json.dumps(m.get("config"), sort_keys=True).encode()).hexdigest()[:16],
+            "weights_sha256": weights.get("sha256"), "weights_path": weights.get("path"),
+            "train_cases": " ".join(m["train_cases"]), "test_cases": " ".join(m["test_cases"]),
+            "steps": m.get("steps"), "resumed_from_step": m.get("resumed_from_step"), "device": m.get("device"),
+            "slurm_job": sched.get("SLURM_JOB_ID"), "host": sched.get("host"),
+        })
     if not cells:
         raise ValueError("no metrics.json files given to the report")
-    return pd.DataFrame(rows, columns=LONG_COLUMNS), pd.DataFrame(cells)
+    return (pd.DataFrame(rows, columns=LONG_COLUMNS), pd.DataFrame(cells),
+            pd.DataFrame(provenance).sort_values(["dataset", "init", "fraction", "seed"]))
 
 
-def _init_order(inits: Iterable[str]) -> list[str]:
+def init_order(inits: Iterable[str]) -> list[str]:
     """scratch first (the reference row), the rest alphabetically."""
     inits = sorted(set(inits))
-    return (["scratch"] if "scratch" in inits else []) + [i for i in inits if i != "scratch"]
+    return ([REFERENCE] if REFERENCE in inits else []) + [i for i in inits if i != REFERENCE]
 
 
-def dice_table(cells: pd.DataFrame) -> pd.DataFrame:
-    """Rows: init; columns: (dataset, fraction%); cells: 'mean ± sd' over seeds of mean foreground Dice (%)."""
-    agg = cells.groupby(["init", "dataset", "fraction"])["mean_fg_dice"].agg(["mean", "std", "count"])
-
-    def fmt(row: pd.Series) -> str:
-        if np.isnan(row["mean"]):
-            return "n/a"
-        sd = 0.0 if np.isnan(row["std"]) else row["std"]
-        return f"{100 * row['mean']:.1f} ± {100 * sd:.1f}"
-
-    table = agg.apply(fmt, axis=1).unstack(["dataset", "fraction"])
-    table = table.reindex(index=_init_order(table.index), columns=sorted(table.columns))
-    table.columns = [f"{d} {fraction_key(f)}%" for d, f in table.columns]
-    table.index.name = "init"
-    return table.fillna("–")
+def case_scores(long: pd.DataFrame) -> pd.Series:
+    """Mean foreground Dice of each (dataset, init, fraction, seed, case): the unit of the paired test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return long.groupby(["dataset", "init", "fraction", "seed", "case"])["dice"].mean()
 
 
-def markdown_report(cells: pd.DataFrame) -> str:
-    table = dice_table(cells)
-    seeds = sorted(cells["seed"].unique())
-    n_test = cells.groupby("dataset")["n_test"].max().to_dict()
-    lines = [
-        "# Mean foreground Dice (%) by initialization and label fraction",
-        "",
-        f"Cells: mean ± sd over seeds {[int(s) for s in seeds]} of each run's mean foreground Dice (class means over test cases, "
-        "NaN skipped, as nnU-Net). Test cases per dataset: "
-        + ", ".join(f"{d}: {n}" for d, n in sorted(n_test.items())) + ".",
-        "",
-        table.to_markdown(),
-        "",
-    ]
+def paired_wilcoxon(a: pd.Series, b: pd.Series) -> tuple[float, int]:
+    """Two-sided Wilcoxon signed-rank p of a vs b over their shared index (pairs with a NaN dropped), and n pairs.
+    All pairs equal -> p = 1; no pairs -> NaN."""
+    pairs = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
+    n = len(pairs)
+    if n == 0:
+        return float("nan"), 0
+    diff = pairs["a"] - pairs["b"]
+    if np.allclose(diff, 0):
+        return 1.0, n
+    return float(wilcoxon(pairs["a"], pairs["b"], zero_method="wilcox", alternative="two-sided").pvalue), n
+
+
+def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, fraction, init): mean/sd over seeds (Dice %), Δ vs scratch, Wilcoxon p, n, best."""
+    scores = case_scores(long)
+    rows = []
+    for (dataset, fraction), group in cells.groupby(["dataset", "fraction"]):
+        means = group.groupby("init")["mean_fg_dice"].agg(["mean", "std", "count"])
+        ref = means["mean"].get(REFERENCE, np.nan)
+        for init in init_order(group["init"]):
+            row = {"dataset": dataset, "fraction": fraction, "init": init,
+                   "dice_mean": 100 * means.loc[init, "mean"], "dice_sd": 100 * np.nan_to_num(means.loc[init, "std"]),
+                   "n_seeds": int(means.loc[init, "count"]),
+                   "n_test_cases": int(group[group["init"] == init]["n_test"].max()),
+                   "delta_vs_scratch": np.nan, "p_wilcoxon": np.nan, "n_pairs": 0}
+            if init != REFERENCE and not np.isnan(ref):
+                row["delta_vs_scratch"] = 100 * (means.loc[init, "mean"] - ref)
+                row["p_wilcoxon"], row["n_pairs"] = paired_wilcoxon(
+                    scores.loc[(dataset, init, fraction)], scores.loc[(dataset, REFERENCE, fraction)])
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    best = table.groupby(["dataset", "fraction"])["dice_mean"].transform("max")
+    table["best"] = np.isclose(table["dice_mean"], best) & table["dice_mean"].notna()
+    return table
+
+
+def per_class_table(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, class, fraction, init): mean/sd over seeds of the class's mean Dice over test cases."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_seed = long.groupby(["dataset", "class", "fraction", "init", "seed"])["dice"].mean()
+    agg = per_seed.groupby(["dataset", "class", "fraction", "init"]).agg(["mean", "std", "count"]).reset_index()
+    agg = agg.rename(columns={"mean": "dice_mean", "std": "dice_sd", "count": "n_seeds"})
+    agg[["dice_mean", "dice_sd"]] = 100 * agg[["dice_mean", "dice_sd"]].fillna({"dice_sd": 0.0})
+    best = agg.groupby(["dataset", "class", "fraction"])["dice_mean"].transform("max")
+    agg["best"] = np.isclose(agg["dice_mean"], best) & agg["dice_mean"].notna()
+    return agg
+
+
+# ---- rendering: one layout, two markups (Markdown, LaTeX) ----------------------------------------------------
+
+def _p(p: float) -> str:
+    if np.isnan(p):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _signed(x: float) -> str:
+    return "–" if np.isnan(x) else f"{x:+.1f}"
+
+
+def _dice(mean: float, sd: float, best: bool, bold: Callable[[str], str]) -> str:
+    if np.isnan(mean):
+        return "n/a"
+    text = f"{mean:.1f} ± {sd:.1f}"
+    return bold(text) if best else text
+
+
+def dataset_block(summary: pd.DataFrame, dataset: str, bold: Callable[[str], str]) -> pd.DataFrame:
+    """Rows: init; columns per fraction: Dice, Δ, p (as displayed strings)."""
+    sub = summary[summary["dataset"] == dataset]
+    out = pd.DataFrame(index=pd.Index(init_order(sub["init"]), name="init"))
+    for fraction in sorted(sub["fraction"].unique()):
+        f = sub[sub["fraction"] == fraction].set_index("init")
+        label = f"{fraction_key(fraction)}%"
+        out[f"{label} Dice"] = [_dice(f.loc[i, "dice_mean"], f.loc[i, "dice_sd"], f.loc[i, "best"], bold)
+                                if i in f.index else "–" for i in out.index]
+        out[f"{label} Δ"] = [_signed(f.loc[i, "delta_vs_scratch"]) if i in f.index else "–" for i in out.index]
+        out[f"{label} p"] = [_p(f.loc[i, "p_wilcoxon"]) if i in f.index else "–" for i in out.index]
+    return out
+
+
+def class_block(per_class: pd.DataFrame, dataset: str, bold: Callable[[str], str]) -> pd.DataFrame:
+    """Rows: init; columns: class × fraction; cells: mean ± sd over seeds."""
+    sub = per_class[per_class["dataset"] == dataset]
+    out = pd.DataFrame(index=pd.Index(init_order(sub["init"]), name="init"))
+    for (cls, fraction), g in sub.groupby(["class", "fraction"]):
+        g = g.set_index("init")
+        out[f"{cls} {fraction_key(fraction)}%"] = [
+            _dice(g.loc[i, "dice_mean"], g.loc[i, "dice_sd"], g.loc[i, "best"], bold) if i in g.index else "–"
+            for i in out.index]
+    return out
+
+
+def _counts(summary: pd.DataFrame, dataset: str) -> str:
+    sub = summary[summary["dataset"] == dataset]
+    seeds = sorted(sub["n_seeds"].unique())
+    cases = sorted(sub["n_test_cases"].unique())
+    pairs = sorted(sub.loc[sub["init"] != REFERENCE, "n_pairs"].unique())
+    return (f"n = {'/'.join(map(str, cases))} test cases × {'/'.join(map(str, seeds))} seeds"
+            + (f" ({'/'.join(map(str, pairs))} pairs per test)" if pairs else ""))
+
+
+NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%), classes averaged over test cases with "
+        "NaN skipped as in nnU-Net. Δ: difference of means to scratch, in Dice points. p: two-sided Wilcoxon "
+        "signed-rank test of the init against scratch, paired over (seed, test case), each pair's values being the "
+        "case's mean foreground Dice. Best mean per column in bold. No correction for multiple comparisons.")
+
+
+def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame) -> str:
+    def bold(s: str) -> str:
+        return f"**{s}**"
+
+    lines = ["# Mean foreground Dice (%) by initialization and label fraction", "", NOTE, ""]
+    for dataset in sorted(summary["dataset"].unique()):
+        lines += [f"## {dataset}", "", _counts(summary, dataset) + ".", "",
+                  dataset_block(summary, dataset, bold).to_markdown(), ""]
+    lines += ["# Dice per class (%)", "", "Mean ± sd over seeds of each class's mean Dice over test cases.", ""]
+    for dataset in sorted(per_class["dataset"].unique()):
+        lines += [f"## {dataset}", "", class_block(per_class, dataset, bold).to_markdown(), ""]
+    lines += ["# Provenance", "", "Per cell in provenance.csv (config hash, train and test case ids, SLURM job).", "",
+              provenance_summary(provenance).to_markdown(index=False), ""]
     return "\n".join(lines)
 
 
-def label_efficiency_plot(cells: pd.DataFrame, path: str | Path) -> None:
-    """Dice vs labelled fraction: one panel per dataset, one line per init, error bars = sd over seeds."""
-    datasets = sorted(cells["dataset"].unique())
-    colours = {init: f"C{i % 10}" for i, init in enumerate(_init_order(cells["init"]))}  # same init, same colour
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
-        sub = cells[cells["dataset"] == dataset]
-        for init in _init_order(sub["init"]):
-            agg = sub[sub["init"] == init].groupby("fraction")["mean_fg_dice"].agg(["mean", "std"]).fillna(0.0)
-            ax.errorbar(agg.index, 100 * agg["mean"], yerr=100 * agg["std"], marker="o", capsize=3, label=init,
-                        color=colours[init])
-        ax.set_xscale("log")
-        fractions = sorted(sub["fraction"].unique())
-        ax.set_xticks(fractions, [f"{fraction_key(f)}%" for f in fractions])
-        ax.minorticks_off()
-        ax.set_title(dataset)
-        ax.set_xlabel("labelled training cases")
-        ax.set_ylabel("mean foreground Dice (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+def provenance_summary(provenance: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, init): cells, code versions, config hashes and the pretrained weights' checksum."""
+    def uniq(values: pd.Series) -> str:
+        vals = sorted({str(v) for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))})
+        return ", ".join(vals) if vals else "–"
+
+    rows = []
+    for (dataset, init), g in provenance.groupby(["dataset", "init"], sort=False):
+        rows.append({"dataset": dataset, "init": init, "cells": len(g), "code version": uniq(g["code_version"]),
+                     "config sha256": uniq(g["config_sha256"]),
+                     "weights sha256": uniq(g["weights_sha256"].map(lambda s: s[:16] if isinstance(s, str) else s)),
+                     "test cases": uniq(g["test_cases"])})
+    frame = pd.DataFrame(rows)
+    frame["_order"] = frame["init"].map({i: k for k, i in enumerate(init_order(frame["init"]))})
+    return frame.sort_values(["dataset", "_order"]).drop(columns="_order")
+
+
+def _tex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                 ("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("×", r"$\times$"), ("<", r"$<$")):
+        text = text.replace(a, b)
+    return text
+
+
+def _tex_table(block: pd.DataFrame, caption: str, label: str) -> str:
+    """A booktabs table; cells are escaped except the \\textbf{} of the best values."""
+    cols = "l" + "r" * len(block.columns)
+    head = " & ".join([_tex_escape(block.index.name or "")] + [_tex_escape(c) for c in block.columns])
+    body = [" & ".join([_tex_escape(str(i))] + [_tex_escape(str(v)).replace(r"\textbackslash{}textbf", r"\textbf")
+                                                 for v in row]) + r" \\" for i, row in block.iterrows()]
+    return "\n".join([r"\begin{table}[ht]", r"\centering", rf"\caption{{{_tex_escape(caption)}}}",
+                      rf"\label{{{label}}}", rf"\begin{{tabular}}{{{cols}}}", r"\toprule", head + r" \\",
+                      r"\midrule", *body, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
+
+
+def latex_report(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
+    """LaTeX tables (booktabs) to \\input{} into a paper."""
+    def bold(s: str) -> str:
+        return rf"\textbf{{{s}}}"
+
+    parts = [f"% Generated by ctssl. {NOTE}", "% Needs \\usepackage{booktabs}.", ""]
+    for dataset in sorted(summary["dataset"].unique()):
+        parts.append(_tex_table(dataset_block(summary, dataset, bold),
+                                f"{dataset}: mean foreground Dice (%), Δ vs scratch and Wilcoxon p; "
+                                f"{_counts(summary, dataset)}.", f"tab:dice-{dataset}"))
+    for dataset in sorted(per_class["dataset"].unique()):
+        parts.append(_tex_table(class_block(per_class, dataset, bold),
+                                f"{dataset}: Dice per class (%), mean ± sd over seeds.", f"tab:dice-class-{dataset}"))
+    return "\n".join(parts)
+
+
+# ---- figures ------------------------------------------------------------------------------------------------
+
+def _colours(inits: Iterable[str]) -> dict[str, str]:
+    return {init: f"C{i % 10}" for i, init in enumerate(init_order(inits))}  # same init, same colour everywhere
+
+
+def _curve_panel(ax, frame: pd.DataFrame, colours: dict[str, str], title: str) -> None:
+    """Dice (%) vs labelled fraction on a log axis, one line per init, error bars = sd over seeds."""
+    for init in init_order(frame["init"]):
+        sub = frame[frame["init"] == init].sort_values("fraction")
+        ax.errorbar(sub["fraction"], sub["dice_mean"], yerr=sub["dice_sd"], marker="o", capsize=3, label=init,
+                    color=colours[init])
+    ax.set_xscale("log")
+    fractions = sorted(frame["fraction"].unique())
+    ax.set_xticks(fractions, [f"{fraction_key(f)}%" for f in fractions])
+    ax.minorticks_off()
+    ax.set_title(title)
+    ax.set_xlabel("labelled training cases")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: str | Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
-def write_report(metrics_files: Iterable[str | Path], out_csv: str | Path, out_md: str | Path,
-                 out_png: str | Path) -> None:
-    long, cells = collect(metrics_files)
-    with atomic_path(out_csv) as tmp:
-        long.sort_values(LONG_COLUMNS[:6]).to_csv(tmp, index=False)
-    with atomic_path(out_md) as tmp:
-        tmp.write_text(markdown_report(cells))
-    label_efficiency_plot(cells, out_png)
+def label_efficiency_plot(summary: pd.DataFrame, path: str | Path) -> None:
+    """One panel per dataset: mean foreground Dice vs labelled fraction."""
+    datasets = sorted(summary["dataset"].unique())
+    colours = _colours(summary["init"])
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        _curve_panel(ax, summary[summary["dataset"] == dataset], colours, dataset)
+        ax.set_ylabel("mean foreground Dice (%)")
+    _save(fig, path)
+
+
+def per_class_plot(per_class: pd.DataFrame, path: str | Path) -> None:
+    """One row per dataset, one panel per class: class Dice vs labelled fraction."""
+    datasets = sorted(per_class["dataset"].unique())
+    classes = {d: sorted(per_class.loc[per_class["dataset"] == d, "class"].unique()) for d in datasets}
+    ncols = max(len(c) for c in classes.values())
+    colours = _colours(per_class["init"])
+    fig, axes = plt.subplots(len(datasets), ncols, figsize=(4.2 * ncols, 3.4 * len(datasets)), squeeze=False)
+    for r, dataset in enumerate(datasets):
+        for c in range(ncols):
+            ax = axes[r][c]
+            if c >= len(classes[dataset]):
+                ax.axis("off")
+                continue
+            cls = classes[dataset][c]
+            sub = per_class[(per_class["dataset"] == dataset) & (per_class["class"] == cls)]
+            _curve_panel(ax, sub, colours, f"{dataset}: {cls}")
+            ax.set_ylabel("Dice (%)")
+    _save(fig, path)
+
+
+def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path]) -> None:
+    """All report files; `out` maps: table_csv, table_md, table_tex, per_case_csv, per_class_csv, provenance_csv,
+    efficiency_png, per_class_png."""
+    long, cells, provenance = collect(metrics_files)
+    summary = summary_table(cells, long)
+    per_class = per_class_table(long)
+    tables = {"table_csv": summary, "per_case_csv": long.sort_values(LONG_COLUMNS[:6]),
+              "per_class_csv": per_class, "provenance_csv": provenance}
+    for key, frame in tables.items():
+        with atomic_path(out[key]) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(out["table_md"]) as tmp:
+        tmp.write_text(markdown_report(summary, per_class, provenance))
+    with atomic_path(out["table_tex"]) as tmp:
+        tmp.write_text(latex_report(summary, per_class))
+    label_efficiency_plot(summary, out["efficiency_png"])
+    per_class_plot(per_class, out["per_class_png"])

@@ -3,6 +3,8 @@
 The test set depends only on the case list and `split_seed`, never on the fine-tuning seed, so every
 (init, fraction, seed) cell of a dataset is scored on the same cases. For each seed the training cases are shuffled
 once and a fraction p takes the first max(1, round(p% * n)) of that order, so 5% is inside 10% inside ... 100%.
+A subset depends only on (training cases, split_seed, seed, fraction): adding a fraction or a seed to a study
+changes no existing cell, so the splits file holds only the test/train split and cells derive their subset.
 """
 
 from __future__ import annotations
@@ -22,8 +24,17 @@ def fraction_key(fraction_pct: float) -> str:
     return f"{fraction_pct:g}"
 
 
-def make_splits(case_ids: Sequence[str], *, test_fraction: float, min_test: int, fractions: Sequence[float],
-                seeds: Sequence[int], split_seed: int, official_test: Sequence[str] | None = None) -> dict:
+def label_subset(train: Sequence[str], fraction_pct: float, seed: int, split_seed: int) -> list[str]:
+    """The labelled training cases of fraction p for a fine-tuning seed (nested across p for one seed)."""
+    # A seed-specific stream distinct from the test-split stream (which uses split_seed alone).
+    order = [train[i] for i in np.random.default_rng([split_seed, int(seed)]).permutation(len(train))]
+    return sorted(order[: subset_size(fraction_pct, len(train))])
+
+
+def make_splits(case_ids: Sequence[str], *, test_fraction: float, min_test: int, split_seed: int,
+                fractions: Sequence[float] = (), seeds: Sequence[int] = (),
+                official_test: Sequence[str] | None = None) -> dict:
+    """Fixed test/train split; `subsets` lists `label_subset` for the given fractions x seeds (for inspection)."""
     ids = sorted(case_ids)
     if official_test is not None:
         unknown = sorted(set(official_test) - set(ids))
@@ -39,10 +50,7 @@ def make_splits(case_ids: Sequence[str], *, test_fraction: float, min_test: int,
     train = [c for c in ids if c not in set(test)]
     if not train:
         raise ValueError("no training cases left after removing the test set")
-    subsets: dict[str, dict[str, list[str]]] = {}
-    for seed in seeds:
-        # A seed-specific stream distinct from the test-split stream (which uses split_seed alone).
-        order = [train[i] for i in np.random.default_rng([split_seed, int(seed)]).permutation(len(train))]
-        subsets[str(seed)] = {fraction_key(p): sorted(order[: subset_size(p, len(train))]) for p in sorted(fractions)}
+    subsets = {str(seed): {fraction_key(p): label_subset(train, p, seed, split_seed) for p in sorted(fractions)}
+               for seed in seeds}
     return {"split_seed": split_seed, "test": test, "train": train, "subsets": subsets,
             "rule": "fraction p of seed s = first max(1, round(p% * n_train)) cases of a seed-s permutation"}

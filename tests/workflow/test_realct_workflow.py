@@ -35,7 +35,7 @@ def test_realct_config_runs_end_to_end(realct, tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     res = tmp_path / "results"
-    long = pd.read_csv(res / "report" / "dice_table.csv")
+    long = pd.read_csv(res / "report" / "dice_per_case.csv")
     assert set(long["dataset"]) == {"liver_real"} and set(long["class"]) == {"liver"}
     assert set(long["init"]) == {"scratch", "pgl-all", "hssl-all"}
     pool = pd.read_csv(res / "pools" / "all.csv")

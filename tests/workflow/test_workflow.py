@@ -69,13 +69,15 @@ def test_end_to_end(workspace):
     assert run.returncode == 0, run.stderr[-3000:]
     res = workspace / "results"
     md = (res / "report" / "dice_table.md").read_text()
-    assert "| scratch" in md and "| custom-all" in md and "liver 50%" in md and "liver 100%" in md
-    long = pd.read_csv(res / "report" / "dice_table.csv")
+    assert "| scratch" in md and "| custom-all" in md and "50% Dice" in md and "100% p" in md and "## liver" in md
+    long = pd.read_csv(res / "report" / "dice_per_case.csv")
     assert set(long["init"]) == {"scratch", "custom-all", "pgl-all", "hssl-all", "hssl-liver"}
     assert set(long["class"]) == {"liver", "tumour"}
-    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    summary = pd.read_csv(res / "report" / "dice_table.csv")
     for init in ("hssl-all", "hssl-liver"):  # single- vs multi-domain HSSL, side by side for the same dataset
-        assert init in rows and rows[init].count("±") == 2, rows
+        rows = summary[summary["init"] == init]
+        assert sorted(rows["fraction"]) == [50, 100] and rows["delta_vs_scratch"].notna().all(), summary
+        assert (rows["n_pairs"] == 1).all()  # 1 test case x 1 seed
     multi = json.loads((res / "pretrain/hssl/all/model.json").read_text())
     single = json.loads((res / "pretrain/hssl/liver/model.json").read_text())
     assert multi["pool_datasets"] == ["chest", "liver"] and single["pool_datasets"] == ["liver"]
@@ -94,6 +96,15 @@ def test_end_to_end(workspace):
     for sub in ("logs/finetune/liver/scratch/frac50/seed0.log", "benchmarks/finetune/liver/scratch/frac50/seed0.tsv",
                 "finetune/liver/scratch/frac50/seed0/train_log.csv", "preprocessed/liver/manifest.json"):
         assert (res / sub).exists(), sub
+
+
+def test_html_report_has_tables_figures_and_captions(workspace):
+    run = snakemake(workspace, "--report", "report.html")
+    assert run.returncode == 0, run.stderr[-3000:]
+    html = (workspace / "report.html").read_text()
+    for name in ("dice_table.csv", "dice_per_class.csv", "provenance.csv", "label_efficiency.png", "per_class.png"):
+        assert name in html, name
+    assert "Wilcoxon signed-rank" in html and "Label efficiency" in html  # captions from report/*.rst
 
 
 def test_second_run_has_nothing_to_do(workspace):
@@ -121,6 +132,31 @@ def test_forced_rerun_changes_only_that_cell(workspace):
         if path != target:
             assert digest(path) == before[path], path
     assert json.loads(target.read_text())["per_case"]  # rewritten, complete
+    # The report is rebuilt when asked for, from the new cell; nothing else runs.
+    report = res / "report" / "dice_table.md"
+    assert report.stat().st_mtime < target.stat().st_mtime
+    run = snakemake(workspace, str(report.relative_to(workspace)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    stats = (run.stdout + run.stderr)[(run.stdout + run.stderr).index("Job stats:"):]
+    assert "report        1" in stats and "total         1" in stats, stats
+    assert report.stat().st_mtime > target.stat().st_mtime
+    assert all(digest(p) == before[p] for p in cells if p != target)
+
+
+def test_adding_a_fraction_and_a_seed_schedules_only_the_new_cells(workspace, tmp_path):
+    bigger = json.loads(json.dumps(TINY))
+    bigger["fractions"] = [50, 100, 25]
+    bigger["seeds"] = [0, 3]
+    path = tmp_path / "bigger.yaml"
+    path.write_text(yaml.safe_dump(bigger))
+    run = snakemake(workspace, "-n", config=path)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    stats = out[out.index("Job stats:"):]
+    n_inits = len(TINY["inits"]) + len(TINY["dataset_inits"]["liver"])
+    new_cells = n_inits * (3 * 2 - 2 * 1)  # 3 fractions x 2 seeds, minus the 2 x 1 that exist
+    counts = {line.split()[0]: int(line.split()[1]) for line in stats.splitlines()[3:] if len(line.split()) == 2}
+    assert counts == {"all": 1, "finetune": new_cells, "report": 1, "total": new_cells + 2}, stats
 
 
 def dry_run_with(workspace: Path, tmp_path: Path, mutate) -> tuple[int, str]:

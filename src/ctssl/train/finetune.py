@@ -29,7 +29,7 @@ from ctssl.io import file_digest, read_json, write_json
 from ctssl.models.backbone import SegmentationNet, total_stride
 from ctssl.models.weights import load_backbone_weights, read_state_dict
 from ctssl.provenance import code_version, environment, scheduler_info
-from ctssl.splits import fraction_key
+from ctssl.splits import fraction_key, label_subset
 from ctssl.train.checkpoint import SignalFlag, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ctssl.train.common import CsvLog, endless, pick_device, seed_everything, set_threads, warmup_cosine
 
@@ -80,7 +80,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
         raise ValueError(f"{preprocessed_dir}: dataset has no labels; it can only be used for pretraining")
     classes = {int(k): v for k, v in manifest["labels"].items()}
     splits = read_json(splits_path)
-    train_cases = splits["subsets"][str(seed)][fraction_key(fraction)]
+    train_cases = label_subset(splits["train"], fraction, seed, int(splits["split_seed"]))
     test_cases = splits["test"]
     device = pick_device(cfg.get("device", "auto"))
     log.info("fine-tune %s %s frac%s seed%d on %s", manifest["dataset"], init, fraction_key(fraction), seed,
