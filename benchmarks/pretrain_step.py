@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import yaml
 
+from ctssl.config import method_config
 from ctssl.ssl import METHODS
 from ctssl.train.common import pick_device, set_threads
-from ctssl.train.pretrain import method_config
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL_META = {"datasets": ["chest", "kidney", "liver", "spleen"], "groups": ["abdomen", "chest"]}

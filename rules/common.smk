@@ -1,10 +1,9 @@
 # Helpers shared by the rules: cross-key config checks, wildcard constraints, target lists, paths.
 from snakemake.exceptions import WorkflowError
-from ctssl.config import all_inits, check_config, inits_for, parse_init, unresolvable_inits
+from ctssl.config import all_inits, check_config, inits_for, method_config, parse_init, unresolvable_inits
 from ctssl.errors import ConfigError
 from ctssl.splits import fraction_key
 from ctssl.ssl import METHODS
-from ctssl.train.pretrain import method_config
 
 try:
     check_config(config)

@@ -1,5 +1,5 @@
 # Self-supervised pretraining of the backbone: one run per (method, pool). Methods come from the registry
-# (ctssl.ssl.METHODS), so adding a method needs no change here. The checkpoint under checkpoints/ is deliberately
+# (ctssl.ssl.REGISTRY), so adding a method needs no change here. The checkpoint under checkpoints/ is deliberately
 # not an output: Snakemake removes the outputs of a failed job, and the checkpoint is what a rerun resumes from.
 
 

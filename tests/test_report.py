@@ -82,7 +82,7 @@ def test_per_class_table(files):
 
 def test_write_report_files(files, tmp_path):
     out = {k: tmp_path / "report" / name for k, name in (
-        ("table_csv", "t.csv"), ("table_md", "t.md"), ("table_tex", "t.tex"), ("per_case_csv", "case.csv"),
+        ("table_csv", "t.csv"), ("table_md", "t.md"), ("table_tex", "t.tex"), ("table_html", "t.html"), ("per_case_csv", "case.csv"),
         ("per_class_csv", "class.csv"), ("provenance_csv", "prov.csv"), ("efficiency_png", "eff.png"),
         ("per_class_png", "cls.png"))}
     write_report(files, out)
@@ -97,6 +97,8 @@ def test_write_report_files(files, tmp_path):
     tex = out["table_tex"].read_text()
     assert tex.count(r"\begin{tabular}") == 2 and r"\textbf{45.0 $\pm$ 3.5}" in tex
     assert r"10\% Dice" in tex and r"\label{tab:dice-liver}" in tex and "**" not in tex
+    page = out["table_html"].read_text()
+    assert "<b>45.0 ± 3.5</b>" in page and page.count("<table") == 3 and "Wilcoxon" in page
     for png in ("efficiency_png", "per_class_png"):
         assert out[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(pd.read_csv(out["provenance_csv"])) == 12

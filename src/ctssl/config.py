@@ -106,3 +106,9 @@ def load_config(path: str | Path) -> dict:
         raise ConfigError(f"{path}: config key {where}: {exc.message}") from None
     check_config(config)
     return config
+
+
+def method_config(pretrain_cfg: dict, method: str) -> dict:
+    """The shared `pretrain` settings overridden by `pretrain.methods.{method}`."""
+    shared = {k: v for k, v in pretrain_cfg.items() if k not in ("methods", "pool_datasets", "pools")}
+    return {**shared, **pretrain_cfg.get("methods", {}).get(method, {})}

@@ -9,6 +9,7 @@ under the two inits. The best mean of each column is marked.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import warnings
 from collections.abc import Callable, Iterable
@@ -196,6 +197,28 @@ def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: 
     return "\n".join(lines)
 
 
+def html_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame) -> str:
+    """The Markdown report's tables as one self-contained HTML page (shown inline by `snakemake --report`)."""
+    def bold(s: str) -> str:
+        return f"<b>{s}</b>"
+
+    def table(frame: pd.DataFrame, index: bool = True) -> str:
+        return frame.to_html(escape=False, index=index, border=0, classes="t")
+
+    body = [f"<h1>Mean foreground Dice (%) by initialization and label fraction</h1><p>{html.escape(NOTE)}</p>"]
+    for dataset in sorted(summary["dataset"].unique()):
+        body += [f"<h2>{html.escape(dataset)}</h2><p>{html.escape(_counts(summary, dataset))}.</p>",
+                 table(dataset_block(summary, dataset, bold))]
+    body.append("<h1>Dice per class (%)</h1><p>Mean ± sd over seeds of each class's mean Dice over test cases.</p>")
+    for dataset in sorted(per_class["dataset"].unique()):
+        body += [f"<h2>{html.escape(dataset)}</h2>", table(class_block(per_class, dataset, bold))]
+    body += ["<h1>Provenance</h1><p>Per cell in provenance.csv.</p>", table(provenance_summary(provenance), False)]
+    style = ("body{font-family:sans-serif;font-size:14px;margin:1em}table.t{border-collapse:collapse;margin:.5em 0}"
+             "table.t td,table.t th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}"
+             "table.t th{background:#f3f3f3}")
+    return f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
 def provenance_summary(provenance: pd.DataFrame) -> pd.DataFrame:
     """Per (dataset, init): cells, code versions, config hashes and the pretrained weights' checksum."""
     def uniq(values: pd.Series) -> str:
@@ -309,8 +332,8 @@ def per_class_plot(per_class: pd.DataFrame, path: str | Path) -> None:
 
 
 def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path]) -> None:
-    """All report files; `out` maps: table_csv, table_md, table_tex, per_case_csv, per_class_csv, provenance_csv,
-    efficiency_png, per_class_png."""
+    """All report files; `out` maps: table_csv, table_md, table_tex, table_html, per_case_csv, per_class_csv,
+    provenance_csv, efficiency_png, per_class_png."""
     long, cells, provenance = collect(metrics_files)
     summary = summary_table(cells, long)
     per_class = per_class_table(long)
@@ -323,5 +346,7 @@ def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path]
         tmp.write_text(markdown_report(summary, per_class, provenance))
     with atomic_path(out["table_tex"]) as tmp:
         tmp.write_text(latex_report(summary, per_class))
+    with atomic_path(out["table_html"]) as tmp:
+        tmp.write_text(html_report(summary, per_class, provenance))
     label_efficiency_plot(summary, out["efficiency_png"])
     per_class_plot(per_class, out["per_class_png"])

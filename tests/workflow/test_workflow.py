@@ -102,7 +102,7 @@ def test_html_report_has_tables_figures_and_captions(workspace):
     run = snakemake(workspace, "--report", "report.html")
     assert run.returncode == 0, run.stderr[-3000:]
     html = (workspace / "report.html").read_text()
-    for name in ("dice_table.csv", "dice_per_class.csv", "provenance.csv", "label_efficiency.png", "per_class.png"):
+    for name in ("dice_table.html", "dice_table.csv", "dice_per_class.csv", "provenance.csv", "label_efficiency.png", "per_class.png"):
         assert name in html, name
     assert "Wilcoxon signed-rank" in html and "Label efficiency" in html  # captions from report/*.rst
 
@@ -155,7 +155,8 @@ def test_adding_a_fraction_and_a_seed_schedules_only_the_new_cells(workspace, tm
     stats = out[out.index("Job stats:"):]
     n_inits = len(TINY["inits"]) + len(TINY["dataset_inits"]["liver"])
     new_cells = n_inits * (3 * 2 - 2 * 1)  # 3 fractions x 2 seeds, minus the 2 x 1 that exist
-    counts = {line.split()[0]: int(line.split()[1]) for line in stats.splitlines()[3:] if len(line.split()) == 2}
+    table = stats.split("\n\n")[0].splitlines()[3:]  # "Job stats:", header, rule: the rows up to a blank line
+    counts = {line.split()[0]: int(line.split()[1]) for line in table}
     assert counts == {"all": 1, "finetune": new_cells, "report": 1, "total": new_cells + 2}, stats
 
 

@@ -6,7 +6,7 @@ A method is an nn.Module with:
 - `loss(batch)`: (scalar loss, dict of logged floats);
 - `momentum_pairs()`: the (online, target) module pairs updated by EMA after every optimizer step (may be empty).
 Every batch also carries `dataset_id` and `group_id` (indices into `pool_meta["datasets"]`/`["groups"]`).
-Register a new method with one line in `ctssl.ssl.METHODS`.
+Register a new method with one line in `ctssl.ssl.REGISTRY`.
 """
 
 from __future__ import annotations

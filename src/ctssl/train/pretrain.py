@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ctssl.config import method_config
 from ctssl.io import file_digest, save_torch, write_json
 from ctssl.models.backbone import backbone_kwargs, total_stride
 from ctssl.provenance import code_version, environment, scheduler_info
@@ -58,12 +59,6 @@ class PoolDataset(Dataset):
         sample["dataset_id"] = torch.tensor(self.dataset_ids[k])
         sample["group_id"] = torch.tensor(self.group_ids[k])
         return sample
-
-
-def method_config(pretrain_cfg: dict, method: str) -> dict:
-    """The shared `pretrain` settings overridden by `pretrain.methods.{method}`."""
-    shared = {k: v for k, v in pretrain_cfg.items() if k not in ("methods", "pool_datasets", "pools")}
-    return {**shared, **pretrain_cfg.get("methods", {}).get(method, {})}
 
 
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
