@@ -98,7 +98,7 @@ def test_write_report_files(files, tmp_path):
     assert tex.count(r"\begin{tabular}") == 2 and r"\textbf{45.0 $\pm$ 3.5}" in tex
     assert r"10\% Dice" in tex and r"\label{tab:dice-liver}" in tex and "**" not in tex
     page = out["table_html"].read_text()
-    assert "<b>45.0 ± 3.5</b>" in page and page.count("<table") == 3 and "Wilcoxon" in page
+    assert "<b>45.0 ± 3.5</b>" in page and page.count("<table") == 4 and "Wilcoxon" in page
     for png in ("efficiency_png", "per_class_png"):
         assert out[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(pd.read_csv(out["provenance_csv"])) == 12

@@ -212,7 +212,12 @@ def html_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.D
     body.append("<h1>Dice per class (%)</h1><p>Mean ± sd over seeds of each class's mean Dice over test cases.</p>")
     for dataset in sorted(per_class["dataset"].unique()):
         body += [f"<h2>{html.escape(dataset)}</h2>", table(class_block(per_class, dataset, bold))]
-    body += ["<h1>Provenance</h1><p>Per cell in provenance.csv.</p>", table(provenance_summary(provenance), False)]
+    cells = provenance.drop(columns=["metrics", "weights_path", "train_cases"]).assign(
+        weights_sha256=provenance["weights_sha256"].map(lambda s: s[:16] if isinstance(s, str) else "–"),
+        fraction=provenance["fraction"].map(fraction_key))
+    body += ["<h1>Provenance</h1>", table(provenance_summary(provenance), False),
+             "<h2>Every cell</h2><p>Train case ids and metrics paths: provenance.csv.</p>",
+             table(cells.fillna("–"), False)]
     style = ("body{font-family:sans-serif;font-size:14px;margin:1em}table.t{border-collapse:collapse;margin:.5em 0}"
              "table.t td,table.t th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}"
              "table.t th{background:#f3f3f3}")
