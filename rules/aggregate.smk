@@ -10,7 +10,7 @@ rule aggregate:
     params:
         members=lambda wc: pool_members(wc.pool),
     resources:
-        **stage_resources("cpu"),
+        **job_resources(config, "cpu"),
     log:
         f"{R}/logs/aggregate/{{pool}}.log",
     benchmark:

@@ -1,6 +1,6 @@
 # Helpers shared by the rules: cross-key config checks, wildcard constraints, target lists, paths.
 from snakemake.exceptions import WorkflowError
-from ctssl.config import all_inits, check_config, inits_for, method_config, parse_init, unresolvable_inits
+from ctssl.config import all_inits, check_config, inits_for, job_resources, method_config, parse_init, unresolvable_inits
 from ctssl.errors import ConfigError
 from ctssl.splits import fraction_key
 from ctssl.ssl import METHODS
@@ -40,20 +40,6 @@ def kind_pattern(kinds):
 
 def threads_for(rule_name, default=1):
     return int(config.get("threads", {}).get(rule_name, default))
-
-
-def stage_resources(stage):
-    """`resources.{stage}` of the config as rule resources: memory and runtime grow with the attempt, so the
-    profile's `retries` resubmits a job that ran out of either with more (a preempted one resumes anyway)."""
-    spec = dict(config.get("resources", {}).get(stage, {}))
-    res = {k: spec[k] for k in ("gpu", "gpu_model", "cpus_per_gpu") if k in spec and spec[k] is not None}
-    if not res.get("gpu"):
-        res.pop("cpus_per_gpu", None)  # a CPU job: the plugin uses the rule's threads as --cpus-per-task
-        res.pop("gpu", None)
-    for key in ("mem_mb", "runtime"):
-        if key in spec:
-            res[key] = lambda wildcards, attempt, base=int(spec[key]): base * attempt
-    return res
 
 
 def pools():

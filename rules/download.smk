@@ -11,7 +11,7 @@ rule synthesize:
         dataset=lambda wc: config["datasets"][wc.dataset],
         seed=config.get("synthetic_seed", 0),
     resources:
-        **stage_resources("cpu"),
+        **job_resources(config, "cpu"),
     log:
         f"{R}/logs/synthesize/{{dataset}}.log",
     benchmark:
@@ -32,7 +32,7 @@ rule fetch_raw:
         downloads=config.get("downloads", f"{R}/downloads"),
     retries: 2
     resources:
-        **stage_resources("cpu"),
+        **job_resources(config, "cpu"),
     log:
         f"{R}/logs/fetch_raw/{{dataset}}.log",
     benchmark:

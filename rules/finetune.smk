@@ -14,7 +14,7 @@ rule finetune:
         | {"device": config.get("device", "auto"), "amp": config.get("amp", True)},
     threads: threads_for("finetune")
     resources:
-        **stage_resources("finetune"),
+        **job_resources(config, "finetune"),
     log:
         f"{R}/logs/finetune/{{dataset}}/{{init}}/frac{{pct}}/seed{{seed}}.log",
     benchmark:

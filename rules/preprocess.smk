@@ -10,7 +10,7 @@ rule splits:
         splits=config["splits"],
         split_seed=config.get("split_seed", 0),
     resources:
-        **stage_resources("cpu"),
+        **job_resources(config, "cpu"),
     log:
         f"{R}/logs/splits/{{dataset}}.log",
     benchmark:
@@ -33,7 +33,7 @@ rule preprocess:
         seed=config.get("split_seed", 0),
     threads: threads_for("preprocess")
     resources:
-        **stage_resources("cpu"),
+        **job_resources(config, "cpu"),
     log:
         f"{R}/logs/preprocess/{{dataset}}.log",
     benchmark:

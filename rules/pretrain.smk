@@ -14,7 +14,7 @@ rule pretrain:
         cfg=pretrain_params,
     threads: threads_for("pretrain")
     resources:
-        **stage_resources("pretrain"),
+        **job_resources(config, "pretrain"),
     log:
         f"{R}/logs/pretrain/{{method}}/{{pool}}.log",
     benchmark:

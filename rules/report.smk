@@ -20,7 +20,7 @@ rule report:
         per_class_png=report(f"{R}/report/per_class.png", caption="../report/per_class.rst",
                              category="Figures", labels={"figure": "Dice per class"}),
     resources:
-        **stage_resources("cpu"),
+        **job_resources(config, "cpu"),
     log:
         f"{R}/logs/report/report.log",
     benchmark:

@@ -65,3 +65,17 @@ def test_parse_init():
     assert parse_init("scratch") is None
     assert parse_init("pgl-all") == ("pgl", "all")
     assert parse_init("hssl-my_set") == ("hssl", "my_set")
+
+
+def test_job_resources_grow_with_the_attempt_and_cpu_stages_ask_for_no_gpu():
+    from ctssl.config import job_resources
+
+    cfg = {"resources": {"finetune": {"gpu": 1, "gpu_model": "a100", "cpus_per_gpu": 4, "mem_mb": 3000, "runtime": 15},
+                         "cpu": {"gpu": 0, "cpus_per_gpu": 4, "mem_mb": 2000}}}
+    gpu = job_resources(cfg, "finetune")
+    assert {k: gpu[k] for k in ("gpu", "gpu_model", "cpus_per_gpu")} == {"gpu": 1, "gpu_model": "a100", "cpus_per_gpu": 4}
+    assert [gpu["mem_mb"](None, a) for a in (1, 2, 3)] == [3000, 6000, 9000]
+    assert [gpu["runtime"](None, a) for a in (1, 2)] == [15, 30]
+    cpu = job_resources(cfg, "cpu")
+    assert set(cpu) == {"mem_mb"} and cpu["mem_mb"](None, 2) == 4000
+    assert job_resources({}, "pretrain") == {}

@@ -1,9 +1,10 @@
 import pytest
 
-from ctssl.splits import fraction_key, make_splits, subset_size
+from ctssl.splits import fraction_key, label_subset, make_splits, subset_size
 
 IDS = [f"case_{i:02d}" for i in range(23)]
-KW = {"test_fraction": 0.25, "min_test": 2, "fractions": [5, 10, 20, 50, 100], "seeds": [0, 1, 2], "split_seed": 7}
+KW = {"test_fraction": 0.25, "min_test": 2, "split_seed": 7}
+FRACTIONS = [5, 10, 20, 50, 100]
 
 
 def test_test_set_is_fixed_and_disjoint():
@@ -16,17 +17,18 @@ def test_test_set_is_fixed_and_disjoint():
 
 
 def test_subsets_are_nested_and_nonempty_per_seed():
-    splits = make_splits(IDS, **KW)
-    for seed in ("0", "1", "2"):
+    train = make_splits(IDS, **KW)["train"]
+    for seed in (0, 1, 2):
         previous: set[str] = set()
-        for pct in ("5", "10", "20", "50", "100"):
-            subset = set(splits["subsets"][seed][pct])
+        for pct in FRACTIONS:
+            subset = set(label_subset(train, pct, seed, 7))
             assert previous <= subset
-            assert subset <= set(splits["train"])
-            assert len(subset) == subset_size(float(pct), 17)
+            assert subset <= set(train)
+            assert len(subset) == subset_size(pct, 17)
             previous = subset
-        assert previous == set(splits["train"])
-    assert splits["subsets"]["0"]["10"] != splits["subsets"]["1"]["10"]  # seeds draw different subsets
+        assert previous == set(train)
+    assert label_subset(train, 10, 0, 7) != label_subset(train, 10, 1, 7)  # seeds draw different subsets
+    assert label_subset(train, 10, 0, 7) != label_subset(train, 10, 0, 8)  # and so does the split seed
 
 
 def test_subset_size_rounds_and_keeps_one_case():
@@ -34,12 +36,6 @@ def test_subset_size_rounds_and_keeps_one_case():
     assert subset_size(1, 17) == 1  # 0.17 -> at least one
     assert subset_size(10, 17) == 2
     assert subset_size(100, 17) == 17
-
-
-def test_adding_a_fraction_keeps_existing_subsets():
-    small = make_splits(IDS, **{**KW, "fractions": [10, 100]})
-    big = make_splits(IDS, **KW)
-    assert small["subsets"]["1"]["10"] == big["subsets"]["1"]["10"]
 
 
 def test_official_test_split_and_errors():

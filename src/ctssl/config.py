@@ -112,3 +112,17 @@ def method_config(pretrain_cfg: dict, method: str) -> dict:
     """The shared `pretrain` settings overridden by `pretrain.methods.{method}`."""
     shared = {k: v for k, v in pretrain_cfg.items() if k not in ("methods", "pool_datasets", "pools")}
     return {**shared, **pretrain_cfg.get("methods", {}).get(method, {})}
+
+
+def job_resources(config: dict, stage: str) -> dict:
+    """`resources.{stage}` as Snakemake rule resources. Memory and runtime become functions of the attempt (k x the
+    configured value), so the profile's `retries` resubmits a job that ran out of either with more. A stage without
+    GPUs drops the GPU keys: the SLURM plugin then asks for the rule's threads as --cpus-per-task."""
+    spec = config.get("resources", {}).get(stage, {})
+    res = {k: spec[k] for k in ("gpu", "gpu_model", "cpus_per_gpu") if spec.get(k) is not None}
+    if not res.get("gpu"):
+        res = {}
+    for key in ("mem_mb", "runtime"):
+        if key in spec:
+            res[key] = lambda wildcards, attempt, base=int(spec[key]): base * attempt
+    return res

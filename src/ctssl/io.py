@@ -83,6 +83,11 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, fh)
 
 
+def json_digest(obj: Any) -> str:
+    """SHA-256 of a JSON-serialisable object, independent of key order (fingerprints of settings)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
     """Hex digest of a file, read in chunks (archives can be tens of GB)."""
     digest = hashlib.new(algorithm)

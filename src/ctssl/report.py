@@ -8,10 +8,7 @@ under the two inits. The best mean of each column is marked.
 
 from __future__ import annotations
 
-import hashlib
 import html
-import json
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
-from ctssl.io import atomic_path, read_json  # noqa: E402
+from ctssl.io import atomic_path, json_digest, read_json  # noqa: E402
 from ctssl.splits import fraction_key  # noqa: E402
 
 LONG_COLUMNS = ["dataset", "init", "fraction", "seed", "case", "class", "dice"]
@@ -46,7 +43,7 @@ def collect(metrics_files: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataF
         sched = m.get("scheduler") or {}
         provenance.append({
             **key, "metrics": str(path), "code_version": m.get("code_version"),
-            "config_sha256": hashlib.sha256(json.dumps(m.get("config"), sort_keys=True).encode()).hexdigest()[:16],
+            "config_sha256": json_digest(m.get("config"))[:16],
             "weights_sha256": weights.get("sha256"), "weights_path": weights.get("path"),
             "train_cases": " ".join(m["train_cases"]), "test_cases": " ".join(m["test_cases"]),
             "steps": m.get("steps"), "resumed_from_step": m.get("resumed_from_step"), "device": m.get("device"),
@@ -66,9 +63,7 @@ def init_order(inits: Iterable[str]) -> list[str]:
 
 def case_scores(long: pd.DataFrame) -> pd.Series:
     """Mean foreground Dice of each (dataset, init, fraction, seed, case): the unit of the paired test."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return long.groupby(["dataset", "init", "fraction", "seed", "case"])["dice"].mean()
+    return long.groupby(["dataset", "init", "fraction", "seed", "case"])["dice"].mean()  # NaN skipped
 
 
 def paired_wilcoxon(a: pd.Series, b: pd.Series) -> tuple[float, int]:
@@ -102,26 +97,25 @@ def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
                 row["p_wilcoxon"], row["n_pairs"] = paired_wilcoxon(
                     scores.loc[(dataset, init, fraction)], scores.loc[(dataset, REFERENCE, fraction)])
             rows.append(row)
-    table = pd.DataFrame(rows)
-    best = table.groupby(["dataset", "fraction"])["dice_mean"].transform("max")
-    table["best"] = np.isclose(table["dice_mean"], best) & table["dice_mean"].notna()
-    return table
+    return _mark_best(pd.DataFrame(rows), ["dataset", "fraction"])
 
 
 def per_class_table(long: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, class, fraction, init): mean/sd over seeds of the class's mean Dice over test cases."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_seed = long.groupby(["dataset", "class", "fraction", "init", "seed"])["dice"].mean()
+    per_seed = long.groupby(["dataset", "class", "fraction", "init", "seed"])["dice"].mean()
     agg = per_seed.groupby(["dataset", "class", "fraction", "init"]).agg(["mean", "std", "count"]).reset_index()
     agg = agg.rename(columns={"mean": "dice_mean", "std": "dice_sd", "count": "n_seeds"})
     agg[["dice_mean", "dice_sd"]] = 100 * agg[["dice_mean", "dice_sd"]].fillna({"dice_sd": 0.0})
-    best = agg.groupby(["dataset", "class", "fraction"])["dice_mean"].transform("max")
-    agg["best"] = np.isclose(agg["dice_mean"], best) & agg["dice_mean"].notna()
-    return agg
+    return _mark_best(agg, ["dataset", "class", "fraction"])
 
 
-# ---- rendering: one layout, two markups (Markdown, LaTeX) ----------------------------------------------------
+def _mark_best(table: pd.DataFrame, column_keys: list[str]) -> pd.DataFrame:
+    """`best`: the highest dice_mean of each table column (ties all marked)."""
+    best = table.groupby(column_keys)["dice_mean"].transform("max")
+    return table.assign(best=np.isclose(table["dice_mean"], best) & table["dice_mean"].notna())
+
+
+# ---- rendering: one layout, three markups (Markdown, HTML, LaTeX) ----------------------------------------------------
 
 def _p(p: float) -> str:
     if np.isnan(p):
@@ -131,6 +125,19 @@ def _p(p: float) -> str:
 
 def _signed(x: float) -> str:
     return "–" if np.isnan(x) else f"{x:+.1f}"
+
+
+def _md_bold(text: str) -> str:
+    return f"**{text}**"
+
+
+def _html_bold(text: str) -> str:
+    return f"<b>{text}</b>"
+
+
+def _tex_bold(text: str) -> str:
+    """Marked with control characters that survive `_tex_escape`, which turns them into \\textbf{...}."""
+    return f"\x01{text}\x02"
 
 
 def _dice(mean: float, sd: float, best: bool, bold: Callable[[str], str]) -> str:
@@ -182,16 +189,13 @@ NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%), cla
 
 
 def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame) -> str:
-    def bold(s: str) -> str:
-        return f"**{s}**"
-
     lines = ["# Mean foreground Dice (%) by initialization and label fraction", "", NOTE, ""]
     for dataset in sorted(summary["dataset"].unique()):
         lines += [f"## {dataset}", "", _counts(summary, dataset) + ".", "",
-                  dataset_block(summary, dataset, bold).to_markdown(), ""]
+                  dataset_block(summary, dataset, _md_bold).to_markdown(), ""]
     lines += ["# Dice per class (%)", "", "Mean ± sd over seeds of each class's mean Dice over test cases.", ""]
     for dataset in sorted(per_class["dataset"].unique()):
-        lines += [f"## {dataset}", "", class_block(per_class, dataset, bold).to_markdown(), ""]
+        lines += [f"## {dataset}", "", class_block(per_class, dataset, _md_bold).to_markdown(), ""]
     lines += ["# Provenance", "", "Per cell in provenance.csv (config hash, train and test case ids, SLURM job).", "",
               provenance_summary(provenance).to_markdown(index=False), ""]
     return "\n".join(lines)
@@ -199,19 +203,16 @@ def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: 
 
 def html_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame) -> str:
     """The Markdown report's tables as one self-contained HTML page (shown inline by `snakemake --report`)."""
-    def bold(s: str) -> str:
-        return f"<b>{s}</b>"
-
     def table(frame: pd.DataFrame, index: bool = True) -> str:
         return frame.to_html(escape=False, index=index, border=0, classes="t")
 
     body = [f"<h1>Mean foreground Dice (%) by initialization and label fraction</h1><p>{html.escape(NOTE)}</p>"]
     for dataset in sorted(summary["dataset"].unique()):
         body += [f"<h2>{html.escape(dataset)}</h2><p>{html.escape(_counts(summary, dataset))}.</p>",
-                 table(dataset_block(summary, dataset, bold))]
+                 table(dataset_block(summary, dataset, _html_bold))]
     body.append("<h1>Dice per class (%)</h1><p>Mean ± sd over seeds of each class's mean Dice over test cases.</p>")
     for dataset in sorted(per_class["dataset"].unique()):
-        body += [f"<h2>{html.escape(dataset)}</h2>", table(class_block(per_class, dataset, bold))]
+        body += [f"<h2>{html.escape(dataset)}</h2>", table(class_block(per_class, dataset, _html_bold))]
     cells = provenance.drop(columns=["metrics", "weights_path", "train_cases"]).assign(
         weights_sha256=provenance["weights_sha256"].map(lambda s: s[:16] if isinstance(s, str) else "–"),
         fraction=provenance["fraction"].map(fraction_key))
@@ -243,17 +244,17 @@ def provenance_summary(provenance: pd.DataFrame) -> pd.DataFrame:
 
 def _tex_escape(text: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                 ("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("×", r"$\times$"), ("<", r"$<$")):
+                 ("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("×", r"$\times$"), ("<", r"$<$"),
+                 ("\x01", r"\textbf{"), ("\x02", "}")):
         text = text.replace(a, b)
     return text
 
 
 def _tex_table(block: pd.DataFrame, caption: str, label: str) -> str:
-    """A booktabs table; cells are escaped except the \\textbf{} of the best values."""
+    """A booktabs table, every cell escaped."""
     cols = "l" + "r" * len(block.columns)
     head = " & ".join([_tex_escape(block.index.name or "")] + [_tex_escape(c) for c in block.columns])
-    body = [" & ".join([_tex_escape(str(i))] + [_tex_escape(str(v)).replace(r"\textbackslash{}textbf", r"\textbf")
-                                                 for v in row]) + r" \\" for i, row in block.iterrows()]
+    body = [" & ".join(_tex_escape(str(v)) for v in (i, *row)) + r" \\" for i, row in block.iterrows()]
     return "\n".join([r"\begin{table}[ht]", r"\centering", rf"\caption{{{_tex_escape(caption)}}}",
                       rf"\label{{{label}}}", rf"\begin{{tabular}}{{{cols}}}", r"\toprule", head + r" \\",
                       r"\midrule", *body, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
@@ -261,16 +262,13 @@ def _tex_table(block: pd.DataFrame, caption: str, label: str) -> str:
 
 def latex_report(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
     """LaTeX tables (booktabs) to \\input{} into a paper."""
-    def bold(s: str) -> str:
-        return rf"\textbf{{{s}}}"
-
     parts = [f"% Generated by ctssl. {NOTE}", "% Needs \\usepackage{booktabs}.", ""]
     for dataset in sorted(summary["dataset"].unique()):
-        parts.append(_tex_table(dataset_block(summary, dataset, bold),
+        parts.append(_tex_table(dataset_block(summary, dataset, _tex_bold),
                                 f"{dataset}: mean foreground Dice (%), Δ vs scratch and Wilcoxon p; "
                                 f"{_counts(summary, dataset)}.", f"tab:dice-{dataset}"))
     for dataset in sorted(per_class["dataset"].unique()):
-        parts.append(_tex_table(class_block(per_class, dataset, bold),
+        parts.append(_tex_table(class_block(per_class, dataset, _tex_bold),
                                 f"{dataset}: Dice per class (%), mean ± sd over seeds.", f"tab:dice-class-{dataset}"))
     return "\n".join(parts)
 

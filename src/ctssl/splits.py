@@ -32,9 +32,8 @@ def label_subset(train: Sequence[str], fraction_pct: float, seed: int, split_see
 
 
 def make_splits(case_ids: Sequence[str], *, test_fraction: float, min_test: int, split_seed: int,
-                fractions: Sequence[float] = (), seeds: Sequence[int] = (),
                 official_test: Sequence[str] | None = None) -> dict:
-    """Fixed test/train split; `subsets` lists `label_subset` for the given fractions x seeds (for inspection)."""
+    """Fixed test/train split (a cell's labelled cases: `label_subset` of `train`)."""
     ids = sorted(case_ids)
     if official_test is not None:
         unknown = sorted(set(official_test) - set(ids))
@@ -50,7 +49,6 @@ def make_splits(case_ids: Sequence[str], *, test_fraction: float, min_test: int,
     train = [c for c in ids if c not in set(test)]
     if not train:
         raise ValueError("no training cases left after removing the test set")
-    subsets = {str(seed): {fraction_key(p): label_subset(train, p, seed, split_seed) for p in sorted(fractions)}
-               for seed in seeds}
-    return {"split_seed": split_seed, "test": test, "train": train, "subsets": subsets,
-            "rule": "fraction p of seed s = first max(1, round(p% * n_train)) cases of a seed-s permutation"}
+    return {"split_seed": split_seed, "test": test, "train": train,
+            "label_subsets": "fraction p of seed s = first max(1, round(p% * n_train)) cases of a seed-s permutation "
+                             "of train (ctssl.splits.label_subset); each cell lists its own in metrics.json"}

@@ -134,7 +134,7 @@ def test_pipeline_through_slurm_with_arrays_gpus_and_preemption(cluster, workspa
     # Every job went through sbatch and is in SLURM's accounting.
     ids = submitted_ids(output)
     records = sacct(*ids)
-    assert len(ids) >= 7 and {i for i in ids} <= {j.split("_")[0] for j in records}, (ids, records)
+    assert len(ids) >= 7 and set(ids) <= {j.split("_")[0] for j in records}, (ids, records)
 
     # Fine-tune cells: array tasks on the GPU partition with one (fake) GPU each; the job saw its GPU.
     arrays = re.findall(r"Submitted array job with Snakemake IDs [\d,]+ and SLURM job ID (\d+)\. "

@@ -12,7 +12,7 @@ import torch
 
 from ctssl.io import write_json
 from ctssl.models.backbone import build_backbone
-from ctssl.splits import make_splits
+from ctssl.splits import label_subset, make_splits
 from ctssl.train.finetune import run_finetune
 
 CFG = {
@@ -28,7 +28,7 @@ def prepared(liver_preprocessed, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
     pre = liver_preprocessed
     ids = [f"liver_{i:03d}" for i in range(4)]
-    splits = make_splits(ids, test_fraction=0.25, min_test=1, fractions=[50, 100], seeds=[0], split_seed=0)
+    splits = make_splits(ids, test_fraction=0.25, min_test=1, split_seed=0)
     write_json(root / "splits.json", {"dataset": "liver", **splits})
     return pre, root / "splits.json", splits
 
@@ -44,7 +44,7 @@ def test_cell_outputs_and_determinism(prepared, tmp_path):
     a = _run(prepared, tmp_path / "a")
     b = _run(prepared, tmp_path / "b")
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    assert metrics["train_cases"] == splits["subsets"]["0"]["50"] and len(metrics["train_cases"]) == 2
+    assert metrics["train_cases"] == label_subset(splits["train"], 50, 0, 0) and len(metrics["train_cases"]) == 2
     assert metrics["test_cases"] == splits["test"]
     assert set(metrics["per_case"]) == set(splits["test"])
     assert set(metrics["classes"].values()) == {"liver", "tumour"}

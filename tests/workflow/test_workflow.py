@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,12 +114,39 @@ def test_second_run_has_nothing_to_do(workspace):
     assert "Nothing to be done" in run.stdout + run.stderr
 
 
+def job_counts(output: str) -> dict[str, int]:
+    """The "Job stats" table of a dry run: rule -> number of jobs."""
+    table = output[output.index("Job stats:"):].split("\n\n")[0].splitlines()[3:]
+    return {line.split()[0]: int(line.split()[1]) for line in table}
+
+
+def test_touching_code_reruns_nothing_but_a_config_change_reruns_what_it_affects(workspace, tmp_path):
+    """The rerun triggers of profiles/default (loaded for every run): a git checkout (new mtimes on rules and
+    scripts) retrains nothing; a changed `finetune:` value reruns the cells and the report, not pretraining."""
+    code = [*ROOT.glob("rules/*.smk"), *ROOT.glob("workflow_scripts/*.py"), ROOT / "Snakefile"]
+    times = {path: path.stat() for path in code}
+    try:
+        for path in code:
+            path.touch()
+        run = snakemake(workspace, "-n")
+        assert run.returncode == 0 and "Nothing to be done" in run.stdout + run.stderr, run.stdout[-3000:]
+    finally:
+        for path, st in times.items():  # leave the checkout's mtimes as they were
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = json.loads(json.dumps(TINY))
+    changed["finetune"]["lr"] = 0.02
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(changed))
+    run = snakemake(workspace, "-n", config=path)
+    cells = (len(TINY["inits"]) + len(TINY["dataset_inits"]["liver"])) * len(TINY["fractions"])
+    assert job_counts(run.stdout + run.stderr) == {"all": 1, "finetune": cells, "report": 1, "total": cells + 2}
+
+
 def test_forcing_one_cell_schedules_exactly_that_cell(workspace):
     run = snakemake(workspace, "-n", "-f", CELL)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
-    stats = out[out.index("Job stats:"):]
-    assert "finetune        1" in stats and "total           1" in stats
+    assert job_counts(out) == {"finetune": 1, "total": 1}, out[-3000:]
 
 
 def test_forced_rerun_changes_only_that_cell(workspace):
@@ -137,8 +165,7 @@ def test_forced_rerun_changes_only_that_cell(workspace):
     assert report.stat().st_mtime < target.stat().st_mtime
     run = snakemake(workspace, str(report.relative_to(workspace)))
     assert run.returncode == 0, run.stderr[-3000:]
-    stats = (run.stdout + run.stderr)[(run.stdout + run.stderr).index("Job stats:"):]
-    assert "report        1" in stats and "total         1" in stats, stats
+    assert job_counts(run.stdout + run.stderr) == {"report": 1, "total": 1}, run.stdout + run.stderr
     assert report.stat().st_mtime > target.stat().st_mtime
     assert all(digest(p) == before[p] for p in cells if p != target)
 
@@ -152,12 +179,9 @@ def test_adding_a_fraction_and_a_seed_schedules_only_the_new_cells(workspace, tm
     run = snakemake(workspace, "-n", config=path)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
-    stats = out[out.index("Job stats:"):]
     n_inits = len(TINY["inits"]) + len(TINY["dataset_inits"]["liver"])
     new_cells = n_inits * (3 * 2 - 2 * 1)  # 3 fractions x 2 seeds, minus the 2 x 1 that exist
-    table = stats.split("\n\n")[0].splitlines()[3:]  # "Job stats:", header, rule: the rows up to a blank line
-    counts = {line.split()[0]: int(line.split()[1]) for line in table}
-    assert counts == {"all": 1, "finetune": new_cells, "report": 1, "total": new_cells + 2}, stats
+    assert job_counts(out) == {"all": 1, "finetune": new_cells, "report": 1, "total": new_cells + 2}, out[-3000:]
 
 
 def dry_run_with(workspace: Path, tmp_path: Path, mutate) -> tuple[int, str]:

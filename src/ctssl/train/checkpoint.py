@@ -68,28 +68,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, step: int, fingerprint: str, modules: dict, **extra) -> None:
-    """`modules`: name -> object with state_dict() (network, optimizer, scheduler, scaler)."""
-    save_torch(path, {"step": step, "fingerprint": fingerprint, "rng": rng_state(),
-                      **{name: obj.state_dict() for name, obj in modules.items()}, **extra})
+def save_checkpoint(path: Path, step: int, fingerprint: str, modules: dict, log_rows: list[dict]) -> None:
+    """`modules`: name -> object with state_dict() (network, optimizer, scheduler, scaler); `log_rows`: the
+    training log so far (CsvLog.rows)."""
+    save_torch(path, {"step": step, "fingerprint": fingerprint, "rng": rng_state(), "log_rows": list(log_rows),
+                      **{name: obj.state_dict() for name, obj in modules.items()}})
 
 
-def load_checkpoint(path: Path, fingerprint: str, modules: dict, device: torch.device) -> int:
-    """Restore `modules` and the RNG states from `path` if it belongs to this run; returns the step to resume
-    from (0 = start afresh). A checkpoint of other settings is kept aside as stale-*.pt, never deleted."""
+def load_checkpoint(path: Path, fingerprint: str, modules: dict, device: torch.device) -> tuple[int, list[dict]]:
+    """Restore `modules` and the RNG states from `path` if it belongs to this run; returns (step to resume from,
+    log rows up to it), or (0, []) to start afresh. A checkpoint of other settings is kept aside as stale-*.pt,
+    never deleted."""
     if not path.exists():
-        return 0
+        return 0, []
     ckpt = torch.load(path, map_location=device, weights_only=False)
     if ckpt.get("fingerprint") != fingerprint:
         stale = path.with_name(f"stale-{str(ckpt.get('fingerprint', 'unknown'))[:12]}.pt")
         path.rename(stale)
         log.warning("checkpoint %s was made with other settings; kept as %s, starting afresh", path, stale)
-        return 0
+        return 0, []
     for name, obj in modules.items():
         obj.load_state_dict(ckpt[name])
     set_rng_state(ckpt["rng"])
-    log.info("resuming from step %d (%s)", int(ckpt["step"]), path)
-    return int(ckpt["step"])
+    step = int(ckpt["step"])
+    log.info("resuming from step %d (%s)", step, path)
+    return step, [row for row in ckpt["log_rows"] if int(row["step"]) <= step]
 
 
 def run_interruptible(run, log: logging.Logger) -> int:

@@ -52,25 +52,18 @@ def endless(loader: Iterable) -> Iterator:
 class CsvLog:
     """Training log as CSV, flushed every row so a killed run still shows its curve.
 
-    `resume_step=k` keeps the rows of steps 1..k (those after the checkpoint a run resumes from would otherwise
-    appear twice) and appends; they come from `rows` when given (a checkpoint's copy: Snakemake deletes the
-    declared outputs of a failed job), else from the existing file. `resume_step=0` starts a new log.
+    A resumed run passes the rows its checkpoint kept (`rows`, steps 1..k): they are rewritten and new rows appended,
+    so no step appears twice and the curve survives Snakemake deleting a failed job's declared outputs.
     """
 
-    def __init__(self, path: str | Path, fields: list[str], resume_step: int = 0, rows: list[dict] | None = None):
+    def __init__(self, path: str | Path, fields: list[str], rows: list[dict] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept: list[dict] = []
-        if resume_step > 0 and rows is None and self.path.exists():
-            with open(self.path, newline="") as fh:
-                rows = list(csv.DictReader(fh))
-        if resume_step > 0 and rows:
-            kept = [row for row in rows if int(row["step"]) <= resume_step]
-        self.rows = list(kept)
+        self.rows = list(rows or [])
         self._fh = open(self.path, "w", newline="")  # noqa: SIM115 - lives as long as the run
         self._writer = csv.DictWriter(self._fh, fieldnames=fields)
         self._writer.writeheader()
-        self._writer.writerows(kept)
+        self._writer.writerows(self.rows)
         self._fh.flush()
 
     def write(self, **row) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from monai.transforms import (
 from tqdm import tqdm
 
 from ctssl.evaluate import dice_per_class, predict_volume, summarize
-from ctssl.io import file_digest, read_json, write_json
+from ctssl.io import file_digest, json_digest, read_json, write_json
 from ctssl.models.backbone import SegmentationNet, total_stride
 from ctssl.models.weights import load_backbone_weights, read_state_dict
 from ctssl.provenance import code_version, environment, scheduler_info
@@ -108,25 +106,20 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     # Resume after preemption. The batch stream is replayed up to the checkpoint's step (cheap: cropping only), so
     # the transforms' and the loader's random streams are where an uninterrupted run would have them; the
     # checkpoint then restores weights, optimizer, schedule and global RNG states: on CPU the result is identical.
-    fingerprint = hashlib.sha256(json.dumps(
-        {"cfg": {"finetune": ft, "model": model_cfg}, "init": init, "fraction": fraction, "seed": seed,
-         "train_cases": list(train_cases), "weights": weights_info.get("sha256")}, sort_keys=True).encode()).hexdigest()
+    fingerprint = json_digest({"cfg": {"finetune": ft, "model": model_cfg}, "init": init, "fraction": fraction,
+                               "seed": seed, "train_cases": list(train_cases), "weights": weights_info.get("sha256")})
     ckpt_path = out_dir / CHECKPOINT
     state = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
     batches = endless(loader)
-    ckpt_log = torch.load(ckpt_path, weights_only=False).get("log_rows") if ckpt_path.exists() else None
-    start = load_checkpoint(ckpt_path, fingerprint, state, device)
+    start, log_rows = load_checkpoint(ckpt_path, fingerprint, state, device)
     if start:
         rng = rng_state()
         for _ in range(start):
             next(batches)
         set_rng_state(rng)
-    csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS, resume_step=start, rows=ckpt_log if start else None)
+    csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS, rows=log_rows)
     log_every = int(ft.get("log_every", 10))
     ckpt_every = int(ft.get("checkpoint_every", 0))
-
-    def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_path, step, fingerprint, state, log_rows=csv_log.rows)
 
     net.train()
     t_train = time.time()
@@ -149,12 +142,12 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
             bar.set_postfix(loss=f"{value:.4f}")
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 log.info("step %d/%d loss %.4f lr %.3g", step + 1, steps, value, scheduler.get_last_lr()[0])
-            if flag.received is not None and step + 1 < steps:
-                checkpoint(step + 1)
+            stop = flag.received is not None and step + 1 < steps
+            if stop or (ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps):
+                save_checkpoint(ckpt_path, step + 1, fingerprint, state, csv_log.rows)
+            if stop:
                 csv_log.close()
                 raise flag.interrupted(step + 1, steps, ckpt_path)
-            if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
-                checkpoint(step + 1)
     csv_log.close()
     train_seconds = time.time() - t_train
 

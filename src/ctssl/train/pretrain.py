@@ -8,7 +8,6 @@ scheduler, scaler, EMA targets and torch RNG state come back from the checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ctssl.config import method_config
-from ctssl.io import file_digest, save_torch, write_json
+from ctssl.io import file_digest, json_digest, save_torch, write_json
 from ctssl.models.backbone import backbone_kwargs, total_stride
 from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.ssl import METHODS
@@ -103,18 +102,17 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     use_amp = device.type == "cuda" and bool(cfg.get("amp", True))
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for fp16 users
 
-    fingerprint = hashlib.sha256(json.dumps({"method": method, "model": model_cfg, "cfg": mcfg,
-                                             "pool": file_digest(pool_csv)}, sort_keys=True).encode()).hexdigest()
+    fingerprint = json_digest({"method": method, "model": model_cfg, "cfg": mcfg, "pool": file_digest(pool_csv)})
     ckpt_path = out_dir / CHECKPOINT
     state = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    start = load_checkpoint(ckpt_path, fingerprint, state, device)
+    start, log_rows = load_checkpoint(ckpt_path, fingerprint, state, device)
 
     dataset = PoolDataset(images, METHODS[method].view_sampler(mcfg, patch), seed, start * batch_size,
                           (steps - start) * batch_size, dataset_ids, group_ids)
     workers = int(mcfg.get("num_workers", 0))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
-    csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS, resume_step=start)
+    csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS, rows=log_rows)
     log_every, ckpt_every = int(mcfg.get("log_every", 10)), int(mcfg.get("checkpoint_every", 100))
     net.train()
     t0, loss_value, step = time.time(), float("nan"), start
@@ -146,10 +144,10 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
             if step % log_every == 0 or step == steps:
                 log.info("step %d/%d loss %.4f lr %.3g tau %.4f %.1f samples/s", step, steps, loss_value,
                          scheduler.get_last_lr()[0], tau, rate)
-            if step % ckpt_every == 0 or step == steps:
-                save_checkpoint(ckpt_path, step, fingerprint, state, method=method, pool=pool)
-            if flag.received is not None and step < steps:
-                save_checkpoint(ckpt_path, step, fingerprint, state, method=method, pool=pool)
+            stop = flag.received is not None and step < steps
+            if stop or step % ckpt_every == 0 or step == steps:
+                save_checkpoint(ckpt_path, step, fingerprint, state, csv_log.rows)
+            if stop:
                 csv_log.close()
                 raise flag.interrupted(step, steps, ckpt_path)
     csv_log.close()
