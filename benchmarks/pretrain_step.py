@@ -2,11 +2,15 @@
 
 Usage: python benchmarks/pretrain_step.py [--configfile config.yaml] [--device auto|cpu|cuda] [--steps 10]
        [--batch 2] [--patch 48 48 32] [--threads 2] [--channels 16 32 64 128 256 --feature-channels 32]
+       [--flops-only]
 
 A step = forward of both views through online and target networks, loss, backward, optimizer step, EMA update;
 batches are pre-sampled so data loading is measured separately (samples/s of the view sampler on one core).
-Also times the backbone alone (full U-Net on both views, online fwd+bwd + target fwd) to separate PGL's
-alignment/head overhead from the cost of running the decoder. On CUDA: bf16 autocast, steps/s and peak memory.
+PGL is measured at every `feature_level` it can align (the configured one is marked), and every row also gives
+the arithmetic of one step (forward + backward, counted by torch.utils.flop_counter): the floor of the time ratio
+on a compute-bound device, whatever the implementation. Also times the backbone alone up to the configured level
+(online fwd+bwd + target fwd on both views) to separate PGL's alignment/head overhead from the network it runs.
+On CUDA: bf16 autocast, steps/s and peak memory. `--flops-only` skips the timing (e.g. the paper config on a CPU).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from ctssl.config import method_config
+from ctssl.models.features import feature_levels, forward_to
 from ctssl.ssl import METHODS
 from ctssl.train.common import pick_device, set_threads
 
@@ -51,13 +57,25 @@ def time_steps(step_fn, steps: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bench_method(method, model_cfg, mcfg, patch, batch, steps, device, amp):
+def build(method: str, model_cfg: dict, mcfg: dict, patch: list[int], batch: int, device):
     torch.manual_seed(0)
     net = METHODS[method](model_cfg, mcfg, patch, POOL_META).to(device).train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    data = make_batch(method, mcfg, patch, batch, device)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    return net, opt, make_batch(method, mcfg, patch, batch, device)
 
+
+def step_flops(net, data, device, amp) -> int:
+    """Floating-point operations of one loss forward + backward (the optimizer and EMA are negligible)."""
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = net.loss(data)
+        loss.backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def bench_method(net, opt, data, steps, device, amp) -> tuple[float, float]:
+    """(seconds per step, peak CUDA memory in MiB or NaN)."""
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss, _ = net.loss(data)
@@ -70,18 +88,18 @@ def bench_method(method, model_cfg, mcfg, patch, batch, steps, device, amp):
         torch.cuda.reset_peak_memory_stats()
     seconds = time_steps(step, steps, device)
     memory = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    return seconds, memory, net, data
+    return seconds, memory
 
 
 def bench_backbone_only(net, data, steps, device, amp):
-    """Online U-Net fwd+bwd and target U-Net fwd on both views: the floor any dense method pays."""
+    """Online U-Net fwd+bwd and target U-Net fwd on both views up to PGL's level: the floor of that dense loss."""
     x = torch.cat([data["view_a"], data["view_b"]])
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = net.backbone(x)
+            out = forward_to(net.backbone, x, net.feature_level)
             with torch.no_grad():
-                net.target_backbone(x)
+                forward_to(net.target_backbone, x, net.feature_level)
         out.float().mean().backward()
 
     return time_steps(step, steps, device)
@@ -107,6 +125,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--channels", type=int, nargs="+", default=None)
     parser.add_argument("--feature-channels", type=int, default=None)
+    parser.add_argument("--flops-only", action="store_true", help="count FLOPs, skip the timing")
     args = parser.parse_args()
 
     config = yaml.safe_load(args.configfile.read_text())
@@ -122,24 +141,39 @@ def main() -> int:
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} threads'})"
           f", AMP bf16: {amp}, model channels {model_cfg['channels']}, feature channels "
           f"{model_cfg['feature_channels']}")
-    results = {}
-    for method in ("byol", "pgl", "hssl", "genesis"):
+    patch = args.patch or config["pretrain"]["patch_size"]  # equal patch and batch for every method
+    batch = args.batch or int(config["pretrain"]["batch_size"])
+    print(f"patch {tuple(patch)}, batch {batch}; FLOPs = one forward + backward of the loss")
+    runs = [("byol", None)]
+    configured_level = method_config(config["pretrain"], "pgl").get("feature_level", "output")
+    runs += [("pgl", lvl) for lvl in reversed(feature_levels(model_cfg))] + [("hssl", None), ("genesis", None)]
+    results: dict[tuple, tuple[float, int]] = {}
+    for method, level in runs:
         mcfg = method_config(config["pretrain"], method)
-        patch = args.patch or config["pretrain"]["patch_size"]  # equal patch and batch for every method
-        batch = args.batch or int(config["pretrain"]["batch_size"])
-        seconds, memory, net, data = bench_method(method, model_cfg, mcfg, patch, batch, args.steps, device, amp)
-        results[method] = seconds
-        line = (f"{method:5s} patch {tuple(patch)} batch {batch}: {seconds * 1000:8.1f} ms/step "
-                f"({1 / seconds:6.2f} steps/s, {batch / seconds:7.1f} volumes/s)")
+        if level is not None:
+            mcfg = {**mcfg, "feature_level": level}
+        net, opt, data = build(method, model_cfg, mcfg, patch, batch, device)
+        flops = step_flops(net, data, device, amp)
+        seconds, memory = (float("nan"), float("nan")) if args.flops_only else bench_method(
+            net, opt, data, args.steps, device, amp)
+        results[(method, level)] = (seconds, flops)
+        byol_s, byol_flops = results[("byol", None)]
+        name = f"{method} {level}" + (" (configured)" if level == configured_level else "") if level else method
+        timing = "" if args.flops_only else (f"{seconds * 1000:8.1f} ms/step ({1 / seconds:6.2f} steps/s) "
+                                             f"{seconds / byol_s:5.2f}x BYOL | ")
+        line = f"{name:25s} {timing}{flops / 1e9:8.1f} GFLOP/step {flops / byol_flops:5.2f}x BYOL"
         if device.type == "cuda":
-            line += f", peak memory {memory:,.0f} MiB"
+            line += f" | peak memory {memory:,.0f} MiB"
         print(line)
-        if method == "pgl":
+        if level == configured_level and not args.flops_only:
             floor = bench_backbone_only(net, data, args.steps, device, amp)
-            print(f"      backbone alone (U-Net on both views, online fwd+bwd, target fwd): {floor * 1000:8.1f} "
-                  f"ms/step -> PGL alignment + heads + EMA overhead: {100 * (seconds / floor - 1):+.0f}%")
-        print(f"      view sampler: {sampler_rate(method, mcfg, patch):.1f} pairs/s on one core")
-    print(f"PGL / BYOL time per step: {results['pgl'] / results['byol']:.2f}x (target <= 1.25x)")
+            print(f"{'':25s} backbone alone up to {level}: {floor * 1000:8.1f} ms/step -> PGL alignment + heads + "
+                  f"EMA: {100 * (seconds / floor - 1):+.0f}%")
+        if level in (None, configured_level):
+            print(f"{'':25s} view sampler: {sampler_rate(method, mcfg, patch):.1f} pairs/s on one core")
+    (pgl_s, pgl_flops), (byol_s, byol_flops) = results[("pgl", configured_level)], results[("byol", None)]
+    timing = "" if args.flops_only else f"time {pgl_s / byol_s:.2f}x, "
+    print(f"PGL ({configured_level}) / BYOL per step: {timing}FLOPs {pgl_flops / byol_flops:.2f}x (target <= 1.25x)")
     return 0
 
 

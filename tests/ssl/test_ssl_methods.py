@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ctssl.geometry import ViewGeometry, align_pair
-from ctssl.models.features import bottom_layer, encode
+from ctssl.models.features import bottom_layer, connection_blocks, decoder_layers, encode
 from ctssl.ssl import METHODS
 from ctssl.ssl.base import TwoViewSampler, ema_tau, ema_update, frozen_copy
 from ctssl.ssl.pgl import align, local_consistency_loss, pair_grids
@@ -120,3 +120,26 @@ def test_encoder_only_pass_equals_the_bottleneck_of_a_full_pass():
     handle.remove()
     assert torch.allclose(encode(method.backbone, x)[-1], seen["b"])
     assert seen["b"].shape[1] == MODEL["channels"][-1]
+
+
+def test_pgl_on_a_coarse_level_trains_the_encoder_and_that_stage_only():
+    model = {**MODEL, "channels": [4, 8, 16, 32], "strides": [2, 2, 2]}
+    torch.manual_seed(0)
+    method = METHODS["pgl"](model, {**CFG, "feature_level": "decoder0"}, PATCH)
+    assert method.projector[0].in_channels == 8  # decoder0 of this model outputs channels[-3]
+    sampler = METHODS["pgl"].view_sampler(CFG, PATCH)
+    rng = np.random.default_rng(0)
+    samples = [sampler(rng.normal(size=(24, 24, 12)).astype(np.float32), rng) for _ in range(2)]
+    loss, _ = method.loss({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
+    loss.backward()
+    coarsest, *finer = decoder_layers(method.backbone)
+    assert all(p.grad is not None for p in coarsest.parameters())
+    assert all(p.grad is None for up in finer for p in up.parameters())  # never run, so untouched
+    assert all(p.grad is not None for p in encode_parameters(method.backbone))
+    with pytest.raises(ValueError, match="feature_level.*available"):
+        METHODS["pgl"](model, {**CFG, "feature_level": "bottleneck"}, PATCH)
+
+
+def encode_parameters(unet):
+    return [p for block in connection_blocks(unet) for p in block[0].parameters()] + list(
+        bottom_layer(unet).parameters())

@@ -47,9 +47,11 @@ def _losses(out):
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
 
 
-@pytest.mark.parametrize("method", ["pgl", "byol", "hssl", "genesis"])
-def test_short_run_learns_and_loads_for_finetuning(pool_csv, tmp_path, method):
-    meta = run_pretrain(pool_csv=pool_csv, method=method, pool="all", cfg=_cfg(), out_dir=tmp_path)
+@pytest.mark.parametrize(("method", "overrides"), [("pgl", {}), ("pgl", {"feature_level": "decoder0"}),
+                                                  ("byol", {}), ("hssl", {}), ("genesis", {})])
+def test_short_run_learns_and_loads_for_finetuning(pool_csv, tmp_path, method, overrides):
+    methods = {**PRETRAIN["methods"], method: {**PRETRAIN["methods"].get(method, {}), **overrides}}
+    meta = run_pretrain(pool_csv=pool_csv, method=method, pool="all", cfg=_cfg(methods=methods), out_dir=tmp_path)
     losses = [loss for _, loss in _losses(tmp_path)]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # it learns

@@ -55,6 +55,43 @@ def tap_widths(model_cfg: dict) -> dict[str, int]:
     return widths
 
 
+def feature_levels(model_cfg: dict) -> list[str]:
+    """Decoder outputs from the coarsest ('decoder0') to the backbone 'output' (full resolution)."""
+    return [f"decoder{k}" for k in range(len(model_cfg["channels"]) - 2)] + ["output"]
+
+
+def level_stride(model_cfg: dict, level: str) -> int:
+    """Down-sampling factor of a decoder level relative to the input: 1 for 'output', the total stride of the
+    encoder blocks above it otherwise (decoder stage k is produced by the up layer of block n - 1 - k)."""
+    levels = feature_levels(model_cfg)
+    if level not in levels:
+        raise ValueError(f"unknown feature level {level!r}; available: {levels}")
+    block = len(levels) - 1 - levels.index(level)
+    stride = 1
+    for s in model_cfg["strides"][:block]:
+        stride *= int(s)
+    return stride
+
+
+def forward_to(unet: UNet, x: torch.Tensor, level: str) -> torch.Tensor:
+    """The U-Net's forward pass stopped at a decoder level: the finer decoder stages are never computed.
+
+    Equal to that level's tap of a full pass (`forward_with_taps`), but a dense loss on a coarse level then skips
+    the full-resolution up layers, which hold most of a 3D U-Net's compute.
+    """
+    blocks = connection_blocks(unet)
+    names = [f"decoder{k}" for k in range(len(blocks) - 1)] + ["output"]
+    if level not in names:
+        raise ValueError(f"unknown feature level {level!r}; available: {names}")
+    *skips, out = encode(unet, x)
+    for index in range(len(blocks) - 1, len(blocks) - 2 - names.index(level), -1):
+        connection = blocks[index][1]
+        if connection.mode != "cat":
+            raise ValueError(f"forward_to expects MONAI UNet skip connections in 'cat' mode, got {connection.mode}")
+        out = blocks[index][2](torch.cat([skips[index], out], dim=connection.dim))
+    return out
+
+
 def forward_with_taps(unet: UNet, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """One full forward pass returning the bottleneck, every decoder stage ('decoder0' = coarsest) and 'output'."""
     taps: dict[str, torch.Tensor] = {}

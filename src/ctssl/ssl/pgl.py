@@ -7,6 +7,8 @@ shared region (3D RoIAlign via grid_sample, see `ctssl.geometry`), so grid point
 voxel in both. A voxel-wise projector (online and target) and predictor (online) follow, and the local consistency
 loss 2 - 2 cos(prediction_A, target_projection_B) is averaged over grid points and symmetrised over (A, B).
 An optional global BYOL term (`global_weight`) adds image-level consistency on the pooled bottleneck.
+`feature_level` picks the aligned decoder output: the full-resolution 'output' (default) or a coarser 'decoderK'
+(stride > 1; the geometry handles any stride), which skips the full-resolution up layers and most of the compute.
 
 Ablations (`priors`): ["crop", "flip"] (both, default), ["crop"], ["flip"]: a prior switched off is a spatial
 transform not applied when making the views (both views then share one box, or are never flipped).
@@ -14,17 +16,20 @@ transform not applied when making the views (both views then share one box, or a
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ctssl.geometry import ViewGeometry, normalized_coords, shared_grid, to_grid
-from ctssl.models.features import encode
+from ctssl.models.features import encode, feature_levels, forward_to, tap_widths
 from ctssl.models.heads import voxel_mlp
 from ctssl.ssl.base import SSLMethod, TwoViewSampler, byol_loss, frozen_copy
 from ctssl.ssl.byol import GlobalBYOLHead
 
 PRIORS = {"crop", "flip"}
+log = logging.getLogger(__name__)
 
 
 def pair_grids(geom_a: torch.Tensor, geom_b: torch.Tensor, grid_size: list[int], patch: list[int],
@@ -60,7 +65,16 @@ class PGL(SSLMethod):
         priors = set(method_cfg.get("priors", ["crop", "flip"]))
         if not priors or priors - PRIORS:
             raise ValueError(f"pgl.priors must be a non-empty subset of {sorted(PRIORS)}, got {sorted(priors)}")
-        width = int(model_cfg["feature_channels"])
+        # Which decoder output is aligned: 'output' (full resolution, default) or a coarser 'decoderK', whose
+        # finer up layers are then not run at all (they stay at their initialisation in model.pt).
+        self.feature_level = str(method_cfg.get("feature_level", "output"))
+        if self.feature_level not in feature_levels(model_cfg):
+            raise ValueError(f"pgl.feature_level: unknown level {self.feature_level!r}; available for this model: "
+                             f"{feature_levels(model_cfg)}")
+        if self.feature_level != "output":
+            log.warning("pgl.feature_level=%s: the finer decoder stages are not run in pretraining and keep their "
+                        "random initialisation in model.pt", self.feature_level)
+        width = tap_widths(model_cfg)[self.feature_level]
         hidden, out = int(method_cfg.get("projector_hidden", 128)), int(method_cfg.get("projector_out", 64))
         self.grid_size = [int(method_cfg.get("grid_size", 8))] * 3
         self.projector = voxel_mlp(width, hidden, out)
@@ -79,9 +93,9 @@ class PGL(SSLMethod):
 
     def loss(self, batch):
         x = torch.cat([batch["view_a"], batch["view_b"]])
-        online = self.backbone(x)
+        online = forward_to(self.backbone, x, self.feature_level)
         with torch.no_grad():
-            target = self.target_backbone(x)
+            target = forward_to(self.target_backbone, x, self.feature_level)
         grid_a, grid_b = pair_grids(batch["geom_a"].cpu(), batch["geom_b"].cpu(), self.grid_size, self.patch,
                                     list(online.shape[2:]))
         on_a, on_b = online.chunk(2)
