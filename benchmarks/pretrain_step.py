@@ -4,7 +4,7 @@ Usage: python benchmarks/pretrain_step.py [--configfile config.yaml] [--device a
        [--batch 2] [--patch 48 48 32] [--threads 2] [--channels 16 32 64 128 256 --feature-channels 32]
        [--flops-only]
 
-A step = forward of both views through online and target networks, loss, backward, optimizer step, EMA update;
+A step (median over --steps) = forward of both views through online and target networks, loss, backward, optimizer step, EMA update;
 batches are pre-sampled so data loading is measured separately (samples/s of the view sampler on one core).
 PGL is measured at every `feature_level` it can align (the configured one is marked), and every row also gives
 the arithmetic of one step (forward + backward, counted by torch.utils.flop_counter): the floor of the time ratio
@@ -16,6 +16,7 @@ On CUDA: bf16 autocast, steps/s and peak memory. `--flops-only` skips the timing
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -45,16 +46,21 @@ def make_batch(method: str, mcfg: dict, patch: list[int], batch: int, device) ->
 
 
 def time_steps(step_fn, steps: int, device) -> float:
+    """Median seconds per step: robust to the odd step a shared CPU spends on something else."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(2):  # warm-up (allocator, cudnn autotune)
         step_fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        sync()
+        start = time.perf_counter()
         step_fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def build(method: str, model_cfg: dict, mcfg: dict, patch: list[int], batch: int, device):
@@ -135,6 +141,7 @@ def main() -> int:
         model_cfg["strides"] = [2] * (len(args.channels) - 1)
     if args.feature_channels:
         model_cfg["feature_channels"] = args.feature_channels
+    logging.getLogger("ctssl.ssl.pgl").setLevel(logging.ERROR)  # the feature_level note; each row says it
     set_threads(args.threads)
     device = pick_device(args.device)
     amp = device.type == "cuda"
