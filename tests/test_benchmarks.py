@@ -1,0 +1,22 @@
+"""The benchmark scripts run and print every figure they promise (their numbers are never asserted here)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pretrain_step_benchmark_prints_every_method_and_pgl_level():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/pretrain_step.py"), "--device", "cpu", "--steps", "1", "--batch", "2",
+         "--patch", "16", "16", "16", "--channels", "4", "8", "16", "--feature-channels", "4"],
+        capture_output=True, text=True, check=True, timeout=300).stdout
+    flops_vs_byol = {m.group(1): float(m.group(2))
+                     for m in re.finditer(r"^(\w+(?: \w+)?).*GFLOP/step +([\d.]+)x BYOL", out, re.M)}
+    assert set(flops_vs_byol) == {"byol", "pgl output", "pgl decoder0", "hssl", "genesis"}
+    assert flops_vs_byol["byol"] == 1.0
+    assert 1.0 < flops_vs_byol["pgl decoder0"] < flops_vs_byol["pgl output"]  # decoder0 skips the full-res up layer
+    assert "backbone alone up to output" in out and "pairs/s" in out
+    assert re.search(r"PGL \(output\) / BYOL per step: time [\d.]+x, FLOPs [\d.]+x", out)
