@@ -18,6 +18,7 @@ from monai.networks.nets import UNet
 
 from ctssl.models.backbone import SegmentationNet, backbone_kwargs
 from ctssl.models.weights import load_backbone_weights, read_state_dict
+from ctssl.train.checkpoint import save_checkpoint
 from ctssl.train.pretrain import run_pretrain
 
 MODEL = {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 4, "num_res_units": 1}
@@ -115,8 +116,19 @@ def test_killed_run_resumes_to_the_uninterrupted_result(pool_csv, tmp_path, sig,
 
 
 def test_checkpoint_of_another_config_is_kept_aside(pool_csv, tmp_path):
-    run_pretrain(pool_csv=pool_csv, method="pgl", pool="all", cfg=_cfg(steps=4), out_dir=tmp_path)
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", 4, "fingerprint-of-other-settings", {}, [])
     run_pretrain(pool_csv=pool_csv, method="pgl", pool="all", cfg=_cfg(steps=6), out_dir=tmp_path)
     stale = list((tmp_path / "checkpoints").glob("stale-*.pt"))
     assert len(stale) == 1 and torch.load(stale[0], weights_only=False)["step"] == 4
+    assert [s for s, _ in _losses(tmp_path)] == list(range(1, 7))
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_finished_run_keeps_no_checkpoint_so_a_rerun_trains_again(pool_csv, tmp_path):
+    first = run_pretrain(pool_csv=pool_csv, method="byol", pool="all", cfg=_cfg(steps=6, checkpoint_every=2),
+                         out_dir=tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+    again = run_pretrain(pool_csv=pool_csv, method="byol", pool="all", cfg=_cfg(steps=6, checkpoint_every=2),
+                         out_dir=tmp_path)  # what `snakemake -f` does: it must not 'resume' at step 6
+    assert again["resumed_from_step"] is None and again["final_loss"] == first["final_loss"]
     assert [s for s, _ in _losses(tmp_path)] == list(range(1, 7))

@@ -8,6 +8,7 @@ A checkpoint carries a fingerprint of the run's settings, so a changed config ne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import signal
@@ -93,6 +94,29 @@ def load_checkpoint(path: Path, fingerprint: str, modules: dict, device: torch.d
     step = int(ckpt["step"])
     log.info("resuming from step %d (%s)", step, path)
     return step, [row for row in ckpt["log_rows"] if int(row["step"]) <= step]
+
+
+def checkpoint_after_step(flag: SignalFlag, step: int, total: int, every: int, path: Path, fingerprint: str,
+                          modules: dict, csv_log) -> None:
+    """Call after completed step `step` (1-based) of `total`: writes the periodic checkpoint (`every` steps, 0 =
+    never) and, when a signal arrived, a checkpoint, then closes the log and raises TrainingInterrupted. The last
+    step writes none: the run's results follow at once and need no resume point."""
+    if step >= total:
+        return
+    stop = flag.received is not None
+    if stop or (every and step % every == 0):
+        save_checkpoint(path, step, fingerprint, modules, csv_log.rows)
+    if stop:
+        csv_log.close()
+        raise flag.interrupted(step, total, path)
+
+
+def discard_checkpoint(path: Path) -> None:
+    """A finished run keeps no checkpoint: a forced rerun (`snakemake -f`, or new code under the same settings) must
+    train again, not 'resume' at the last step and rewrite the old weights. Stale checkpoints beside it stay."""
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
 
 
 def run_interruptible(run, log: logging.Logger) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -28,7 +27,14 @@ from ctssl.models.backbone import SegmentationNet, total_stride
 from ctssl.models.weights import load_backbone_weights, read_state_dict
 from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.splits import fraction_key, label_subset
-from ctssl.train.checkpoint import SignalFlag, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ctssl.train.checkpoint import (
+    SignalFlag,
+    checkpoint_after_step,
+    discard_checkpoint,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from ctssl.train.common import CsvLog, endless, pick_device, seed_everything, set_threads, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -142,12 +148,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
             bar.set_postfix(loss=f"{value:.4f}")
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 log.info("step %d/%d loss %.4f lr %.3g", step + 1, steps, value, scheduler.get_last_lr()[0])
-            stop = flag.received is not None and step + 1 < steps
-            if stop or (ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps):
-                save_checkpoint(ckpt_path, step + 1, fingerprint, state, csv_log.rows)
-            if stop:
-                csv_log.close()
-                raise flag.interrupted(step + 1, steps, ckpt_path)
+            checkpoint_after_step(flag, step + 1, steps, ckpt_every, ckpt_path, fingerprint, state, csv_log)
     csv_log.close()
     train_seconds = time.time() - t_train
 
@@ -175,11 +176,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
         "scheduler": scheduler_info(),
     }
     write_json(out_dir / "metrics.json", metrics)
-    # The checkpoint only serves an interrupted run: a finished cell is metrics.json + train_log.csv, and a forced
-    # rerun (`snakemake -f`) must train again rather than resume at the last step.
-    ckpt_path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        ckpt_path.parent.rmdir()
+    discard_checkpoint(ckpt_path)
     log.info("%s %s frac%s seed%d: mean foreground Dice %.4f", manifest["dataset"], init, fraction_key(fraction),
              seed, summary["mean_foreground_dice"])
     return metrics

@@ -25,7 +25,7 @@ from ctssl.models.backbone import backbone_kwargs, total_stride
 from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.ssl import METHODS
 from ctssl.ssl.base import Sampler
-from ctssl.train.checkpoint import SignalFlag, load_checkpoint, save_checkpoint
+from ctssl.train.checkpoint import SignalFlag, checkpoint_after_step, discard_checkpoint, load_checkpoint
 from ctssl.train.common import CsvLog, pick_device, seed_everything, set_threads, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -144,12 +144,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
             if step % log_every == 0 or step == steps:
                 log.info("step %d/%d loss %.4f lr %.3g tau %.4f %.1f samples/s", step, steps, loss_value,
                          scheduler.get_last_lr()[0], tau, rate)
-            stop = flag.received is not None and step < steps
-            if stop or step % ckpt_every == 0 or step == steps:
-                save_checkpoint(ckpt_path, step, fingerprint, state, csv_log.rows)
-            if stop:
-                csv_log.close()
-                raise flag.interrupted(step, steps, ckpt_path)
+            checkpoint_after_step(flag, step, steps, ckpt_every, ckpt_path, fingerprint, state, csv_log)
     csv_log.close()
 
     model_path = out_dir / "model.pt"
@@ -164,5 +159,6 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
         "scheduler": scheduler_info(),
     }
     write_json(out_dir / "model.json", meta)
+    discard_checkpoint(ckpt_path)
     log.info("%s/%s: %d steps, final loss %.4f -> %s", method, pool, steps, loss_value, model_path)
     return meta
