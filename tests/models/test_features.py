@@ -4,21 +4,19 @@ import pytest
 import torch
 
 from ctssl.models.backbone import build_backbone
-from ctssl.models.features import decoder_layers, feature_levels, forward_to, forward_with_taps, level_stride
+from ctssl.models.features import decoder_layers, feature_levels, forward_to, forward_with_taps, tap_widths
 
 MODEL = {"channels": [4, 8, 16, 32], "strides": [2, 2, 2], "feature_channels": 6, "num_res_units": 1}
 
 
-def test_levels_and_strides_follow_the_model_config():
+def test_levels_and_widths_follow_the_model_config():
     assert feature_levels(MODEL) == ["decoder0", "decoder1", "output"]
-    assert [level_stride(MODEL, lvl) for lvl in feature_levels(MODEL)] == [4, 2, 1]
-    assert level_stride({**MODEL, "strides": [2, 1, 2]}, "decoder0") == 2  # a stride-1 block adds no down-sampling
-    with pytest.raises(ValueError, match="bottleneck"):
-        level_stride(MODEL, "bottleneck")
+    assert tap_widths(MODEL) == {"bottleneck": 32, "decoder0": 8, "decoder1": 4, "output": 6}
 
 
-@pytest.mark.parametrize("level", ["decoder0", "decoder1", "output"])
-def test_forward_to_equals_the_full_pass_tap_and_skips_finer_up_layers(level):
+@pytest.mark.parametrize(("level", "shape"), [("decoder0", (8, 6, 4)), ("decoder1", (16, 12, 8)),
+                                             ("output", (32, 24, 16))])
+def test_forward_to_equals_the_full_pass_tap_and_skips_finer_up_layers(level, shape):
     torch.manual_seed(0)
     unet = build_backbone(MODEL).eval()
     x = torch.randn(2, 1, 32, 24, 16)
@@ -32,6 +30,5 @@ def test_forward_to_equals_the_full_pass_tap_and_skips_finer_up_layers(level):
         for hook in hooks:
             hook.remove()
     assert torch.equal(out, taps[level])
-    stride = level_stride(MODEL, level)
-    assert out.shape[2:] == (32 // stride, 24 // stride, 16 // stride)
+    assert out.shape[1:] == (tap_widths(MODEL)[level], *shape)
     assert calls == list(range(feature_levels(MODEL).index(level) + 1))  # finer stages never ran

@@ -45,32 +45,22 @@ def encode(unet: UNet, x: torch.Tensor) -> list[torch.Tensor]:
     return feats
 
 
-def tap_widths(model_cfg: dict) -> dict[str, int]:
-    """Channels at each tap of `forward_with_taps` for a `model` config."""
-    channels = [int(c) for c in model_cfg["channels"]]
-    widths = {"bottleneck": channels[-1], "output": int(model_cfg["feature_channels"])}
-    # MONAI's up layer k (k = 0 the coarsest) outputs channels[-3 - k]; the last one is the backbone output.
-    for k in range(len(channels) - 2):
-        widths[f"decoder{k}"] = channels[-3 - k]
-    return widths
+def _level_names(n_blocks: int) -> list[str]:
+    """Names of the up layers' outputs of a UNet with `n_blocks` connection blocks, coarsest first."""
+    return [f"decoder{k}" for k in range(n_blocks - 1)] + ["output"]
 
 
 def feature_levels(model_cfg: dict) -> list[str]:
     """Decoder outputs from the coarsest ('decoder0') to the backbone 'output' (full resolution)."""
-    return [f"decoder{k}" for k in range(len(model_cfg["channels"]) - 2)] + ["output"]
+    return _level_names(len(model_cfg["channels"]) - 1)
 
 
-def level_stride(model_cfg: dict, level: str) -> int:
-    """Down-sampling factor of a decoder level relative to the input: 1 for 'output', the total stride of the
-    encoder blocks above it otherwise (decoder stage k is produced by the up layer of block n - 1 - k)."""
-    levels = feature_levels(model_cfg)
-    if level not in levels:
-        raise ValueError(f"unknown feature level {level!r}; available: {levels}")
-    block = len(levels) - 1 - levels.index(level)
-    stride = 1
-    for s in model_cfg["strides"][:block]:
-        stride *= int(s)
-    return stride
+def tap_widths(model_cfg: dict) -> dict[str, int]:
+    """Channels at each tap of `forward_with_taps` for a `model` config."""
+    channels = [int(c) for c in model_cfg["channels"]]
+    # MONAI's up layer k (k = 0 the coarsest) outputs channels[-3 - k]; the last one is the backbone output.
+    widths = [*(channels[-3 - k] for k in range(len(channels) - 2)), int(model_cfg["feature_channels"])]
+    return {"bottleneck": channels[-1], **dict(zip(feature_levels(model_cfg), widths, strict=True))}
 
 
 def forward_to(unet: UNet, x: torch.Tensor, level: str) -> torch.Tensor:
@@ -80,7 +70,7 @@ def forward_to(unet: UNet, x: torch.Tensor, level: str) -> torch.Tensor:
     the full-resolution up layers, which hold most of a 3D U-Net's compute.
     """
     blocks = connection_blocks(unet)
-    names = [f"decoder{k}" for k in range(len(blocks) - 1)] + ["output"]
+    names = _level_names(len(blocks))
     if level not in names:
         raise ValueError(f"unknown feature level {level!r}; available: {names}")
     *skips, out = encode(unet, x)
@@ -95,8 +85,8 @@ def forward_to(unet: UNet, x: torch.Tensor, level: str) -> torch.Tensor:
 def forward_with_taps(unet: UNet, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """One full forward pass returning the bottleneck, every decoder stage ('decoder0' = coarsest) and 'output'."""
     taps: dict[str, torch.Tensor] = {}
-    modules = {"bottleneck": bottom_layer(unet),
-               **{f"decoder{k}": m for k, m in enumerate(decoder_layers(unet)[:-1])}}
+    ups = decoder_layers(unet)
+    modules = {"bottleneck": bottom_layer(unet), **dict(zip(_level_names(len(ups))[:-1], ups[:-1], strict=True))}
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: taps.__setitem__(name, out))
              for name, m in modules.items()]
     try:
