@@ -19,8 +19,9 @@ SEEDS = [int(s) for s in config["seeds"]]
 INITS = all_inits(config)
 CONDA_ENV = "../envs/ctssl.yaml"
 
-for _problem in unresolvable_inits(config, set(METHODS)):
-    raise WorkflowError(_problem)
+_unresolvable = unresolvable_inits(config, set(METHODS))
+if _unresolvable:
+    raise WorkflowError("\n".join(_unresolvable))
 
 
 wildcard_constraints:

@@ -214,7 +214,7 @@ def html_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.D
     for dataset in sorted(per_class["dataset"].unique()):
         body += [f"<h2>{html.escape(dataset)}</h2>", table(class_block(per_class, dataset, _html_bold))]
     cells = provenance.drop(columns=["metrics", "weights_path", "train_cases"]).assign(
-        weights_sha256=provenance["weights_sha256"].map(lambda s: s[:16] if isinstance(s, str) else "–"),
+        weights_sha256=provenance["weights_sha256"].map(_short_sha),
         fraction=provenance["fraction"].map(fraction_key))
     body += ["<h1>Provenance</h1>", table(provenance_summary(provenance), False),
              "<h2>Every cell</h2><p>Train case ids and metrics paths: provenance.csv.</p>",
@@ -223,6 +223,11 @@ def html_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.D
              "table.t td,table.t th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}"
              "table.t th{background:#f3f3f3}")
     return f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
+def _short_sha(digest) -> str:
+    """First 16 hex digits of a checksum; '–' for a cell without weights (scratch)."""
+    return digest[:16] if isinstance(digest, str) else "–"
 
 
 def provenance_summary(provenance: pd.DataFrame) -> pd.DataFrame:
@@ -235,7 +240,7 @@ def provenance_summary(provenance: pd.DataFrame) -> pd.DataFrame:
     for (dataset, init), g in provenance.groupby(["dataset", "init"], sort=False):
         rows.append({"dataset": dataset, "init": init, "cells": len(g), "code version": uniq(g["code_version"]),
                      "config sha256": uniq(g["config_sha256"]),
-                     "weights sha256": uniq(g["weights_sha256"].map(lambda s: s[:16] if isinstance(s, str) else s)),
+                     "weights sha256": uniq(g["weights_sha256"].map(_short_sha)),
                      "test cases": uniq(g["test_cases"])})
     frame = pd.DataFrame(rows)
     frame["_order"] = frame["init"].map({i: k for k, i in enumerate(init_order(frame["init"]))})
