@@ -29,15 +29,21 @@ from ctssl.config import method_config
 from ctssl.models.features import feature_levels, forward_to
 from ctssl.ssl import METHODS
 from ctssl.train.common import pick_device, set_threads
+from ctssl.train.pretrain import build_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL_META = {"datasets": ["chest", "kidney", "liver", "spleen"], "groups": ["abdomen", "chest"]}
 
 
+def random_volume(patch: list[int], rng: np.random.Generator) -> np.ndarray:
+    """A source volume 1.6x the patch per axis: room for the views' 1.1-1.4x boxes."""
+    return rng.normal(size=[int(p * 1.6) for p in patch]).astype(np.float32)
+
+
 def make_batch(method: str, mcfg: dict, patch: list[int], batch: int, device) -> dict:
     sampler = METHODS[method].view_sampler(mcfg, patch)
     rng = np.random.default_rng(0)
-    volume = rng.normal(size=[int(p * 1.6) for p in patch]).astype(np.float32)
+    volume = random_volume(patch, rng)
     samples = [sampler(volume, rng) for _ in range(batch)]
     out = {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
     out["dataset_id"] = torch.arange(batch, device=device) % len(POOL_META["datasets"])
@@ -66,8 +72,8 @@ def time_steps(step_fn, steps: int, device) -> float:
 def build(method: str, model_cfg: dict, mcfg: dict, patch: list[int], batch: int, device):
     torch.manual_seed(0)
     net = METHODS[method](model_cfg, mcfg, patch, POOL_META).to(device).train()
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    return net, opt, make_batch(method, mcfg, patch, batch, device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    return net, params, build_optimizer(params, mcfg), make_batch(method, mcfg, patch, batch, device)
 
 
 def step_flops(net, data, device, amp) -> int:
@@ -80,14 +86,12 @@ def step_flops(net, data, device, amp) -> int:
     return counter.get_total_flops()
 
 
-def bench_method(net, opt, data, steps, device, amp) -> tuple[float, float]:
-    """(seconds per step, peak CUDA memory in MiB or NaN)."""
+def bench_method(net, params, opt, data, grad_clip, steps, device, amp) -> tuple[float, float]:
+    """(seconds per step, peak CUDA memory in MiB or NaN) of the pretraining loop's own step + EMA update."""
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # as in the loop: bf16 needs no loss scaling
+
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = net.loss(data)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(net, data, opt, scaler, params, grad_clip, use_amp=amp)
         net.update_targets(1, 100)
 
     if device.type == "cuda":
@@ -114,7 +118,7 @@ def bench_backbone_only(net, data, steps, device, amp):
 def sampler_rate(method, mcfg, patch, n=20) -> float:
     sampler = METHODS[method].view_sampler(mcfg, patch)
     rng = np.random.default_rng(1)
-    volume = rng.normal(size=[int(p * 1.6) for p in patch]).astype(np.float32)
+    volume = random_volume(patch, rng)
     start = time.perf_counter()
     for _ in range(n):
         sampler(volume, rng)
@@ -159,10 +163,10 @@ def main() -> int:
         mcfg = method_config(config["pretrain"], method)
         if level is not None:
             mcfg = {**mcfg, "feature_level": level}
-        net, opt, data = build(method, model_cfg, mcfg, patch, batch, device)
+        net, params, opt, data = build(method, model_cfg, mcfg, patch, batch, device)
         flops = step_flops(net, data, device, amp)
         seconds, memory = (float("nan"), float("nan")) if args.flops_only else bench_method(
-            net, opt, data, args.steps, device, amp)
+            net, params, opt, data, float(mcfg.get("grad_clip", 3.0)), args.steps, device, amp)
         results[(method, level)] = (seconds, flops)
         byol_s, byol_flops = results[("byol", None)]
         name = f"{method} {level}" + (" (configured)" if level == configured_level else "") if level else method

@@ -71,6 +71,21 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     raise ValueError(f"pretrain.optimizer.name must be adamw or sgd, got {name!r}")
 
 
+def train_step(net, batch: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list,
+               grad_clip: float, use_amp: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimisation step of an SSL method: loss (bf16 autocast on CUDA), backward, clipping, optimizer step.
+    The EMA update and the LR schedule are the caller's. benchmarks/pretrain_step.py times exactly this."""
+    with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=use_amp):
+        loss, parts = net.loss(batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, parts
+
+
 def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out_dir: str | Path,
                  threads: int = 1) -> dict:
     """Pretrain `method` on `pool`; writes model.pt (backbone weights) and model.json into `out_dir`."""
@@ -121,14 +136,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
         for batch in loader:
             t_step = time.time()
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, parts = net.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, float(mcfg.get("grad_clip", 3.0)))
-            scaler.step(optimizer)
-            scaler.update()
+            loss, parts = train_step(net, batch, optimizer, scaler, params, float(mcfg.get("grad_clip", 3.0)), use_amp)
             scheduler.step()
             step += 1
             tau = net.update_targets(step, steps)
