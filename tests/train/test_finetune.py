@@ -110,3 +110,29 @@ def test_preempted_cell_resumes_to_the_uninterrupted_result(prepared, tmp_path):
     assert [line.split(",")[:3] for line in log_path.read_text().splitlines()] == [
         line.split(",")[:3] for line in (tmp_path / "ref/train_log.csv").read_text().splitlines()]
     assert not (out / "checkpoints").exists()  # a finished cell keeps no checkpoint
+
+
+def test_scored_on_the_original_grid_and_the_preprocessed_one(prepared, tmp_path):
+    """The main score is on each test case's original grid (shape of the raw label file); the preprocessed-grid
+    score is kept beside it. The raw liver cases are anisotropic, half of them LPS."""
+    import nibabel as nib
+
+    from ctssl.evaluate import dice_per_class
+    from ctssl.io import read_json
+    from ctssl.preprocess.spatial import to_original_grid
+
+    pre, _, splits = prepared
+    metrics = _run(prepared, tmp_path / "c")
+    assert set(metrics["per_case_preprocessed"]) == set(metrics["per_case"]) == set(splits["test"])
+    assert metrics["evaluation_space"].startswith("original image grid")
+    case = splits["test"][0]
+    geometry = read_json(pre / f"{case}.json")
+    reference = np.asarray(nib.load(geometry["source_label"]).dataobj)
+    assert list(reference.shape) == geometry["original"]["shape"] != geometry["shape"]
+    # the reference score recomputed from a perfect prediction: the preprocessed label mapped back
+    seg = torch.as_tensor(np.load(pre / f"{case}_seg.npy")).long()
+    perfect = to_original_grid(torch.nn.functional.one_hot(seg, 3).permute(3, 0, 1, 2).float(), geometry)
+    assert dice_per_class(perfect, reference, {1: "liver"})["liver"] > 0.9
+    assert metrics["mean_foreground_dice_preprocessed"] == pytest.approx(
+        float(np.nanmean([np.nanmean([s[c] for s in metrics["per_case_preprocessed"].values()])
+                          for c in ("liver", "tumour")])), nan_ok=True)

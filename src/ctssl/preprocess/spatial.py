@@ -67,3 +67,46 @@ def resample_label(label: np.ndarray, affine: np.ndarray, spacing, method: str =
             best_score = torch.where(better, score, best_score)
             winner[better] = value
     return winner.numpy().astype(np.uint8), new_affine
+
+
+def to_original_grid(probabilities: torch.Tensor, geometry: dict) -> np.ndarray:
+    """Class probabilities (C, X, Y, Z) on the preprocessed grid -> a label map on the case's original grid.
+
+    The inverse of preprocessing, as nnU-Net exports predictions: each class's probability is resampled
+    (trilinear, MONAI SpatialResample) from the target-spacing RAS grid onto the original voxel grid expressed in
+    RAS, the arg-max taken (one class at a time, so memory stays at two volumes), and the axes permuted/flipped
+    back to the stored orientation (no interpolation). `geometry` is the case's preprocessed `{case}.json`.
+    """
+    from monai.transforms import SpatialResample
+
+    original = geometry["original"]
+    shape, affine = tuple(int(n) for n in original["shape"]), np.asarray(original["affine"], dtype=np.float64)
+    # The original grid in canonical orientation: the grid the forward resampling started from.
+    canon_shape, canon_affine = _canonical_grid(shape, affine)
+    resample = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)
+    source_affine = torch.as_tensor(np.asarray(geometry["affine"], dtype=np.float64))
+    best, winner = None, None
+    for value in range(probabilities.shape[0]):
+        channel = MetaTensor(probabilities[value : value + 1].float().cpu(), affine=source_affine)
+        score = resample(channel, dst_affine=torch.as_tensor(canon_affine), spatial_size=canon_shape).as_tensor()[0]
+        if best is None:
+            best, winner = score, torch.zeros_like(score, dtype=torch.int16)
+        else:
+            better = score > best
+            best = torch.where(better, score, best)
+            winner[better] = value
+    label, back_affine = reorient(winner.numpy().astype(np.uint8), canon_affine, orientation_code(affine))
+    if label.shape != shape or not np.allclose(back_affine, affine, atol=1e-3):
+        raise AssertionError(f"{geometry.get('case')}: prediction mapped back onto {label.shape} / {back_affine.tolist()}"
+                             f", not the original grid {shape} / {affine.tolist()}")
+    return label
+
+
+def _canonical_grid(shape: tuple[int, ...], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine of a `shape`/`affine` grid reoriented to RAS (axes permuted/flipped, never resized), from
+    the orientation alone: reorienting a whole dummy volume just to read its affine would cost a volume."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    canon_shape = tuple(int(shape[int(np.where(ornt[:, 0] == axis)[0][0])]) for axis in range(3))
+    return canon_shape, affine @ nib.orientations.inv_ornt_aff(ornt, shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,15 @@ from monai.transforms import (
     RandShiftIntensityd,
     SpatialPadd,
 )
+from torch import nn
 from tqdm import tqdm
 
-from ctssl.evaluate import dice_per_class, predict_volume, summarize
+from ctssl.evaluate import dice_per_class, predict_probabilities, summarize
 from ctssl.io import file_digest, json_digest, read_json, write_json
 from ctssl.models.backbone import SegmentationNet, total_stride
 from ctssl.models.weights import load_backbone_weights, read_state_dict
+from ctssl.preprocess.nifti import load_nifti
+from ctssl.preprocess.spatial import to_original_grid
 from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.splits import fraction_key, label_subset
 from ctssl.train.checkpoint import (
@@ -68,10 +72,41 @@ def check_patch(patch_size: list[int], model_cfg: dict) -> None:
         raise ValueError(f"finetune.patch_size {patch_size} must be divisible by the network stride {stride}")
 
 
+StepHook = Callable[[int, nn.Module], None]
+
+
+def trainable_parameters(net: SegmentationNet, freeze_backbone: bool) -> list[nn.Parameter]:
+    """Every parameter, or only the segmentation head's (a frozen-backbone probe of what the features encode)."""
+    if not freeze_backbone:
+        return list(net.parameters())
+    for p in net.backbone.parameters():
+        p.requires_grad_(False)
+    return list(net.head.parameters())
+
+
+def evaluate_case(net: nn.Module, preprocessed_dir: Path, case: str, classes: dict[int, str], patch: list[int], *,
+                  sw_batch_size: int, overlap: float, device: torch.device) -> tuple[dict, dict]:
+    """Dice per class on the case's original grid (against the raw label file) and on the preprocessed grid."""
+    geometry = read_json(preprocessed_dir / f"{case}.json")
+    probs = predict_probabilities(net, np.load(preprocessed_dir / f"{case}.npy"), patch,
+                                  sw_batch_size=sw_batch_size, overlap=overlap, device=device)
+    on_preprocessed = dice_per_class(probs.argmax(0).numpy().astype(np.uint8),
+                                     np.load(preprocessed_dir / f"{case}_seg.npy"), classes)
+    if not geometry.get("source_label"):
+        raise ValueError(f"{preprocessed_dir / case}.json: no source label to score the original grid against")
+    reference, _ = load_nifti(geometry["source_label"], dtype=np.uint8)
+    on_original = dice_per_class(to_original_grid(probs, geometry), reference, classes)
+    return on_original, on_preprocessed
+
+
 def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fraction: float, seed: int,
                  init: str, init_weights: str | Path | None, cfg: dict, out_dir: str | Path,
-                 threads: int = 1) -> dict:
-    """Train one cell, evaluate it, write `metrics.json` + `train_log.csv` into `out_dir`; returns the metrics."""
+                 threads: int = 1, on_step: StepHook | None = None) -> dict:
+    """Train one cell, evaluate it, write `metrics.json` + `train_log.csv` into `out_dir`; returns the metrics.
+
+    `on_step(step, net)` runs after every optimizer step (experiments use it for learning curves on cases that
+    are not test cases); it must leave the network in train mode and must not consume training randomness.
+    """
     t_start = time.time()
     preprocessed_dir, out_dir = Path(preprocessed_dir), Path(out_dir)
     set_threads(threads)
@@ -104,7 +139,8 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     # Foreground-only batch Dice (as nnU-Net: no background term) so small structures such as kidneys and
     # lesions are not drowned by the background class in the first hundred steps.
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=float(ft["lr"]), weight_decay=float(ft["weight_decay"]))
+    params = trainable_parameters(net, bool(ft.get("freeze_backbone", False)))
+    optimizer = torch.optim.AdamW(params, lr=float(ft["lr"]), weight_decay=float(ft["weight_decay"]))
     steps, warmup = int(ft["steps"]), int(ft.get("warmup_steps", 0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
     use_amp = device.type == "cuda" and bool(cfg.get("amp", True))
@@ -139,7 +175,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
                 loss = loss_fn(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), float(ft.get("grad_clip", 12.0)))
+            torch.nn.utils.clip_grad_norm_(params, float(ft.get("grad_clip", 12.0)))
             optimizer.step()
             scheduler.step()
             value = float(loss.detach())
@@ -149,25 +185,28 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 log.info("step %d/%d loss %.4f lr %.3g", step + 1, steps, value, scheduler.get_last_lr()[0])
             checkpoint_after_step(flag, step + 1, steps, ckpt_every, ckpt_path, fingerprint, state, csv_log)
+            if on_step is not None:
+                on_step(step + 1, net)
     csv_log.close()
     train_seconds = time.time() - t_train
 
     t_eval = time.time()
-    per_case = {}
+    per_case, per_case_preprocessed = {}, {}
     for case in test_cases:
-        image = np.load(preprocessed_dir / f"{case}.npy")
-        ref = np.load(preprocessed_dir / f"{case}_seg.npy")
-        pred = predict_volume(net, image, patch, sw_batch_size=int(ft.get("sw_batch_size", 2)),
-                              overlap=float(ft.get("sw_overlap", 0.5)), device=device)
-        per_case[case] = dice_per_class(pred, ref, classes)
-        log.info("test %s: %s", case, {k: round(v, 4) for k, v in per_case[case].items()})
+        per_case[case], per_case_preprocessed[case] = evaluate_case(
+            net, preprocessed_dir, case, classes, patch, sw_batch_size=int(ft.get("sw_batch_size", 2)),
+            overlap=float(ft.get("sw_overlap", 0.5)), device=device)
+        log.info("test %s (original grid): %s", case, {k: round(v, 4) for k, v in per_case[case].items()})
     summary = summarize(per_case)
     metrics = {
         "dataset": manifest["dataset"], "init": init, "fraction": fraction, "seed": seed,
         "classes": {str(k): v for k, v in classes.items() if k != 0},
         "per_case": per_case, **summary,
+        "per_case_preprocessed": per_case_preprocessed,
+        "mean_foreground_dice_preprocessed": summarize(per_case_preprocessed)["mean_foreground_dice"],
         "train_cases": list(train_cases), "test_cases": list(test_cases),
-        "evaluation_space": "preprocessed grid (canonical orientation, target spacing)",
+        "evaluation_space": "original image grid (prediction probabilities resampled back, as nnU-Net); "
+                            "*_preprocessed: the preprocessed grid (RAS, target spacing)",
         "init_weights": weights_info,
         "timings_s": {"train": round(train_seconds, 2), "evaluate": round(time.time() - t_eval, 2),
                       "total": round(time.time() - t_start, 2)},
