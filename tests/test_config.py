@@ -79,3 +79,15 @@ def test_job_resources_grow_with_the_attempt_and_cpu_stages_ask_for_no_gpu():
     cpu = job_resources(cfg, "cpu")
     assert set(cpu) == {"mem_mb"} and cpu["mem_mb"](None, 2) == 4000
     assert job_resources({}, "pretrain") == {}
+
+
+def test_supervised_pool_without_usable_labels_is_refused():
+    from ctssl.config import check_config
+    from ctssl.errors import ConfigError
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["inits"] = ["scratch", "supervised-all"]
+    check_config(cfg)  # kidney is labelled and not downstream: usable
+    cfg["downstream"] = ["liver", "spleen", "kidney"]
+    with pytest.raises(ConfigError, match="'supervised-all' needs a labelled dataset that is not downstream"):
+        check_config(cfg)

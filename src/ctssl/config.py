@@ -83,6 +83,7 @@ def check_config(config: dict) -> None:
     for pool in pools:
         if pool != "all" and pool not in datasets:
             raise ConfigError(f"pool {pool!r} (from pretrain.pools or inits) is neither 'all' nor a dataset name")
+    check_supervised_pools(config)
     model, patch = config["model"], config["finetune"]["patch_size"]
     if len(model["strides"]) != len(model["channels"]) - 1:
         raise ConfigError("model.strides needs exactly one entry fewer than model.channels")
@@ -91,6 +92,21 @@ def check_config(config: dict) -> None:
         stride *= s
     if any(p % stride for p in patch):
         raise ConfigError(f"finetune.patch_size {patch} must be divisible by the network stride {stride}")
+
+
+def check_supervised_pools(config: dict) -> None:
+    """`supervised-{pool}` trains on the labels of the pool's labelled datasets that are not downstream (a
+    downstream dataset's labels are what the label fractions ration); refuse a pool that has none, at start-up."""
+    pool_datasets = config.get("pretrain", {}).get("pool_datasets", sorted(config["datasets"]))
+    for init in all_inits(config):
+        parsed = parse_init(init)
+        if not parsed or parsed[0] != "supervised":
+            continue
+        members = pool_datasets if parsed[1] == "all" else [parsed[1]]
+        usable = [d for d in members if is_labelled(config["datasets"][d]) and d not in config["downstream"]]
+        if not usable:
+            raise ConfigError(f"inits: {init!r} needs a labelled dataset that is not downstream in pool "
+                              f"{parsed[1]!r} ({members}); downstream datasets' labels never enter pretraining")
 
 
 def load_config(path: str | Path) -> dict:

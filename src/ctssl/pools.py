@@ -3,6 +3,10 @@
 A pool is every preprocessed case of the configured pretraining domains (`all`) or of one dataset only (its name).
 Downstream test cases are removed before anything else, and the result is checked again: a test case seen during
 pretraining would silently inflate every number the report shows.
+
+The `label` column names the label map a method may train on (the supervised control), and only for datasets that
+are *not* downstream: a downstream dataset's labels are the scarce resource a cell measures (10 % of them, say);
+pretraining on all of them would leak the other 90 % into every label fraction.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import pandas as pd
 
 from ctssl.io import atomic_path, read_json
 
-POOL_COLUMNS = ["case", "dataset", "group", "image"]
+POOL_COLUMNS = ["case", "dataset", "group", "image", "label"]
 
 
 class LeakageError(AssertionError):
@@ -23,17 +27,21 @@ class LeakageError(AssertionError):
 
 def build_pool(pool: str, manifests: Mapping[str, dict], preprocessed_dirs: Mapping[str, str],
                test_cases: Mapping[str, Sequence[str]], pool_datasets: Sequence[str]) -> pd.DataFrame:
-    """`manifests`: preprocessed manifest per dataset; `test_cases`: downstream test cases per dataset."""
+    """`manifests`: preprocessed manifest per dataset; `test_cases`: downstream test cases per dataset (its keys are
+    the downstream datasets, whose labels never enter a pool)."""
     members = list(pool_datasets) if pool == "all" else [pool]
     rows = []
     for name in members:
         excluded = set(test_cases.get(name, ()))
         manifest = manifests[name]
+        labels_usable = name not in test_cases
         for entry in manifest["cases"]:
             if entry["case"] in excluded:
                 continue
+            labelled = labels_usable and entry.get("labelled", False)
             rows.append({"case": entry["case"], "dataset": name, "group": manifest["group"],
-                         "image": f"{preprocessed_dirs[name]}/{entry['case']}.npy"})
+                         "image": f"{preprocessed_dirs[name]}/{entry['case']}.npy",
+                         "label": f"{preprocessed_dirs[name]}/{entry['case']}_seg.npy" if labelled else ""})
     frame = pd.DataFrame(rows, columns=POOL_COLUMNS)
     if frame.empty:
         raise ValueError(f"pool {pool!r} is empty (datasets {members})")

@@ -132,3 +132,51 @@ def test_finished_run_keeps_no_checkpoint_so_a_rerun_trains_again(pool_csv, tmp_
                          out_dir=tmp_path)  # what `snakemake -f` does: it must not 'resume' at step 6
     assert again["resumed_from_step"] is None and again["final_loss"] == first["final_loss"]
     assert [s for s, _ in _losses(tmp_path)] == list(range(1, 7))
+
+
+def _labelled_pool(liver_preprocessed, tmp_path, with_labels=True):
+    """A pool whose liver cases bring labels (liver standing in for a labelled, non-downstream dataset) plus an
+    unlabelled domain; the supervised method must use the former only."""
+    pre = liver_preprocessed
+    rows = [{"case": c, "dataset": "liver", "group": "abdomen", "image": str(pre / f"{c}.npy"),
+             "label": str(pre / f"{c}_seg.npy") if with_labels else ""} for c in (f"liver_{i:03d}" for i in range(4))]
+    rows.append({"case": "x", "dataset": "chest", "group": "chest", "image": str(pre / "liver_000.npy"), "label": ""})
+    pd.DataFrame(rows).to_csv(tmp_path / "pool.csv", index=False)
+    return tmp_path / "pool.csv"
+
+
+def test_supervised_pretraining_learns_from_non_downstream_labels(liver_preprocessed, tmp_path):
+    pool = _labelled_pool(liver_preprocessed, tmp_path)
+    meta = run_pretrain(pool_csv=pool, method="supervised", pool="all", cfg=_cfg(steps=40), out_dir=tmp_path / "out")
+    assert meta["pool_datasets"] == ["liver"] and meta["pool_cases"] == 4  # the unlabelled chest case is not used
+    with open(tmp_path / "out" / "train_log.csv") as fh:
+        rows = [json.loads(r["parts"]) for r in csv.DictReader(fh)]
+    first, last = sum(r["liver"] for r in rows[:8]) / 8, sum(r["liver"] for r in rows[-8:]) / 8
+    assert last < first - 0.1  # Dice + CE on the liver labels goes down
+    report = load_backbone_weights(SegmentationNet(MODEL, n_classes=2).backbone,
+                                   read_state_dict(tmp_path / "out" / "model.pt"))
+    assert report["skipped"] == []  # the per-dataset heads stay behind
+
+
+def test_supervised_pretraining_without_usable_labels_is_refused(liver_preprocessed, tmp_path):
+    pool = _labelled_pool(liver_preprocessed, tmp_path, with_labels=False)
+    with pytest.raises(ValueError, match="needs labels.*not downstream"):
+        run_pretrain(pool_csv=pool, method="supervised", pool="all", cfg=_cfg(steps=2), out_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_labelled_patch_sampler_keeps_image_and_label_aligned():
+    import numpy as np
+
+    from ctssl.ssl.supervised import LabelledPatchSampler
+
+    volume = np.arange(20 * 18 * 10, dtype=np.float32).reshape(20, 18, 10)
+    label = (volume % 7 == 0).astype(np.uint8)
+    sampler = LabelledPatchSampler([16, 16, 16], pos_fraction=1.0, flip_prob=0.5)
+    for seed in range(5):
+        out = sampler(volume, np.random.default_rng(seed), label)
+        x, y = out["input"][0].numpy(), out["target"][0].numpy()
+        assert x.shape == y.shape == (16, 16, 16)
+        inside = x > 0  # zero padding where the patch leaves the 10-slice volume (and voxel 0, value 0)
+        assert np.array_equal(y[inside], (x[inside] % 7 == 0).astype(np.int64))
+        assert y.sum() > 0  # pos_fraction 1: centred on foreground

@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "genesis": "ctssl.ssl.genesis:Genesis",
     "hssl": "ctssl.ssl.hssl:HSSL",
     "pgl": "ctssl.ssl.pgl:PGL",
+    "supervised": "ctssl.ssl.supervised:Supervised",
 }
 
 

@@ -37,27 +37,55 @@ class PoolDataset(Dataset):
     """Sample i of the run (global index, across resumes) -> one volume of the pool through the method's sampler."""
 
     def __init__(self, images: list[str], sampler: Sampler, seed: int, first_index: int, n_samples: int,
-                 dataset_ids: list[int], group_ids: list[int]):
+                 dataset_ids: list[int], group_ids: list[int], labels: list[str] | None = None):
         self.images, self.sampler, self.seed = images, sampler, seed
+        self.labels = labels  # label maps, for samplers that declare `uses_labels` (supervised pretraining)
         self.dataset_ids, self.group_ids = dataset_ids, group_ids
         self.first_index, self.n_samples = first_index, n_samples
-        self._cache: dict[int, np.ndarray] = {}
+        self._cache: dict[tuple[int, bool], np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.n_samples
 
-    def volume(self, k: int) -> np.ndarray:
-        if k not in self._cache:  # memory-mapped: the page cache, not every worker, holds the data
-            self._cache[k] = np.load(self.images[k], mmap_mode="r")
-        return self._cache[k]
+    def volume(self, k: int, label: bool = False) -> np.ndarray:
+        key = (k, label)
+        if key not in self._cache:  # memory-mapped: the page cache, not every worker, holds the data
+            self._cache[key] = np.load(self.labels[k] if label else self.images[k], mmap_mode="r")
+        return self._cache[key]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.first_index + i])
         k = int(rng.integers(len(self.images)))
-        sample = self.sampler(self.volume(k), rng)
+        if getattr(self.sampler, "uses_labels", False):
+            sample = self.sampler(self.volume(k), rng, self.volume(k, label=True))
+        else:
+            sample = self.sampler(self.volume(k), rng)
         sample["dataset_id"] = torch.tensor(self.dataset_ids[k])
         sample["group_id"] = torch.tensor(self.group_ids[k])
         return sample
+
+
+def labelled_rows(frame: pd.DataFrame, pool_csv: str | Path, method: str) -> pd.DataFrame:
+    """The pool cases whose labels pretraining may use (non-downstream labelled datasets); refuse if none."""
+    if "label" not in frame.columns:
+        raise ValueError(f"{pool_csv}: no 'label' column (a pool from an older ctssl); delete it so it is rebuilt")
+    labelled = frame[frame["label"] != ""].reset_index(drop=True)
+    if labelled.empty:
+        raise ValueError(f"{method} pretraining needs labels, but {pool_csv} has none usable: only datasets that "
+                         f"are labelled and not downstream contribute labels (pool datasets: "
+                         f"{sorted(frame['dataset'].unique())})")
+    return labelled
+
+
+def pool_class_counts(frame: pd.DataFrame) -> dict[str, int]:
+    """Classes (background included) of each dataset that brings labels, from its preprocessed manifest."""
+    counts = {}
+    if "label" not in frame.columns:
+        return counts
+    for name, rows in frame[frame["label"] != ""].groupby("dataset"):
+        manifest = json.loads((Path(rows["label"].iloc[0]).parent / "manifest.json").read_text())
+        counts[str(name)] = 1 + max(int(v) for v in manifest["labels"])
+    return counts
 
 
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
@@ -100,11 +128,14 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
         raise ValueError(f"pretrain.patch_size {patch} must be divisible by the network stride "
                          f"{total_stride(model_cfg)}")
     seed, steps, batch_size = int(mcfg.get("seed", 0)), int(mcfg["steps"]), int(mcfg["batch_size"])
-    frame = pd.read_csv(pool_csv)
+    frame = pd.read_csv(pool_csv, keep_default_na=False)
+    if getattr(METHODS[method], "uses_labels", False):
+        frame = labelled_rows(frame, pool_csv, method)
     images = frame["image"].tolist()
     # Free labels for methods that use them (HSSL): indices into the names present in this pool, nothing else.
     pool_meta = {"datasets": sorted(frame["dataset"].unique().tolist()),
-                 "groups": sorted(frame["group"].unique().tolist())}
+                 "groups": sorted(frame["group"].unique().tolist()),
+                 "n_classes": pool_class_counts(frame)}
     dataset_ids = [pool_meta["datasets"].index(d) for d in frame["dataset"]]
     group_ids = [pool_meta["groups"].index(g) for g in frame["group"]]
     seed_everything(seed)
@@ -123,7 +154,8 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     start, log_rows = load_checkpoint(ckpt_path, fingerprint, state, device)
 
     dataset = PoolDataset(images, METHODS[method].view_sampler(mcfg, patch), seed, start * batch_size,
-                          (steps - start) * batch_size, dataset_ids, group_ids)
+                          (steps - start) * batch_size, dataset_ids, group_ids,
+                          frame["label"].tolist() if "label" in frame else None)
     workers = int(mcfg.get("num_workers", 0))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
