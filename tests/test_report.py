@@ -15,6 +15,7 @@ def _cell(tmp_path, dataset, init, fraction, seed, liver, tumour, weights=None):
     m = {"dataset": dataset, "init": init, "fraction": fraction, "seed": seed,
          "per_case": {"c1": {"liver": liver, "tumour": tumour}, "c2": {"liver": liver - 0.1, "tumour": None}},
          "mean_foreground_dice": ((liver + liver - 0.1) / 2 + tumour) / 2, "train_cases": ["a", "b"],
+         "mean_foreground_dice_preprocessed": ((liver + liver - 0.1) / 2 + tumour) / 2 + 0.01,
          "test_cases": ["c1", "c2"], "code_version": "0.1.0+abc", "config": {"x": 1},
          "init_weights": {"init": init, "path": weights, "sha256": "f" * 64 if weights else None},
          "scheduler": {"host": "node1", "SLURM_JOB_ID": "42"}}
@@ -90,7 +91,9 @@ def test_write_report_files(files, tmp_path):
     summary = pd.read_csv(out["table_csv"])
     assert {"delta_vs_scratch", "p_wilcoxon", "n_pairs", "best", "n_seeds", "n_test_cases"} <= set(summary.columns)
     md = re.sub(r" +", " ", out["table_md"].read_text())
-    assert "| pgl-all | **45.0 ± 3.5** | +10.0 | 0.125 | **45.0 ± 3.5** |" in md
+    # original-grid Dice is the main column; the preprocessed-grid mean (here 1 point higher) sits beside it
+    assert "| pgl-all | **45.0 ± 3.5** | +10.0 | 0.125 | 46.0 | **45.0 ± 3.5** |" in md
+    assert summary.loc[summary["init"] == "pgl-all", "dice_preprocessed_mean"].round(3).tolist() == [46.0, 46.0]
     assert "| scratch | 35.0 ± 3.5 | – | – |" in md and "| byol-all | 35.0 ± 3.5 | +0.0 | 1.000 |" in md
     assert "n = 2 test cases × 2 seeds (4 pairs per test)" in md
     assert "# Dice per class" in md and "# Provenance" in md and "ffffffffffffffff" in md

@@ -36,8 +36,9 @@ def collect(metrics_files: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataF
         for case, scores in m["per_case"].items():
             for cls, dice in scores.items():
                 rows.append({**key, "case": case, "class": cls, "dice": np.nan if dice is None else float(dice)})
-        mfd = m["mean_foreground_dice"]
+        mfd, mfd_pre = m["mean_foreground_dice"], m.get("mean_foreground_dice_preprocessed")
         cells.append({**key, "mean_fg_dice": np.nan if mfd is None else float(mfd),
+                      "mean_fg_dice_preprocessed": np.nan if mfd_pre is None else float(mfd_pre),
                       "n_test": len(m["test_cases"]), "n_train": len(m["train_cases"])})
         weights = m.get("init_weights") or {}
         sched = m.get("scheduler") or {}
@@ -85,13 +86,15 @@ def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (dataset, fraction), group in cells.groupby(["dataset", "fraction"]):
         means = group.groupby("init")["mean_fg_dice"].agg(["mean", "std", "count"])
+        preprocessed = group.groupby("init")["mean_fg_dice_preprocessed"].mean()
         ref = means["mean"].get(REFERENCE, np.nan)
         for init in init_order(group["init"]):
             row = {"dataset": dataset, "fraction": fraction, "init": init,
                    "dice_mean": 100 * means.loc[init, "mean"], "dice_sd": 100 * np.nan_to_num(means.loc[init, "std"]),
                    "n_seeds": int(means.loc[init, "count"]),
                    "n_test_cases": int(group[group["init"] == init]["n_test"].max()),
-                   "delta_vs_scratch": np.nan, "p_wilcoxon": np.nan, "n_pairs": 0}
+                   "delta_vs_scratch": np.nan, "p_wilcoxon": np.nan, "n_pairs": 0,
+                   "dice_preprocessed_mean": 100 * preprocessed.get(init, np.nan)}
             if init != REFERENCE and not np.isnan(ref):
                 row["delta_vs_scratch"] = 100 * (means.loc[init, "mean"] - ref)
                 row["p_wilcoxon"], row["n_pairs"] = paired_wilcoxon(
@@ -158,7 +161,13 @@ def dataset_block(summary: pd.DataFrame, dataset: str, bold: Callable[[str], str
                                 if i in f.index else "–" for i in out.index]
         out[f"{label} Δ"] = [_signed(f.loc[i, "delta_vs_scratch"]) if i in f.index else "–" for i in out.index]
         out[f"{label} p"] = [_p(f.loc[i, "p_wilcoxon"]) if i in f.index else "–" for i in out.index]
+        out[f"{label} Dice (prep. grid)"] = [_number(f.loc[i, "dice_preprocessed_mean"]) if i in f.index else "–"
+                                             for i in out.index]
     return out
+
+
+def _number(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{x:.1f}"
 
 
 def class_block(per_class: pd.DataFrame, dataset: str, bold: Callable[[str], str]) -> pd.DataFrame:
@@ -182,8 +191,10 @@ def _counts(summary: pd.DataFrame, dataset: str) -> str:
             + (f" ({'/'.join(map(str, pairs))} pairs per test)" if pairs else ""))
 
 
-NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%), classes averaged over test cases with "
-        "NaN skipped as in nnU-Net. Δ: difference of means to scratch, in Dice points. p: two-sided Wilcoxon "
+NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%) on each test case's original image grid "
+        "(predicted probabilities resampled back, as nnU-Net exports), classes averaged over test cases with "
+        "NaN skipped as in nnU-Net. Dice (prep. grid): the same mean scored on the preprocessed grid (RAS, target "
+        "spacing). Δ: difference of means to scratch, in Dice points. p: two-sided Wilcoxon "
         "signed-rank test of the init against scratch, paired over (seed, test case), each pair's values being the "
         "case's mean foreground Dice. Best mean per column in bold. No correction for multiple comparisons.")
 
@@ -192,7 +203,7 @@ def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: 
     lines = ["# Mean foreground Dice (%) by initialization and label fraction", "", NOTE, ""]
     for dataset in sorted(summary["dataset"].unique()):
         lines += [f"## {dataset}", "", _counts(summary, dataset) + ".", "",
-                  dataset_block(summary, dataset, _md_bold).to_markdown(), ""]
+                  dataset_block(summary, dataset, _md_bold).to_markdown(disable_numparse=True), ""]
     lines += ["# Dice per class (%)", "", "Mean ± sd over seeds of each class's mean Dice over test cases.", ""]
     for dataset in sorted(per_class["dataset"].unique()):
         lines += [f"## {dataset}", "", class_block(per_class, dataset, _md_bold).to_markdown(), ""]
