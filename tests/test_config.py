@@ -91,3 +91,12 @@ def test_supervised_pool_without_usable_labels_is_refused():
     cfg["downstream"] = ["liver", "spleen", "kidney"]
     with pytest.raises(ConfigError, match="'supervised-all' needs a labelled dataset that is not downstream"):
         check_config(cfg)
+
+
+def test_head_warmup_longer_than_training_is_refused():
+    from ctssl.config import check_config
+
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["finetune"]["head_warmup_steps"] = cfg["finetune"]["steps"]
+    with pytest.raises(ConfigError, match="finetune.head_warmup_steps .* must be below finetune.steps"):
+        check_config(cfg)

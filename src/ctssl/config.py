@@ -84,6 +84,10 @@ def check_config(config: dict) -> None:
         if pool != "all" and pool not in datasets:
             raise ConfigError(f"pool {pool!r} (from pretrain.pools or inits) is neither 'all' nor a dataset name")
     check_supervised_pools(config)
+    ft = config["finetune"]
+    if int(ft.get("head_warmup_steps", 0)) >= int(ft["steps"]):
+        raise ConfigError(f"finetune.head_warmup_steps ({ft['head_warmup_steps']}) must be below finetune.steps "
+                          f"({ft['steps']}): the backbone would never be trained")
     model, patch = config["model"], config["finetune"]["patch_size"]
     if len(model["strides"]) != len(model["channels"]) - 1:
         raise ConfigError("model.strides needs exactly one entry fewer than model.channels")

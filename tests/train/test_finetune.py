@@ -136,3 +136,41 @@ def test_scored_on_the_original_grid_and_the_preprocessed_one(prepared, tmp_path
     assert metrics["mean_foreground_dice_preprocessed"] == pytest.approx(
         float(np.nanmean([np.nanmean([s[c] for s in metrics["per_case_preprocessed"].values()])
                           for c in ("liver", "tumour")])), nan_ok=True)
+
+
+def _one_step(net, optimizer, scheduler):
+    x = torch.randn(2, 1, 16, 16, 16)
+    optimizer.zero_grad()
+    net(x).square().mean().backward()
+    optimizer.step()
+    scheduler.step()
+
+
+@pytest.mark.parametrize(("settings", "backbone_moves_at"), [
+    ({}, 1), ({"head_warmup_steps": 3}, 4), ({"freeze_backbone": True}, None)])
+def test_backbone_learns_only_when_its_schedule_lets_it(settings, backbone_moves_at):
+    from ctssl.models.backbone import SegmentationNet
+    from ctssl.train.finetune import optimizer_and_schedule
+
+    torch.manual_seed(0)
+    net = SegmentationNet(CFG["model"], n_classes=2)
+    ft = {**CFG["finetune"], "steps": 8, "warmup_steps": 0, **settings}
+    optimizer, scheduler, _ = optimizer_and_schedule(net, ft)
+    start = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    head_start = net.head[2].weight.detach().clone()
+    moved = []
+    for _ in range(5):
+        _one_step(net, optimizer, scheduler)
+        moved.append(any(not torch.equal(start[k], v) for k, v in net.backbone.state_dict().items()))
+    assert not torch.equal(head_start, net.head[2].weight)  # the head always learns
+    expected = [backbone_moves_at is not None and step >= backbone_moves_at for step in range(1, 6)]
+    assert moved == expected
+
+
+def test_head_warmup_must_leave_steps_for_the_backbone():
+    from ctssl.models.backbone import SegmentationNet
+    from ctssl.train.finetune import optimizer_and_schedule
+
+    with pytest.raises(ValueError, match="head_warmup_steps \\(4\\) must be below finetune.steps \\(4\\)"):
+        optimizer_and_schedule(SegmentationNet(CFG["model"], n_classes=2),
+                               {**CFG["finetune"], "head_warmup_steps": 4})

@@ -21,6 +21,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from ctssl.evaluate import dice_per_class, predict_probabilities, summarize
@@ -75,13 +76,35 @@ def check_patch(patch_size: list[int], model_cfg: dict) -> None:
 StepHook = Callable[[int, nn.Module], None]
 
 
-def trainable_parameters(net: SegmentationNet, freeze_backbone: bool) -> list[nn.Parameter]:
-    """Every parameter, or only the segmentation head's (a frozen-backbone probe of what the features encode)."""
-    if not freeze_backbone:
-        return list(net.parameters())
-    for p in net.backbone.parameters():
-        p.requires_grad_(False)
-    return list(net.head.parameters())
+def optimizer_and_schedule(net: SegmentationNet, ft: dict) -> tuple[torch.optim.Optimizer, LambdaLR, list]:
+    """AdamW over two groups (backbone, head) with per-group LR multipliers.
+
+    - `freeze_backbone`: the head alone is trained (a probe of what an init's features encode).
+    - `head_warmup_steps` H: for the first H steps only the head learns (the backbone's LR is 0), then the backbone
+      joins with its own linear warm-up and cosine decay over the remaining steps: the two-stage warm-up used to
+      fine-tune pretrained 3D U-Nets (e.g. nnssl's fine-tuning trainers). A random head at full LR otherwise
+      sends large, meaningless gradients into the pretrained layers in the very first steps.
+    Returns the optimizer, the scheduler and the trained parameters (for gradient clipping).
+    """
+    steps, warmup = int(ft["steps"]), int(ft.get("warmup_steps", 0))
+    head_params = list(net.head.parameters())
+    if bool(ft.get("freeze_backbone", False)):
+        for p in net.backbone.parameters():
+            p.requires_grad_(False)
+        optimizer = torch.optim.AdamW(head_params, lr=float(ft["lr"]), weight_decay=float(ft["weight_decay"]))
+        return optimizer, LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup)), head_params
+    head_warmup = int(ft.get("head_warmup_steps", 0))
+    if head_warmup >= steps:
+        raise ValueError(f"finetune.head_warmup_steps ({head_warmup}) must be below finetune.steps ({steps})")
+    backbone_params = list(net.backbone.parameters())
+    optimizer = torch.optim.AdamW([{"params": backbone_params}, {"params": head_params}], lr=float(ft["lr"]),
+                                  weight_decay=float(ft["weight_decay"]))
+
+    def backbone_factor(s: int) -> float:
+        return 0.0 if s < head_warmup else warmup_cosine(s - head_warmup, steps - head_warmup, warmup)
+
+    scheduler = LambdaLR(optimizer, [backbone_factor, lambda s: warmup_cosine(s, steps, warmup)])
+    return optimizer, scheduler, backbone_params + head_params
 
 
 def evaluate_case(net: nn.Module, preprocessed_dir: Path, case: str, classes: dict[int, str], patch: list[int], *,
@@ -139,10 +162,8 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     # Foreground-only batch Dice (as nnU-Net: no background term) so small structures such as kidneys and
     # lesions are not drowned by the background class in the first hundred steps.
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-    params = trainable_parameters(net, bool(ft.get("freeze_backbone", False)))
-    optimizer = torch.optim.AdamW(params, lr=float(ft["lr"]), weight_decay=float(ft["weight_decay"]))
-    steps, warmup = int(ft["steps"]), int(ft.get("warmup_steps", 0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
+    optimizer, scheduler, params = optimizer_and_schedule(net, ft)
+    steps = int(ft["steps"])
     use_amp = device.type == "cuda" and bool(cfg.get("amp", True))
 
     # Resume after preemption. The batch stream is replayed up to the checkpoint's step (cheap: cropping only), so
