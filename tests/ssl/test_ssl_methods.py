@@ -143,3 +143,22 @@ def test_pgl_on_a_coarse_level_trains_the_encoder_and_that_stage_only():
 def encode_parameters(unet):
     return [p for block in connection_blocks(unet) for p in block[0].parameters()] + list(
         bottom_layer(unet).parameters())
+
+
+def test_pgl_decorrelation_term_is_added_and_reaches_the_backbone():
+    sampler = METHODS["pgl"].view_sampler(CFG, PATCH)
+    rng = np.random.default_rng(0)
+    samples = [sampler(rng.random((24, 24, 12)).astype(np.float32), rng) for _ in range(2)]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    torch.manual_seed(0)
+    plain = METHODS["pgl"](MODEL, CFG, PATCH)
+    torch.manual_seed(0)
+    regularised = METHODS["pgl"](MODEL, {**CFG, "decorrelation_weight": 2.0}, PATCH)
+    loss_plain, parts_plain = plain.loss(batch)
+    loss, parts = regularised.loss(batch)
+    assert set(parts_plain) == {"local"} and {"local", "variance", "covariance"} <= set(parts)
+    assert parts["local"] == pytest.approx(parts_plain["local"], rel=1e-5)  # same weights, same local term
+    assert float(loss) == pytest.approx(parts["local"] + 2.0 * (parts["variance"] + 0.04 * parts["covariance"]),
+                                        rel=1e-5)
+    loss.backward()
+    assert regularised.backbone.model[0].conv.unit0.conv.weight.grad.abs().sum() > 0

@@ -7,6 +7,8 @@ shared region (3D RoIAlign via grid_sample, see `ctssl.geometry`), so grid point
 voxel in both. A voxel-wise projector (online and target) and predictor (online) follow, and the local consistency
 loss 2 - 2 cos(prediction_A, target_projection_B) is averaged over grid points and symmetrised over (A, B).
 An optional global BYOL term (`global_weight`) adds image-level consistency on the pooled bottleneck.
+`decorrelation_weight` > 0 (our extension, not in the paper; default 0) adds VICReg's variance + covariance terms
+on the online voxel projections, against the dimensional collapse measured in docs/science.md.
 `feature_level` picks the aligned decoder output: the full-resolution 'output' (default) or a coarser 'decoderK'
 (stride > 1; the geometry handles any stride), which skips the full-resolution up layers and most of the compute.
 
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctssl.geometry import ViewGeometry, normalized_coords, shared_grid, to_grid
+from ctssl.losses.decorrelation import variance_covariance
 from ctssl.models.features import encode, feature_levels, forward_to, tap_widths
 from ctssl.models.heads import voxel_mlp
 from ctssl.ssl.base import SSLMethod, TwoViewSampler, byol_loss, frozen_copy
@@ -82,6 +85,7 @@ class PGL(SSLMethod):
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)
         self.global_weight = float(method_cfg.get("global_weight", 0.0))
+        self.decorrelation_weight = float(method_cfg.get("decorrelation_weight", 0.0))
         self.global_head = (GlobalBYOLHead(int(model_cfg["channels"][-1]), hidden, out)
                             if self.global_weight > 0 else None)
 
@@ -100,7 +104,8 @@ class PGL(SSLMethod):
                                     list(online.shape[2:]))
         on_a, on_b = online.chunk(2)
         tg_a, tg_b = target.chunk(2)
-        pred = self.predictor(self.projector(torch.cat([align(on_a, grid_a), align(on_b, grid_b)])))
+        projected = self.projector(torch.cat([align(on_a, grid_a), align(on_b, grid_b)]))
+        pred = self.predictor(projected)
         with torch.no_grad():
             proj = self.target_projector(torch.cat([align(tg_a, grid_a), align(tg_b, grid_b)]))
         p_a, p_b = pred.chunk(2)
@@ -108,6 +113,10 @@ class PGL(SSLMethod):
         local = 0.5 * (local_consistency_loss(p_a, z_b) + local_consistency_loss(p_b, z_a))
         logs = {"local": float(local.detach())}
         loss = local
+        if self.decorrelation_weight > 0:
+            variance, covariance = variance_covariance(projected)
+            logs.update(variance=float(variance.detach()), covariance=float(covariance.detach()))
+            loss = loss + self.decorrelation_weight * (variance + 0.04 * covariance)
         if self.global_head is not None:
             # The encoder runs a second time for the pooled bottleneck; cheap next to the full U-Net pass.
             glob = self.global_head.loss(encode(self.backbone, x)[-1],
