@@ -19,6 +19,8 @@ rule report:
                               category="Figures", labels={"figure": "label efficiency"}),
         per_class_png=report(f"{R}/report/per_class.png", caption="../report/per_class.rst",
                              category="Figures", labels={"figure": "Dice per class"}),
+    params:
+        note=config.get("report_note", ""),
     resources:
         **job_resources(config, "cpu"),
     log:

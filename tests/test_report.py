@@ -86,8 +86,10 @@ def test_write_report_files(files, tmp_path):
         ("table_csv", "t.csv"), ("table_md", "t.md"), ("table_tex", "t.tex"), ("table_html", "t.html"), ("per_case_csv", "case.csv"),
         ("per_class_csv", "class.csv"), ("provenance_csv", "prov.csv"), ("efficiency_png", "eff.png"),
         ("per_class_png", "cls.png"))}
-    write_report(files, out)
+    write_report(files, out, note="Demo: too short to show an effect.")
     assert pd.read_csv(out["per_case_csv"]).shape == (48, 7)
+    assert "**Note.** Demo: too short to show an effect." in out["table_md"].read_text()
+    assert "<b>Note.</b> Demo: too short to show an effect." in out["table_html"].read_text()
     summary = pd.read_csv(out["table_csv"])
     assert {"delta_vs_scratch", "p_wilcoxon", "n_pairs", "best", "n_seeds", "n_test_cases"} <= set(summary.columns)
     md = re.sub(r" +", " ", out["table_md"].read_text())

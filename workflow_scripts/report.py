@@ -8,4 +8,4 @@ from ctssl.logutil import setup_logging  # noqa: E402
 from ctssl.report import write_report  # noqa: E402
 
 setup_logging(snakemake.log[0])
-write_report(snakemake.input, dict(snakemake.output.items()))
+write_report(snakemake.input, dict(snakemake.output.items()), snakemake.params.note)

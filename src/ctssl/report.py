@@ -9,7 +9,7 @@ under the two inits. The best mean of each column is marked.
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import matplotlib
@@ -27,12 +27,15 @@ LONG_COLUMNS = ["dataset", "init", "fraction", "seed", "case", "class", "dice"]
 REFERENCE = "scratch"
 
 
-def collect(metrics_files: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(long per case x class table, one row per cell with its mean foreground Dice, provenance per cell)."""
+def collect(metrics_files: Iterable[str | Path], names: Mapping[str, str] | None = None
+            ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(long per case x class table, one row per cell with its mean foreground Dice, provenance per cell).
+    `names` (str(path) -> name) overrides a cell's init name: experiments name their variants themselves."""
     rows, cells, provenance = [], [], []
     for path in metrics_files:
         m = read_json(path)
-        key = {"dataset": m["dataset"], "init": m["init"], "fraction": float(m["fraction"]), "seed": int(m["seed"])}
+        init = (names or {}).get(str(path), m["init"])
+        key = {"dataset": m["dataset"], "init": init, "fraction": float(m["fraction"]), "seed": int(m["seed"])}
         for case, scores in m["per_case"].items():
             for cls, dice in scores.items():
                 rows.append({**key, "case": case, "class": cls, "dice": np.nan if dice is None else float(dice)})
@@ -199,8 +202,10 @@ NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%) on e
         "case's mean foreground Dice. Best mean per column in bold. No correction for multiple comparisons.")
 
 
-def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame) -> str:
-    lines = ["# Mean foreground Dice (%) by initialization and label fraction", "", NOTE, ""]
+def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame, note: str = "") -> str:
+    lines = ["# Mean foreground Dice (%) by initialization and label fraction", ""]
+    lines += [f"**Note.** {note}", ""] if note else []
+    lines += [NOTE, ""]
     for dataset in sorted(summary["dataset"].unique()):
         lines += [f"## {dataset}", "", _counts(summary, dataset) + ".", "",
                   dataset_block(summary, dataset, _md_bold).to_markdown(disable_numparse=True), ""]
@@ -212,12 +217,14 @@ def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: 
     return "\n".join(lines)
 
 
-def html_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame) -> str:
+def html_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame, note: str = "") -> str:
     """The Markdown report's tables as one self-contained HTML page (shown inline by `snakemake --report`)."""
     def table(frame: pd.DataFrame, index: bool = True) -> str:
         return frame.to_html(escape=False, index=index, border=0, classes="t")
 
-    body = [f"<h1>Mean foreground Dice (%) by initialization and label fraction</h1><p>{html.escape(NOTE)}</p>"]
+    body = ["<h1>Mean foreground Dice (%) by initialization and label fraction</h1>"]
+    body += [f"<p><b>Note.</b> {html.escape(note)}</p>"] if note else []
+    body += [f"<p>{html.escape(NOTE)}</p>"]
     for dataset in sorted(summary["dataset"].unique()):
         body += [f"<h2>{html.escape(dataset)}</h2><p>{html.escape(_counts(summary, dataset))}.</p>",
                  table(dataset_block(summary, dataset, _html_bold))]
@@ -350,9 +357,9 @@ def per_class_plot(per_class: pd.DataFrame, path: str | Path) -> None:
     _save(fig, path)
 
 
-def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path]) -> None:
+def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path], note: str = "") -> None:
     """All report files; `out` maps: table_csv, table_md, table_tex, table_html, per_case_csv, per_class_csv,
-    provenance_csv, efficiency_png, per_class_png."""
+    provenance_csv, efficiency_png, per_class_png. `note` (config `report_note`) heads the Markdown/HTML tables."""
     long, cells, provenance = collect(metrics_files)
     summary = summary_table(cells, long)
     per_class = per_class_table(long)
@@ -362,10 +369,10 @@ def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path]
         with atomic_path(out[key]) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out["table_md"]) as tmp:
-        tmp.write_text(markdown_report(summary, per_class, provenance))
+        tmp.write_text(markdown_report(summary, per_class, provenance, note))
     with atomic_path(out["table_tex"]) as tmp:
         tmp.write_text(latex_report(summary, per_class))
     with atomic_path(out["table_html"]) as tmp:
-        tmp.write_text(html_report(summary, per_class, provenance))
+        tmp.write_text(html_report(summary, per_class, provenance, note))
     label_efficiency_plot(summary, out["efficiency_png"])
     per_class_plot(per_class, out["per_class_png"])
