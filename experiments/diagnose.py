@@ -1,0 +1,36 @@
+"""Run one kept diagnosis experiment (see docs/science.md): python experiments/diagnose.py EXPERIMENT.
+
+Tables (`table.md`, `table.csv`) and the dev-Dice learning curves (`curves.png`) go to experiments/results/EXPERIMENT/;
+every pretraining and fine-tuning run is cached under {results}/experiments/ of the config, so experiments share
+runs and a rerun computes only what is missing.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ctssl.experiments import EXPERIMENTS, Study  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--config", default=str(ROOT / "experiments/configs/diag.yaml"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=None, help="default: experiments/results/EXPERIMENT")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    study = Study(args.config, threads=args.threads)
+    study.ensure_data()
+    out = Path(args.out or ROOT / "experiments" / "results" / args.experiment)
+    table = EXPERIMENTS[args.experiment](study, out, args.seeds)
+    print(table.round(2).to_string())
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

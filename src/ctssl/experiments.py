@@ -1,0 +1,301 @@
+"""Kept diagnosis experiments: why pretrained inits scored below scratch, and what changes that.
+
+Each experiment is a list of fine-tuning runs (init x fine-tuning settings x seed) on one downstream dataset at one
+label fraction, with Dice on *development* cases every `curve_every` steps (training cases outside the labelled
+subset: `ctssl.diagnostics.development_cases`) and the usual test-set score at the end. Decisions (which learning
+rate, how long to pretrain) are read off the development column only; the test column is there to reproduce the
+reported numbers and is never used to choose anything.
+
+Everything is cached under `{results}/experiments/` (pretraining runs by method and length, fine-tuning runs by a
+digest of their settings), so experiments share runs and a rerun only computes what is missing. Entry point:
+`python experiments/diagnose.py EXPERIMENT [--config experiments/configs/diag.yaml]`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ctssl.config import load_config, method_config
+from ctssl.diagnostics import DiceCurve, activation_scales, development_cases, weight_drift, weight_norms
+from ctssl.io import json_digest, read_json, save_torch, write_json
+from ctssl.models.backbone import build_backbone
+from ctssl.report import collect, summary_table
+from ctssl.train.common import seed_everything
+
+log = logging.getLogger(__name__)
+CURVE_EVERY = 20  # fine-tuning steps between two dev-Dice points
+DEV_CASES = 6  # development cases scored per run
+SHORT = 300  # the issue's pretraining length
+LENGTHS = [0, 300, 1000, 3000]  # pretraining-length sweep (steps, separate runs)
+BEST_SSL = "pgl@3000"  # the longest PGL run: what the LR and probe experiments compare
+# Pretraining variants by name: (registered method, overrides of its settings).
+# "hu" variants keep absolute intensity: no brightness/contrast/gamma changes between views (noise and blur stay).
+HU_PRESERVING = {"contrast_prob": 0.0, "brightness_prob": 0.0, "gamma_prob": 0.0}
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "pgl-decor": ("pgl", {"decorrelation_weight": 1.0}),
+    "pgl-hu": ("pgl", {"views": {"intensity": HU_PRESERVING}}),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning run of an experiment. `init`: 'scratch' or '{method}@{steps}' (pretrained for that many
+    steps on pool 'all'; 'method@0' is the pretraining run's own random initialisation, untrained)."""
+
+    label: str
+    init: str
+    seed: int
+    finetune: dict = field(default_factory=dict)  # overrides of the config's `finetune` section
+
+
+class Study:
+    """The data, caches and runners shared by every experiment of one config."""
+
+    def __init__(self, config_path: str | Path, dataset: str = "liver", fraction: float = 10.0, threads: int = 1):
+        self.config_path = Path(config_path)
+        self.cfg = load_config(config_path)
+        self.root = Path(self.cfg["results"])
+        self.cache = self.root / "experiments"
+        self.dataset, self.fraction, self.threads = dataset, float(fraction), threads
+        self.curve_every, self.n_dev = CURVE_EVERY, DEV_CASES
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def ensure_data(self, cores: int = 2) -> None:
+        """Preprocessed data, splits and the pool through the real workflow (nothing reruns if up to date)."""
+        targets = [f"{self.root}/preprocessed/{self.dataset}", f"{self.root}/splits/{self.dataset}.json",
+                   f"{self.root}/pools/all.csv"]
+        cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--quiet", "rules",
+               "--configfile", str(self.config_path), "--", *targets]
+        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[2])
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "preprocessed" / self.dataset
+
+    @property
+    def splits_path(self) -> Path:
+        return self.root / "splits" / f"{self.dataset}.json"
+
+    # -- pretraining -----------------------------------------------------------------------------------------
+    def pretrained(self, init: str) -> Path | None:
+        """Weights for 'scratch' (None) or '{method}@{steps}', trained once and cached."""
+        if init == "scratch":
+            return None
+        name, _, steps = init.partition("@")
+        method, overrides = VARIANTS.get(name, (name, {}))
+        out = self.cache / "pretrain" / f"{name}-{steps}"
+        weights = out / "model.pt"
+        if weights.exists():
+            return weights
+        cfg = copy.deepcopy(self.cfg)
+        mcfg = method_config(cfg["pretrain"], method)
+        if int(steps) == 0:  # the untrained start of that pretraining run: same seed, same construction order
+            seed_everything(int(mcfg.get("seed", 0)))
+            save_torch(weights, build_backbone(cfg["model"]).state_dict())
+            return weights
+        from ctssl.train.pretrain import run_pretrain
+
+        settings = cfg["pretrain"].setdefault("methods", {}).setdefault(method, {})
+        if "views" in overrides:  # a nested override: merge into the shared view settings, not replace them
+            views = copy.deepcopy(cfg["pretrain"]["views"])
+            views["intensity"] = {**views.get("intensity", {}), **overrides["views"].get("intensity", {})}
+            overrides = {**overrides, "views": views}
+        settings.update(overrides, steps=int(steps))
+        cfg["pretrain"]["checkpoint_every"] = max(int(steps), 1)
+        run_pretrain(pool_csv=self.root / "pools" / "all.csv", method=method, pool="all", cfg=cfg, out_dir=out,
+                     threads=self.threads)
+        return weights
+
+    # -- fine-tuning -----------------------------------------------------------------------------------------
+    def finetune(self, run: Run) -> Path:
+        """metrics.json of one run (cached by its settings); its dev-Dice curve is `curve.csv` beside it."""
+        from ctssl.train.finetune import run_finetune
+
+        cfg = copy.deepcopy({k: self.cfg[k] for k in ("model", "finetune", "device", "amp") if k in self.cfg})
+        cfg["finetune"].update(run.finetune)
+        weights = self.pretrained(run.init)
+        key = json_digest({"cfg": cfg, "init": run.init, "seed": run.seed, "dataset": self.dataset,
+                           "fraction": self.fraction, "weights": str(weights), "curve_every": self.curve_every,
+                           "n_dev": self.n_dev})[:16]
+        out = self.cache / "finetune" / key
+        if (out / "metrics.json").exists():
+            return out / "metrics.json"
+        splits = read_json(self.splits_path)
+        manifest = read_json(self.preprocessed / "manifest.json")
+        dev = development_cases(splits, self.fraction, run.seed)[: self.n_dev]
+        curve = DiceCurve(self.preprocessed, dev, {int(k): v for k, v in manifest["labels"].items()},
+                          cfg["finetune"]["patch_size"], self.curve_every,
+                          overlap=float(cfg["finetune"].get("sw_overlap", 0.25)))
+        steps = int(cfg["finetune"]["steps"])
+
+        def on_step(step: int, net: torch.nn.Module) -> None:
+            curve(step, net)
+            if step == steps:  # what fine-tuning left of the init (exp_weights)
+                save_torch(out / "backbone_after.pt", net.backbone.state_dict())
+
+        run_finetune(preprocessed_dir=self.preprocessed, splits_path=self.splits_path, fraction=self.fraction,
+                     seed=run.seed, init=run.label, init_weights=weights, cfg=cfg, out_dir=out,
+                     threads=self.threads, on_step=on_step)
+        pd.DataFrame(curve.rows).to_csv(out / "curve.csv", index=False)
+        write_json(out / "run.json", {"label": run.label, "init": run.init, "seed": run.seed,
+                                      "finetune": run.finetune, "dev_cases": dev})
+        return out / "metrics.json"
+
+
+# -- tables and plots ----------------------------------------------------------------------------------------
+def results_table(metrics: list[Path], labels: list[str]) -> pd.DataFrame:
+    """Per variant: dev Dice at the last step (mean ± sd over seeds) and the test summary of ctssl.report.
+    `labels[i]` names the variant of `metrics[i]` (a cached run may have been made under another name)."""
+    long, cells, _ = collect(metrics, dict(zip(map(str, metrics), labels, strict=True)))
+    test = summary_table(cells, long)
+    dev = []
+    for path, label in zip(metrics, labels, strict=True):
+        run, curve = read_json(path.parent / "run.json"), pd.read_csv(path.parent / "curve.csv")
+        dev.append({"init": label, "seed": run["seed"], "dev": 100 * curve["dev_dice"].iloc[-1]})
+    dev_stats = pd.DataFrame(dev).groupby("init")["dev"].agg(["mean", "std"]).rename(
+        columns={"mean": "dev_dice_mean", "std": "dev_dice_sd"})
+    table = test.set_index("init").join(dev_stats).reindex(list(dict.fromkeys(labels)))
+    return table[["dev_dice_mean", "dev_dice_sd", "dice_mean", "dice_sd", "delta_vs_scratch", "p_wilcoxon",
+                  "n_pairs", "n_seeds"]].rename(columns={"dice_mean": "test_dice_mean", "dice_sd": "test_dice_sd"})
+
+
+def curves_frame(metrics: list[Path], labels: list[str]) -> pd.DataFrame:
+    frames = []
+    for path, label in zip(metrics, labels, strict=True):
+        curve = pd.read_csv(path.parent / "curve.csv")
+        frames.append(curve.assign(variant=label, seed=read_json(path.parent / "run.json")["seed"]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def plot_curves(curves: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, group in curves.groupby("variant", sort=False):
+        stats = group.groupby("step")["dev_dice"].agg(["mean", "std"]).fillna(0)
+        ax.plot(stats.index, 100 * stats["mean"], marker=".", label=variant)
+        ax.fill_between(stats.index, 100 * (stats["mean"] - stats["std"]), 100 * (stats["mean"] + stats["std"]),
+                        alpha=0.15)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("dev mean foreground Dice (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(name: str, study: Study, runs: list[Run], out_dir: Path, title: str) -> pd.DataFrame:
+    metrics = [study.finetune(run) for run in runs]
+    labels = [run.label for run in runs]
+    table = results_table(metrics, labels)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "table.csv")
+    header = (f"# {name}: {title}\n\n{study.dataset}, {study.fraction:g} % labels, seeds "
+              f"{sorted({r.seed for r in runs})}; dev = {study.n_dev} training cases outside each labelled subset "
+              f"(decisions), test = the fixed test set (reported, never used to choose). Dice in %.\n\n")
+    (out_dir / "table.md").write_text(header + table.round(2).to_markdown() + "\n")
+    plot_curves(curves_frame(metrics, labels), out_dir / "curves.png", f"{name}: {title}")
+    return table
+
+
+# -- the experiments -----------------------------------------------------------------------------------------
+def _grid(inits: dict[str, str], seeds: list[int], finetune: dict | None = None) -> list[Run]:
+    return [Run(label, init, seed, dict(finetune or {})) for label, init in inits.items() for seed in seeds]
+
+
+def exp_controls(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
+    """Every init at the issue's protocol, plus the two controls: the pretraining seed's untrained weights
+    ('init-only', pretraining length 0) and supervised pretraining on the other labelled domains."""
+    steps = SHORT
+    inits = {"scratch": "scratch", "init-only": "pgl@0", **{f"{m}@{steps}": f"{m}@{steps}"
+                                                             for m in ("pgl", "byol", "hssl", "genesis")},
+             "supervised@1000": "supervised@1000"}
+    return write_outputs("controls", study, _grid(inits, seeds), out, "every init, issue protocol")
+
+
+def exp_length(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
+    """Pretraining length sweep (separate runs, each with its own full LR schedule)."""
+    inits = {"scratch": "scratch", **{f"pgl@{n}": f"pgl@{n}" for n in LENGTHS}}
+    return write_outputs("length", study, _grid(inits, seeds), out, "PGL pretraining length")
+
+
+def exp_lr(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
+    """Fine-tuning learning rate, warm-up and the two-stage (head first) warm-up, per init kind; read the dev
+    column. The issue's protocol is AdamW 1e-2 with 8 warm-up steps for every init."""
+    settings = {"lr1e-2": {"lr": 1e-2}, "lr1e-3": {"lr": 1e-3},
+                "lr1e-2 head40": {"lr": 1e-2, "head_warmup_steps": 40}}
+    runs = []
+    for name, ft in settings.items():
+        for label, init in (("scratch", "scratch"), ("pgl", BEST_SSL), ("supervised", "supervised@1000")):
+            variant = "scratch" if (label == "scratch" and name == "lr1e-2") else f"{label} {name}"
+            runs += [Run(variant, init, s, ft) for s in seeds]
+    return write_outputs("lr", study, runs, out, "fine-tuning LR / warm-up (choose on dev)")
+
+
+def exp_collapse(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
+    """PGL with and without the anti-collapse terms (VICReg variance + covariance on the voxel projections)."""
+    inits = {"scratch": "scratch", f"pgl@{SHORT}": f"pgl@{SHORT}", f"pgl-decor@{SHORT}": f"pgl-decor@{SHORT}"}
+    return write_outputs("collapse", study, _grid(inits, seeds), out, "PGL dimensional collapse and its fix")
+
+
+def exp_invariance(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
+    """Do the views' intensity augmentations teach invariance to HU, the cue the downstream task uses?"""
+    inits = {"scratch": "scratch", f"pgl@{SHORT}": f"pgl@{SHORT}", f"pgl-hu@{SHORT}": f"pgl-hu@{SHORT}"}
+    return write_outputs("invariance", study, _grid(inits, seeds), out, "HU-changing view augmentations on/off")
+
+
+def exp_probe(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
+    """Frozen backbone, only the segmentation head trained: do the pretrained features encode anything?"""
+    best = BEST_SSL
+    inits = {"scratch": "scratch", "random (frozen)": "pgl@0", f"{best} (frozen)": best,
+             "supervised@1000 (frozen)": "supervised@1000"}
+    runs = [Run(label, init, s, {} if init == "scratch" else {"freeze_backbone": True})
+            for label, init in inits.items() for s in seeds]
+    return write_outputs("probe", study, runs, out, "frozen-backbone probe (head only)")
+
+
+def exp_weights(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
+    """Per-layer RMS of each init relative to the untrained start, the fine-tuning drift, activation scales."""
+    inits = ["pgl@0", *(f"{m}@{SHORT}" for m in ("pgl", "byol", "hssl", "genesis")), BEST_SSL, "supervised@1000"]
+    start = torch.load(study.pretrained("pgl@0"), weights_only=True)
+    image = np.load(study.preprocessed / f"{read_json(study.splits_path)['train'][0]}.npy")
+    patch = study.cfg["finetune"]["patch_size"]
+    x = torch.from_numpy(np.ascontiguousarray(image[: patch[0], : patch[1], : patch[2]]))[None, None].float()
+    rows = []
+    for init in inits:
+        state = torch.load(study.pretrained(init), weights_only=True)
+        norms = weight_norms(state).set_index("tensor")["rms"] / weight_norms(start).set_index("tensor")["rms"]
+        backbone = build_backbone(study.cfg["model"])
+        backbone.load_state_dict(state)
+        scales = activation_scales(backbone, x)
+        tuned = torch.load(study.finetune(Run(init, init, seeds[0])).parent / "backbone_after.pt", weights_only=True)
+        rows.append({"init": init, "rms_ratio_median": float(norms.median()), "rms_ratio_max": float(norms.max()),
+                     "drift_from_start_median": float(weight_drift(start, state)["relative_change"].median()),
+                     **scales,
+                     "finetune_drift_median": float(weight_drift(state, tuned)["relative_change"].median())})
+    table = pd.DataFrame(rows).set_index("init")
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "table.csv")
+    (out / "table.md").write_text("# weights: per-layer statistics of each init\n\n" + table.round(3).to_markdown() + "\n")
+    return table
+
+
+EXPERIMENTS: dict[str, Callable[[Study, Path, list[int]], pd.DataFrame]] = {
+    "controls": exp_controls, "collapse": exp_collapse, "invariance": exp_invariance, "length": exp_length, "lr": exp_lr, "probe": exp_probe, "weights": exp_weights,
+}
