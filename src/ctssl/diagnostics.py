@@ -39,17 +39,20 @@ class DiceCurve:
         self._volumes = {c: (np.load(self.dir / f"{c}.npy"), np.load(self.dir / f"{c}_seg.npy")) for c in self.cases}
         self.rows: list[dict] = []
 
-    def score(self, net: nn.Module) -> float:
+    def score(self, net: nn.Module) -> dict[str, float]:
+        """Mean foreground Dice and each class's mean over the cases."""
         per_case = {}
         for case, (image, ref) in self._volumes.items():
             pred = predict_volume(net, image, self.patch, overlap=self.overlap, device=self.device)
             per_case[case] = dice_per_class(pred, ref, self.classes)
         net.train()
-        return summarize(per_case)["mean_foreground_dice"]
+        summary = summarize(per_case)
+        return {"dev_dice": summary["mean_foreground_dice"],
+                **{f"dev_{name}": value for name, value in summary["mean_per_class"].items()}}
 
     def __call__(self, step: int, net: nn.Module) -> None:
         if step % self.every == 0:
-            self.rows.append({"step": step, "dev_dice": self.score(net)})
+            self.rows.append({"step": step, **self.score(net)})
 
 
 def weight_norms(state: Mapping[str, torch.Tensor]) -> pd.DataFrame:

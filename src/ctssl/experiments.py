@@ -126,7 +126,7 @@ class Study:
         weights = self.pretrained(run.init)
         key = json_digest({"cfg": cfg, "init": run.init, "seed": run.seed, "dataset": self.dataset,
                            "fraction": self.fraction, "weights": str(weights), "curve_every": self.curve_every,
-                           "n_dev": self.n_dev})[:16]
+                           "n_dev": self.n_dev, "dev_per_class": True})[:16]
         out = self.cache / "finetune" / key
         if (out / "metrics.json").exists():
             return out / "metrics.json"
@@ -161,12 +161,21 @@ def results_table(metrics: list[Path], labels: list[str]) -> pd.DataFrame:
     dev = []
     for path, label in zip(metrics, labels, strict=True):
         run, curve = read_json(path.parent / "run.json"), pd.read_csv(path.parent / "curve.csv")
-        dev.append({"init": label, "seed": run["seed"], "dev": 100 * curve["dev_dice"].iloc[-1]})
-    dev_stats = pd.DataFrame(dev).groupby("init")["dev"].agg(["mean", "std"]).rename(
+        last = curve.iloc[-1]
+        dev.append({"init": label, "seed": run["seed"],
+                    **{k: 100 * last[k] for k in curve.columns if k.startswith("dev_")}})
+    dev = pd.DataFrame(dev)
+    dev_stats = dev.groupby("init")["dev_dice"].agg(["mean", "std"]).rename(
         columns={"mean": "dev_dice_mean", "std": "dev_dice_sd"})
-    table = test.set_index("init").join(dev_stats).reindex(list(dict.fromkeys(labels)))
-    return table[["dev_dice_mean", "dev_dice_sd", "dice_mean", "dice_sd", "delta_vs_scratch", "p_wilcoxon",
-                  "n_pairs", "n_seeds"]].rename(columns={"dice_mean": "test_dice_mean", "dice_sd": "test_dice_sd"})
+    dev_stats = dev_stats.join(dev.drop(columns=["seed", "dev_dice"]).groupby("init").mean())
+    # Per class (test): a mean over classes can hide that one class is never learned by anyone.
+    per_class = (100 * long.groupby(["init", "seed", "class"])["dice"].mean().groupby(["init", "class"]).mean()
+                 ).unstack("class").add_prefix("test_")
+    table = test.set_index("init").join(dev_stats).join(per_class).reindex(list(dict.fromkeys(labels)))
+    dev_classes = [c for c in dev_stats.columns if c not in ("dev_dice_mean", "dev_dice_sd")]
+    columns = ["dev_dice_mean", "dev_dice_sd", *dev_classes, "dice_mean", "dice_sd", "delta_vs_scratch",
+               "p_wilcoxon", "n_pairs", "n_seeds", *per_class.columns]
+    return table[columns].rename(columns={"dice_mean": "test_dice_mean", "dice_sd": "test_dice_sd"})
 
 
 def curves_frame(metrics: list[Path], labels: list[str]) -> pd.DataFrame:

@@ -43,3 +43,11 @@ def test_realct_config_runs_end_to_end(realct, tmp_path):
     assert set(pool["case"]) == {"dcmqi_ct3", *splits["train"]}  # real scans, minus the test scan
     manifest = json.loads((res / "preprocessed" / "liver_real" / "manifest.json").read_text())
     assert {c["case"] for c in manifest["cases"]} == {"ts_ct", "ts_dicom"}
+    # scored on the real test scan's own grid (its raw label file), the preprocessed grid kept beside it
+    (test_case,) = splits["test"]
+    cell = json.loads((res / "finetune" / "liver_real" / "scratch" / "frac100" / "seed0" / "metrics.json").read_text())
+    assert set(cell["per_case"]) == set(cell["per_case_preprocessed"]) == {test_case}
+    geometry = json.loads((res / "preprocessed" / "liver_real" / f"{test_case}.json").read_text())
+    assert geometry["original"]["shape"] != geometry["shape"]  # the two grids really differ
+    assert cell["evaluation_space"].startswith("original image grid")
+    assert 0.0 <= cell["per_case"][test_case]["liver"] <= 1.0
