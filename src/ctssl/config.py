@@ -84,10 +84,9 @@ def check_config(config: dict) -> None:
         if pool != "all" and pool not in datasets:
             raise ConfigError(f"pool {pool!r} (from pretrain.pools or inits) is neither 'all' nor a dataset name")
     check_supervised_pools(config)
-    ft = config["finetune"]
-    if int(ft.get("head_warmup_steps", 0)) >= int(ft["steps"]):
-        raise ConfigError(f"finetune.head_warmup_steps ({ft['head_warmup_steps']}) must be below finetune.steps "
-                          f"({ft['steps']}): the backbone would never be trained")
+    problem = head_warmup_problem(config["finetune"])
+    if problem:
+        raise ConfigError(problem)
     model, patch = config["model"], config["finetune"]["patch_size"]
     if len(model["strides"]) != len(model["channels"]) - 1:
         raise ConfigError("model.strides needs exactly one entry fewer than model.channels")
@@ -96,6 +95,15 @@ def check_config(config: dict) -> None:
         stride *= s
     if any(p % stride for p in patch):
         raise ConfigError(f"finetune.patch_size {patch} must be divisible by the network stride {stride}")
+
+
+def head_warmup_problem(ft: dict) -> str | None:
+    """Why `finetune.head_warmup_steps` is unusable (None if it is fine): checked at start-up and by the loop."""
+    head_warmup, steps = int(ft.get("head_warmup_steps", 0)), int(ft["steps"])
+    if head_warmup >= steps:
+        return (f"finetune.head_warmup_steps ({head_warmup}) must be below finetune.steps ({steps}): the backbone "
+                "would never be trained")
+    return None
 
 
 def check_supervised_pools(config: dict) -> None:

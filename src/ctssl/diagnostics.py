@@ -30,7 +30,7 @@ def development_cases(splits: Mapping, fraction: float, seed: int) -> list[str]:
 
 
 class DiceCurve:
-    """`on_step` hook for `run_finetune`: mean foreground Dice on `cases` every `every` steps (and at step 0)."""
+    """`on_step` hook for `run_finetune`: mean foreground and per-class Dice on `cases` every `every` steps."""
 
     def __init__(self, preprocessed_dir: str | Path, cases: Sequence[str], classes: Mapping[int, str],
                  patch: Sequence[int], every: int, overlap: float = 0.25, device: str = "cpu"):

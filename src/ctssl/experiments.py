@@ -14,7 +14,6 @@ digest of their settings), so experiments share runs and a rerun only computes w
 from __future__ import annotations
 
 import copy
-import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -32,7 +31,6 @@ from ctssl.models.backbone import build_backbone
 from ctssl.report import collect, summary_table
 from ctssl.train.common import seed_everything
 
-log = logging.getLogger(__name__)
 CURVE_EVERY = 20  # fine-tuning steps between two dev-Dice points
 DEV_CASES = 6  # development cases scored per run
 SHORT = 300  # the issue's pretraining length
@@ -271,8 +269,7 @@ def exp_invariance(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
 
 def exp_probe(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
     """Frozen backbone, only the segmentation head trained: do the pretrained features encode anything?"""
-    best = BEST_SSL
-    inits = {"scratch": "scratch", "random (frozen)": "pgl@0", f"{best} (frozen)": best,
+    inits = {"scratch": "scratch", "random (frozen)": "pgl@0", f"{BEST_SSL} (frozen)": BEST_SSL,
              "supervised@1000 (frozen)": "supervised@1000"}
     runs = [Run(label, init, s, {} if init == "scratch" else {"freeze_backbone": True})
             for label, init in inits.items() for s in seeds]
@@ -283,13 +280,14 @@ def exp_weights(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
     """Per-layer RMS of each init relative to the untrained start, the fine-tuning drift, activation scales."""
     inits = ["pgl@0", *(f"{m}@{SHORT}" for m in ("pgl", "byol", "hssl", "genesis")), BEST_SSL, "supervised@1000"]
     start = torch.load(study.pretrained("pgl@0"), weights_only=True)
+    start_rms = weight_norms(start).set_index("tensor")["rms"]
     image = np.load(study.preprocessed / f"{read_json(study.splits_path)['train'][0]}.npy")
     patch = study.cfg["finetune"]["patch_size"]
     x = torch.from_numpy(np.ascontiguousarray(image[: patch[0], : patch[1], : patch[2]]))[None, None].float()
     rows = []
     for init in inits:
         state = torch.load(study.pretrained(init), weights_only=True)
-        norms = weight_norms(state).set_index("tensor")["rms"] / weight_norms(start).set_index("tensor")["rms"]
+        norms = weight_norms(state).set_index("tensor")["rms"] / start_rms
         backbone = build_backbone(study.cfg["model"])
         backbone.load_state_dict(state)
         scales = activation_scales(backbone, x)
@@ -306,5 +304,6 @@ def exp_weights(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
 
 
 EXPERIMENTS: dict[str, Callable[[Study, Path, list[int]], pd.DataFrame]] = {
-    "controls": exp_controls, "collapse": exp_collapse, "invariance": exp_invariance, "length": exp_length, "lr": exp_lr, "probe": exp_probe, "weights": exp_weights,
+    "controls": exp_controls, "collapse": exp_collapse, "invariance": exp_invariance, "length": exp_length,
+    "lr": exp_lr, "probe": exp_probe, "weights": exp_weights,
 }

@@ -52,21 +52,31 @@ def resample_label(label: np.ndarray, affine: np.ndarray, spacing, method: str =
         return np.rint(out).astype(np.uint8), new_affine
     if method != "onehot_linear":
         raise ValueError(f"unknown label resampling method {method!r}")
-    # One label at a time with a running arg-max: memory stays at two volumes even for 100+ classes
-    # (TotalSegmentator), where a full one-hot stack would need gigabytes.
+    # One label at a time with a running arg-max (see `running_argmax`).
     spacing_tf = Spacing(pixdim=tuple(spacing), mode="bilinear", padding_mode="zeros", dtype=torch.float32)
-    best_score, winner, new_affine = None, None, None
-    for value in np.unique(label).astype(int):
-        channel = spacing_tf(_meta((label == value).astype(np.float32), affine))
-        score = channel.as_tensor()[0]
-        if best_score is None:
-            best_score, winner = score, torch.full_like(score, value, dtype=torch.int16)
-            new_affine = channel.affine.numpy().astype(np.float64)
+    resampled = {}
+
+    def scores():
+        for value in np.unique(label).astype(int):
+            channel = spacing_tf(_meta((label == value).astype(np.float32), affine))
+            resampled.setdefault("affine", channel.affine.numpy().astype(np.float64))
+            yield int(value), channel.as_tensor()[0]
+
+    return running_argmax(scores()), resampled["affine"]
+
+
+def running_argmax(scores) -> np.ndarray:
+    """Arg-max over (value, score volume) pairs that arrive one at a time, so memory stays at two volumes even for
+    100+ classes (TotalSegmentator), where a stacked one-hot would need gigabytes. Ties keep the earlier value."""
+    best, winner = None, None
+    for value, score in scores:
+        if best is None:
+            best, winner = score, torch.full_like(score, value, dtype=torch.int16)
         else:
-            better = score > best_score
-            best_score = torch.where(better, score, best_score)
+            better = score > best
+            best = torch.where(better, score, best)
             winner[better] = value
-    return winner.numpy().astype(np.uint8), new_affine
+    return winner.numpy().astype(np.uint8)
 
 
 def to_original_grid(probabilities: torch.Tensor, geometry: dict) -> np.ndarray:
@@ -85,17 +95,10 @@ def to_original_grid(probabilities: torch.Tensor, geometry: dict) -> np.ndarray:
     canon_shape, canon_affine = _canonical_grid(shape, affine)
     resample = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)
     source_affine = torch.as_tensor(np.asarray(geometry["affine"], dtype=np.float64))
-    best, winner = None, None
-    for value in range(probabilities.shape[0]):
-        channel = MetaTensor(probabilities[value : value + 1].float().cpu(), affine=source_affine)
-        score = resample(channel, dst_affine=torch.as_tensor(canon_affine), spatial_size=canon_shape).as_tensor()[0]
-        if best is None:
-            best, winner = score, torch.zeros_like(score, dtype=torch.int16)
-        else:
-            better = score > best
-            best = torch.where(better, score, best)
-            winner[better] = value
-    label, back_affine = reorient(winner.numpy().astype(np.uint8), canon_affine, orientation_code(affine))
+    scores = ((value, resample(MetaTensor(probabilities[value : value + 1].float().cpu(), affine=source_affine),
+                               dst_affine=torch.as_tensor(canon_affine), spatial_size=canon_shape).as_tensor()[0])
+              for value in range(probabilities.shape[0]))
+    label, back_affine = reorient(running_argmax(scores), canon_affine, orientation_code(affine))
     if label.shape != shape or not np.allclose(back_affine, affine, atol=1e-3):
         raise AssertionError(f"{geometry.get('case')}: prediction mapped back onto {label.shape} / {back_affine.tolist()}"
                              f", not the original grid {shape} / {affine.tolist()}")

@@ -32,6 +32,7 @@ from ctssl.ssl.base import SSLMethod, TwoViewSampler, byol_loss, frozen_copy
 from ctssl.ssl.byol import GlobalBYOLHead
 
 PRIORS = {"crop", "flip"}
+COVARIANCE_FACTOR = 0.04  # VICReg's covariance : variance weights, 1 : 25
 log = logging.getLogger(__name__)
 
 
@@ -116,7 +117,7 @@ class PGL(SSLMethod):
         if self.decorrelation_weight > 0:
             variance, covariance = variance_covariance(projected)
             logs.update(variance=float(variance.detach()), covariance=float(covariance.detach()))
-            loss = loss + self.decorrelation_weight * (variance + 0.04 * covariance)
+            loss = loss + self.decorrelation_weight * (variance + COVARIANCE_FACTOR * covariance)
         if self.global_head is not None:
             # The encoder runs a second time for the pooled bottleneck; cheap next to the full U-Net pass.
             glob = self.global_head.loss(encode(self.backbone, x)[-1],

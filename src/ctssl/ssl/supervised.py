@@ -30,8 +30,6 @@ def crop_with_padding(array: np.ndarray, start: np.ndarray, patch: list[int]) ->
 class LabelledPatchSampler:
     """(volume, rng, label) -> {"input": (1, *patch) image patch, "target": (1, *patch) label patch}."""
 
-    uses_labels = True
-
     def __init__(self, patch: list[int], pos_fraction: float = 0.5, flip_prob: float = 0.5):
         self.patch, self.pos_fraction, self.flip_prob = [int(p) for p in patch], pos_fraction, flip_prob
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
+from ctssl.config import head_warmup_problem
 from ctssl.evaluate import dice_per_class, predict_probabilities, summarize
 from ctssl.io import file_digest, json_digest, read_json, write_json
 from ctssl.models.backbone import SegmentationNet, total_stride
@@ -93,9 +94,10 @@ def optimizer_and_schedule(net: SegmentationNet, ft: dict) -> tuple[torch.optim.
             p.requires_grad_(False)
         optimizer = torch.optim.AdamW(head_params, lr=float(ft["lr"]), weight_decay=float(ft["weight_decay"]))
         return optimizer, LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup)), head_params
+    problem = head_warmup_problem(ft)
+    if problem:
+        raise ValueError(problem)
     head_warmup = int(ft.get("head_warmup_steps", 0))
-    if head_warmup >= steps:
-        raise ValueError(f"finetune.head_warmup_steps ({head_warmup}) must be below finetune.steps ({steps})")
     backbone_params = list(net.backbone.parameters())
     optimizer = torch.optim.AdamW([{"params": backbone_params}, {"params": head_params}], lr=float(ft["lr"]),
                                   weight_decay=float(ft["weight_decay"]))
@@ -111,12 +113,12 @@ def evaluate_case(net: nn.Module, preprocessed_dir: Path, case: str, classes: di
                   sw_batch_size: int, overlap: float, device: torch.device) -> tuple[dict, dict]:
     """Dice per class on the case's original grid (against the raw label file) and on the preprocessed grid."""
     geometry = read_json(preprocessed_dir / f"{case}.json")
+    if not geometry.get("source_label"):
+        raise ValueError(f"{preprocessed_dir / case}.json: no source label to score the original grid against")
     probs = predict_probabilities(net, np.load(preprocessed_dir / f"{case}.npy"), patch,
                                   sw_batch_size=sw_batch_size, overlap=overlap, device=device)
     on_preprocessed = dice_per_class(probs.argmax(0).numpy().astype(np.uint8),
                                      np.load(preprocessed_dir / f"{case}_seg.npy"), classes)
-    if not geometry.get("source_label"):
-        raise ValueError(f"{preprocessed_dir / case}.json: no source label to score the original grid against")
     reference, _ = load_nifti(geometry["source_label"], dtype=np.uint8)
     on_original = dice_per_class(to_original_grid(probs, geometry), reference, classes)
     return on_original, on_preprocessed

@@ -39,7 +39,7 @@ class PoolDataset(Dataset):
     def __init__(self, images: list[str], sampler: Sampler, seed: int, first_index: int, n_samples: int,
                  dataset_ids: list[int], group_ids: list[int], labels: list[str] | None = None):
         self.images, self.sampler, self.seed = images, sampler, seed
-        self.labels = labels  # label maps, for samplers that declare `uses_labels` (supervised pretraining)
+        self.labels = labels  # label maps, given only for methods that declare `uses_labels` (supervised)
         self.dataset_ids, self.group_ids = dataset_ids, group_ids
         self.first_index, self.n_samples = first_index, n_samples
         self._cache: dict[tuple[int, bool], np.ndarray] = {}
@@ -56,7 +56,7 @@ class PoolDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.first_index + i])
         k = int(rng.integers(len(self.images)))
-        if getattr(self.sampler, "uses_labels", False):
+        if self.labels is not None:
             sample = self.sampler(self.volume(k), rng, self.volume(k, label=True))
         else:
             sample = self.sampler(self.volume(k), rng)
@@ -129,7 +129,8 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
                          f"{total_stride(model_cfg)}")
     seed, steps, batch_size = int(mcfg.get("seed", 0)), int(mcfg["steps"]), int(mcfg["batch_size"])
     frame = pd.read_csv(pool_csv, keep_default_na=False)
-    if getattr(METHODS[method], "uses_labels", False):
+    uses_labels = getattr(METHODS[method], "uses_labels", False)
+    if uses_labels:
         frame = labelled_rows(frame, pool_csv, method)
     images = frame["image"].tolist()
     # Free labels for methods that use them (HSSL): indices into the names present in this pool, nothing else.
@@ -155,7 +156,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
 
     dataset = PoolDataset(images, METHODS[method].view_sampler(mcfg, patch), seed, start * batch_size,
                           (steps - start) * batch_size, dataset_ids, group_ids,
-                          frame["label"].tolist() if "label" in frame else None)
+                          frame["label"].tolist() if uses_labels else None)
     workers = int(mcfg.get("num_workers", 0))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
