@@ -4,7 +4,8 @@ import signal
 import sys
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
 
 min_version("9.0")
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # run the checkout's code even if not pip-installed
@@ -23,7 +24,17 @@ if not workflow.config_settings.configfiles:
     configfile: "config.yaml"
 
 
-validate(config, "schemas/config.schema.yaml")
+# Schema (types, ranges, unknown keys, every default), per-method settings and model-aware checks, all at start-up
+# (`snakemake -n`): a wrong setting never reaches a job. Every problem is listed, each with its key path.
+from ctssl.config import resolve_config
+from ctssl.errors import ConfigError
+
+try:
+    _resolved = resolve_config(config)
+except ConfigError as exc:
+    raise WorkflowError(f"invalid configuration:\n{exc}") from None
+config.clear()
+config.update(_resolved)
 
 
 report: "report/workflow.rst"
@@ -39,6 +50,6 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

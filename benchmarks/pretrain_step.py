@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from ctssl.config import method_config
+from ctssl.config import load_config, method_config
 from ctssl.models.features import feature_levels, forward_to
 from ctssl.ssl import METHODS
 from ctssl.train.common import pick_device, set_threads
-from ctssl.train.pretrain import build_optimizer, train_step
+from ctssl.train.loop import optimizer_step
+from ctssl.train.pretrain import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL_META = {"datasets": ["chest", "kidney", "liver", "spleen"], "groups": ["abdomen", "chest"]}
@@ -91,7 +91,7 @@ def bench_method(net, params, opt, data, grad_clip, steps, device, amp) -> tuple
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # as in the loop: bf16 needs no loss scaling
 
     def step():
-        train_step(net, data, opt, scaler, params, grad_clip, use_amp=amp)
+        optimizer_step(net.loss, data, opt, scaler, params, grad_clip, use_amp=amp)
         net.update_targets(1, 100)
 
     if device.type == "cuda":
@@ -138,7 +138,7 @@ def main() -> int:
     parser.add_argument("--flops-only", action="store_true", help="count FLOPs, skip the timing")
     args = parser.parse_args()
 
-    config = yaml.safe_load(args.configfile.read_text())
+    config = load_config(args.configfile)
     model_cfg = dict(config["model"])
     if args.channels:
         model_cfg["channels"] = args.channels
@@ -156,7 +156,7 @@ def main() -> int:
     batch = args.batch or int(config["pretrain"]["batch_size"])
     print(f"patch {tuple(patch)}, batch {batch}; FLOPs = one forward + backward of the loss")
     runs = [("byol", None)]
-    configured_level = method_config(config["pretrain"], "pgl").get("feature_level", "output")
+    configured_level = method_config(config["pretrain"], "pgl")["feature_level"]
     runs += [("pgl", lvl) for lvl in reversed(feature_levels(model_cfg))] + [("hssl", None), ("genesis", None)]
     results: dict[tuple, tuple[float, int]] = {}
     for method, level in runs:
@@ -166,7 +166,7 @@ def main() -> int:
         net, params, opt, data = build(method, model_cfg, mcfg, patch, batch, device)
         flops = step_flops(net, data, device, amp)
         seconds, memory = (float("nan"), float("nan")) if args.flops_only else bench_method(
-            net, params, opt, data, float(mcfg.get("grad_clip", 3.0)), args.steps, device, amp)
+            net, params, opt, data, float(mcfg["grad_clip"]), args.steps, device, amp)
         results[(method, level)] = (seconds, flops)
         byol_s, byol_flops = results[("byol", None)]
         name = f"{method} {level}" + (" (configured)" if level == configured_level else "") if level else method

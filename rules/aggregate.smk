@@ -3,19 +3,19 @@
 
 rule aggregate:
     input:
-        preprocessed=lambda wc: expand(f"{R}/preprocessed/{{d}}", d=pool_members(wc.pool)),
+        preprocessed=pool_preprocessed,
         splits=expand(f"{R}/splits/{{d}}.json", d=DOWNSTREAM),
     output:
         f"{R}/pools/{{pool}}.csv",
-    params:
-        members=lambda wc: pool_members(wc.pool),
-    resources:
-        **job_resources(config, "cpu"),
     log:
         f"{R}/logs/aggregate/{{pool}}.log",
     benchmark:
         f"{R}/benchmarks/aggregate/{{pool}}.tsv"
     conda:
         CONDA_ENV
+    resources:
+        **job_resources(config, "cpu"),
+    params:
+        members=pool_member_names,
     script:
         "../workflow_scripts/aggregate.py"

@@ -1,33 +1,23 @@
 # Helpers shared by the rules: cross-key config checks, wildcard constraints, target lists, paths.
-from snakemake.exceptions import WorkflowError
-from ctssl.config import all_inits, check_config, inits_for, job_resources, method_config, parse_init, unresolvable_inits
-from ctssl.errors import ConfigError
+# The config is resolved (validated, defaults filled) by the Snakefile: read every key directly.
+from ctssl.config import all_inits, inits_for, job_resources, parse_init, pretrain_section_for
 from ctssl.splits import fraction_key
-from ctssl.ssl import METHODS
-
-try:
-    check_config(config)
-except ConfigError as exc:
-    raise WorkflowError(f"invalid configuration: {exc}") from None
+from ctssl.ssl import REGISTRY
 
 R = config["results"]
 DATASETS = sorted(config["datasets"])
 DOWNSTREAM = list(config["downstream"])
-POOL_DATASETS = list(config.get("pretrain", {}).get("pool_datasets", DATASETS))
+POOL_DATASETS = list(config["pretrain"]["pool_datasets"])
 FRACTIONS = [fraction_key(f) for f in config["fractions"]]
 SEEDS = [int(s) for s in config["seeds"]]
 INITS = all_inits(config)
 CONDA_ENV = "../envs/ctssl.yaml"
 
-_unresolvable = unresolvable_inits(config, set(METHODS))
-if _unresolvable:
-    raise WorkflowError("\n".join(_unresolvable))
-
 
 wildcard_constraints:
     dataset="|".join(DATASETS),
     pool="all|" + "|".join(DATASETS),
-    method="|".join(sorted(METHODS)),
+    method="|".join(sorted(REGISTRY)),
     init=r"scratch|[a-z0-9]+-[A-Za-z0-9_]+",
     pct=r"[0-9]+(\.[0-9]+)?",
     seed=r"[0-9]+",
@@ -39,27 +29,28 @@ def kind_pattern(kinds):
     return "|".join(names) if names else "(?!)"
 
 
-def threads_for(rule_name, default=1):
-    return int(config.get("threads", {}).get(rule_name, default))
+def threads_for(rule_name):
+    return int(config["threads"][rule_name])
 
 
 def pools():
     """Every pool some target needs: configured ones plus those named by pretrained inits."""
     named = [p[1] for p in map(parse_init, INITS) if p]
-    return sorted(set(config.get("pretrain", {}).get("pools", [])) | set(named))
+    return sorted(set(config["pretrain"]["pools"]) | set(named))
 
 
 def pool_members(pool):
     return POOL_DATASETS if pool == "all" else [pool]
 
 
-def cell_dir(dataset="{dataset}", init="{init}", pct="{pct}", seed="{seed}"):
-    return f"{R}/finetune/{dataset}/{init}/frac{pct}/seed{seed}"
+def cell_file(name, dataset="{dataset}", init="{init}", pct="{pct}", seed="{seed}"):
+    """A file of one fine-tuning cell (a pattern with wildcards unless all four are given)."""
+    return f"{R}/finetune/{dataset}/{init}/frac{pct}/seed{seed}/{name}"
 
 
 def metrics_targets():
     return [
-        cell_dir(dataset, init, pct, seed) + "/metrics.json"
+        cell_file("metrics.json", dataset, init, pct, seed)
         for dataset in DOWNSTREAM
         for init in inits_for(config, dataset)
         for pct in FRACTIONS
@@ -89,11 +80,34 @@ def pretrain_params(wildcards):
     """Only what this method's run depends on, so editing another method's settings retrains nothing here."""
     return {
         "model": config["model"],
-        "pretrain": method_config(config.get("pretrain", {}), wildcards.method),
-        "device": config.get("device", "auto"),
-        "amp": config.get("amp", True),
+        "pretrain": pretrain_section_for(config["pretrain"], wildcards.method),
+        "device": config["device"],
+        "amp": config["amp"],
     }
 
 
 def splits_if_downstream(wildcards):
     return [f"{R}/splits/{wildcards.dataset}.json"] if wildcards.dataset in DOWNSTREAM else []
+
+
+def dataset_settings(wildcards):
+    """The `datasets.{dataset}` section (kind and its keys)."""
+    return config["datasets"][wildcards.dataset]
+
+
+def dataset_group(wildcards):
+    return config["datasets"][wildcards.dataset]["group"]
+
+
+def pool_member_names(wildcards):
+    return pool_members(wildcards.pool)
+
+
+def pool_preprocessed(wildcards):
+    """The preprocessed folders of a pool's member datasets."""
+    return [f"{R}/preprocessed/{d}" for d in pool_members(wildcards.pool)]
+
+
+def finetune_params(wildcards):
+    """What a fine-tuning cell depends on besides its inputs."""
+    return {"model": config["model"], "finetune": config["finetune"], "device": config["device"], "amp": config["amp"]}

@@ -5,19 +5,19 @@
 rule synthesize:
     output:
         directory(f"{R}/raw/{{dataset}}"),
-    wildcard_constraints:
-        dataset=kind_pattern(["synthetic"]),
-    params:
-        dataset=lambda wc: config["datasets"][wc.dataset],
-        seed=config.get("synthetic_seed", 0),
-    resources:
-        **job_resources(config, "cpu"),
     log:
         f"{R}/logs/synthesize/{{dataset}}.log",
     benchmark:
         f"{R}/benchmarks/synthesize/{{dataset}}.tsv"
+    wildcard_constraints:
+        dataset=kind_pattern(["synthetic"]),
     conda:
         CONDA_ENV
+    resources:
+        **job_resources(config, "cpu"),
+    params:
+        dataset=dataset_settings,
+        seed=config["synthetic_seed"],
     script:
         "../workflow_scripts/synthesize.py"
 
@@ -25,19 +25,19 @@ rule synthesize:
 rule fetch_raw:
     output:
         directory(f"{R}/raw/{{dataset}}"),
-    wildcard_constraints:
-        dataset=kind_pattern(["msd", "kits19", "manual", "folder"]),
-    params:
-        dataset=lambda wc: config["datasets"][wc.dataset],
-        downloads=config.get("downloads", f"{R}/downloads"),
-    retries: 2
-    resources:
-        **job_resources(config, "cpu"),
     log:
         f"{R}/logs/fetch_raw/{{dataset}}.log",
     benchmark:
         f"{R}/benchmarks/fetch_raw/{{dataset}}.tsv"
+    wildcard_constraints:
+        dataset=kind_pattern(["msd", "kits19", "manual", "folder"]),
+    retries: 2
     conda:
         CONDA_ENV
+    resources:
+        **job_resources(config, "cpu"),
+    params:
+        dataset=dataset_settings,
+        downloads=config["downloads"],
     script:
         "../workflow_scripts/fetch_raw.py"

@@ -7,19 +7,18 @@ rule finetune:
         splits=f"{R}/splits/{{dataset}}.json",
         weights=init_weights,
     output:
-        metrics=cell_dir() + "/metrics.json",
-        train_log=cell_dir() + "/train_log.csv",
-    params:
-        cfg={k: config[k] for k in ("model", "finetune") if k in config}
-        | {"device": config.get("device", "auto"), "amp": config.get("amp", True)},
-    threads: threads_for("finetune")
-    resources:
-        **job_resources(config, "finetune"),
+        metrics=cell_file("metrics.json"),
+        train_log=cell_file("train_log.csv"),
     log:
         f"{R}/logs/finetune/{{dataset}}/{{init}}/frac{{pct}}/seed{{seed}}.log",
     benchmark:
         f"{R}/benchmarks/finetune/{{dataset}}/{{init}}/frac{{pct}}/seed{{seed}}.tsv"
     conda:
         CONDA_ENV
+    threads: threads_for("finetune")
+    resources:
+        **job_resources(config, "finetune"),
+    params:
+        cfg=finetune_params,
     script:
         "../workflow_scripts/finetune.py"

@@ -6,17 +6,17 @@ rule splits:
         f"{R}/raw/{{dataset}}",
     output:
         f"{R}/splits/{{dataset}}.json",
-    params:  # not fractions/seeds: adding one must not rewrite the splits and so retrain every cell
-        splits=config["splits"],
-        split_seed=config.get("split_seed", 0),
-    resources:
-        **job_resources(config, "cpu"),
     log:
         f"{R}/logs/splits/{{dataset}}.log",
     benchmark:
         f"{R}/benchmarks/splits/{{dataset}}.tsv"
     conda:
         CONDA_ENV
+    resources:
+        **job_resources(config, "cpu"),
+    params:  # not fractions/seeds: adding one must not rewrite the splits and so retrain every cell
+        splits=config["splits"],
+        split_seed=config["split_seed"],
     script:
         "../workflow_scripts/splits.py"
 
@@ -27,18 +27,18 @@ rule preprocess:
         splits=splits_if_downstream,
     output:
         directory(f"{R}/preprocessed/{{dataset}}"),
-    params:
-        preprocess=config["preprocess"],
-        group=lambda wc: config["datasets"][wc.dataset].get("group", "default"),
-        seed=config.get("split_seed", 0),
-    threads: threads_for("preprocess")
-    resources:
-        **job_resources(config, "cpu"),
     log:
         f"{R}/logs/preprocess/{{dataset}}.log",
     benchmark:
         f"{R}/benchmarks/preprocess/{{dataset}}.tsv"
     conda:
         CONDA_ENV
+    threads: threads_for("preprocess")
+    resources:
+        **job_resources(config, "cpu"),
+    params:
+        preprocess=config["preprocess"],
+        group=dataset_group,
+        seed=config["split_seed"],
     script:
         "../workflow_scripts/preprocess.py"

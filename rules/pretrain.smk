@@ -6,20 +6,20 @@
 rule pretrain:
     input:
         pool=f"{R}/pools/{{pool}}.csv",
-        preprocessed=lambda wc: expand(f"{R}/preprocessed/{{d}}", d=pool_members(wc.pool)),
+        preprocessed=pool_preprocessed,
     output:
         model=f"{R}/pretrain/{{method}}/{{pool}}/model.pt",
         meta=f"{R}/pretrain/{{method}}/{{pool}}/model.json",
-    params:
-        cfg=pretrain_params,
-    threads: threads_for("pretrain")
-    resources:
-        **job_resources(config, "pretrain"),
     log:
         f"{R}/logs/pretrain/{{method}}/{{pool}}.log",
     benchmark:
         f"{R}/benchmarks/pretrain/{{method}}/{{pool}}.tsv"
     conda:
         CONDA_ENV
+    threads: threads_for("pretrain")
+    resources:
+        **job_resources(config, "pretrain"),
+    params:
+        cfg=pretrain_params,
     script:
         "../workflow_scripts/pretrain.py"

@@ -7,27 +7,39 @@ rule report:
     input:
         metrics_targets(),
     output:
-        table_html=report(f"{R}/report/dice_table.html", caption="../report/dice_table.rst", category="Tables",
-                          labels={"table": "Dice by init and fraction, per class, provenance"}),
+        table_html=report(
+            f"{R}/report/dice_table.html",
+            caption="../report/dice_table.rst",
+            category="Tables",
+            labels={"table": "Dice by init and fraction, per class, provenance"},
+        ),
         table_csv=f"{R}/report/dice_table.csv",
         table_md=f"{R}/report/dice_table.md",
         table_tex=f"{R}/report/dice_table.tex",
         per_case_csv=f"{R}/report/dice_per_case.csv",
         per_class_csv=f"{R}/report/dice_per_class.csv",
         provenance_csv=f"{R}/report/provenance.csv",
-        efficiency_png=report(f"{R}/report/label_efficiency.png", caption="../report/label_efficiency.rst",
-                              category="Figures", labels={"figure": "label efficiency"}),
-        per_class_png=report(f"{R}/report/per_class.png", caption="../report/per_class.rst",
-                             category="Figures", labels={"figure": "Dice per class"}),
-    params:
-        note=config.get("report_note", ""),
-    resources:
-        **job_resources(config, "cpu"),
+        efficiency_png=report(
+            f"{R}/report/label_efficiency.png",
+            caption="../report/label_efficiency.rst",
+            category="Figures",
+            labels={"figure": "label efficiency"},
+        ),
+        per_class_png=report(
+            f"{R}/report/per_class.png",
+            caption="../report/per_class.rst",
+            category="Figures",
+            labels={"figure": "Dice per class"},
+        ),
     log:
         f"{R}/logs/report/report.log",
     benchmark:
         f"{R}/benchmarks/report/report.tsv"
     conda:
         CONDA_ENV
+    resources:
+        **job_resources(config, "cpu"),
+    params:
+        note=config["report_note"],
     script:
         "../workflow_scripts/report.py"

@@ -31,9 +31,11 @@ def liver_raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def liver_preprocessed(liver_raw, tmp_path_factory) -> Path:
     """`liver_raw` preprocessed onto a coarse 3 x 3 x 4 mm grid (fast training tests)."""
+    from ctssl.config import complete_config
     from ctssl.preprocess.pipeline import preprocess_dataset
 
-    cfg = {"target_spacing": [3.0, 3.0, 4.0], "normalization": {"scheme": "window", "window": [-175, 250]}}
+    cfg = complete_config({"preprocess": {"target_spacing": [3.0, 3.0, 4.0],
+                                          "normalization": {"scheme": "window", "window": [-175, 250]}}})["preprocess"]
     return preprocess_dataset(liver_raw, tmp_path_factory.mktemp("pre") / "liver", "liver", cfg, "abdomen")
 
 

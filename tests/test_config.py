@@ -1,40 +1,108 @@
+"""Config resolution: every problem listed with its key path and value, methods' own settings, model-aware checks,
+defaults in one place (schema or the method's SETTINGS), and no second default anywhere in the code."""
+
+import ast
 import copy
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ctssl.config import load_config, parse_init
+from ctssl.config import (
+    all_inits,
+    build_schema,
+    complete_config,
+    inits_for,
+    job_resources,
+    load_config,
+    method_config,
+    parse_init,
+    resolve_config,
+    settings_for,
+)
 from ctssl.errors import ConfigError
+from ctssl.ssl import REGISTRY, method_declarations
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "config.yaml").read_text())
 
 
-def _load(tmp_path, config):
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return load_config(path)
-
-
-def test_default_config_is_valid(tmp_path):
-    config = _load(tmp_path, DEFAULT)
-    assert config["downstream"] == ["liver", "spleen"] and "hssl-liver" in config["dataset_inits"]["liver"]
-
-
-@pytest.mark.parametrize("mutate, key, message", [
-    (lambda c: c["finetune"].update(steps="many"), "finetune.steps", "is not of type 'integer'"),
-    (lambda c: c.update(fractions=[10, 0]), "fractions.1", "less than or equal to the minimum"),
-    (lambda c: c.update(fractions=[10, 150]), "fractions.1", "greater than the maximum"),
-    (lambda c: c["datasets"]["liver"].update(profile="brain"), "datasets.liver.profile", "is not one of"),
-    (lambda c: c.update(unknown_key=1), "(top level)", "unknown_key"),
-])
-def test_schema_errors_name_the_key(tmp_path, mutate, key, message):
+def _problems(mutate) -> list[str]:
     config = copy.deepcopy(DEFAULT)
     mutate(config)
     with pytest.raises(ConfigError) as info:
-        _load(tmp_path, config)
-    assert f"config key {key}:" in str(info.value) and message in str(info.value)
+        resolve_config(config)
+    return str(info.value).splitlines()
+
+
+def test_default_config_is_valid_and_resolved_without_touching_the_input():
+    raw = copy.deepcopy(DEFAULT)
+    config = resolve_config(raw)
+    assert raw == DEFAULT
+    assert config["downstream"] == ["liver", "spleen"] and "hssl-liver" in config["dataset_inits"]["liver"]
+    assert config["downloads"] == "results/downloads"
+    assert config["pretrain"]["pool_datasets"] == ["liver", "spleen", "kidney", "chest"]
+    assert set(config["pretrain"]["methods"]) == set(REGISTRY)
+    assert config["finetune"]["sw_overlap"] == 0.25 and config["finetune"]["head_warmup_steps"] == 0
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c["finetune"].update(steps="many"), ["finetune.steps = 'many': 'many' is not of type 'integer'"]),
+    (lambda c: c.update(fractions=[0, 10, 150]),
+     ["fractions[0] = 0: 0 is less than or equal to the minimum of 0",
+      "fractions[2] = 150: 150 is greater than the maximum of 100"]),
+    (lambda c: c["datasets"]["liver"].update(profile="brain"), ["datasets.liver.profile = 'brain': 'brain' is not one"]),
+    (lambda c: c.update(unknown_key=1), ["unknown_key: unknown key; allowed here:"]),
+    (lambda c: c["datasets"]["liver"].update(kind="synthetc"), ["datasets.liver.kind = 'synthetc': 'synthetc' is not one"]),
+    (lambda c: c["pretrain"]["methods"].update(hsl={"temperature": 0.1}),
+     ["pretrain.methods.hsl: unknown method 'hsl' (did you mean 'hssl'?); registered methods: byol, genesis, hssl"]),
+    (lambda c: c["pretrain"]["methods"]["byol"].update(temperature=0.1),
+     ["pretrain.methods.byol.temperature: 'temperature' is a setting of hssl, not of byol"]),
+    (lambda c: c["pretrain"].update(temperature=0.1),
+     ["pretrain.temperature: 'temperature' is a setting of hssl; put it under pretrain.methods.hssl"]),
+    (lambda c: c["finetune"].update(sw_overlaps=0.5), ["finetune.sw_overlaps: unknown key (did you mean 'sw_overlap'?)"]),
+])
+def test_schema_problems_name_the_key_path_and_value(mutate, expected):
+    problems = _problems(mutate)
+    assert len(problems) == len(expected), problems
+    for line, start in zip(problems, expected, strict=True):
+        assert line.startswith(start), (line, start)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c["pretrain"].update(patch_size=[50, 48, 32]),
+     "pretrain.patch_size = [50, 48, 32]: must be divisible by the network stride 8"),
+    (lambda c: c["pretrain"]["methods"]["hssl"].update(patch_size=[48, 48, 36]),
+     "pretrain.methods.hssl.patch_size = [48, 48, 36]: must be divisible by the network stride 8"),
+    (lambda c: c["finetune"].update(patch_size=[48, 48, 30]), "finetune.patch_size = [48, 48, 30]: must be divisible"),
+    (lambda c: c["finetune"].update(patch_size=[8, 8, 8]), "finetune.patch_size = [8, 8, 8]: gives a 1x1x1 bottleneck"),
+    (lambda c: c["pretrain"]["methods"]["pgl"].update(feature_level="decoder7"),
+     "pretrain.methods.pgl.feature_level = 'decoder7': not a decoder level of this model (model.channels has 4 "
+     "widths); available: decoder0, decoder1, output"),
+    (lambda c: c["pretrain"]["methods"]["hssl"].update(levels=["bottleneck", "decoder3"]),
+     "pretrain.methods.hssl.levels[1] = 'decoder3': not a feature level of this model"),
+    (lambda c: c["pretrain"]["methods"]["hssl"].update(batch_size=1),
+     "pretrain.methods.hssl.batch_size = 1: 1 is less than the minimum of 2 for hssl (NT-Xent needs"),
+    (lambda c: c["pretrain"].update(batch_size=1), "pretrain.batch_size = 1: 1 is less than the minimum of 2 for pgl"),
+    (lambda c: c["model"].update(norm="group", norm_groups=3), "model.norm_groups = 3: must divide every width"),
+    (lambda c: c["model"].update(strides=[2, 2]), "model.strides = [2, 2]: needs exactly one entry fewer"),
+    (lambda c: c["finetune"].update(head_warmup_steps=64),
+     "finetune.head_warmup_steps = 64: must be below finetune.steps (64)"),
+])
+def test_model_aware_and_cross_key_problems(mutate, expected):
+    problems = _problems(mutate)
+    assert any(line.startswith(expected) for line in problems), problems
+
+
+def test_every_problem_is_listed_not_the_first():
+    def several(c):
+        c["fractions"] = [0, 10, 150]
+        c["pretrain"]["methods"]["byol"]["temperature"] = 0.1
+        c["finetune"]["lr"] = -1
+
+    problems = _problems(several)
+    assert len(problems) == 4, problems
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -42,23 +110,124 @@ def test_schema_errors_name_the_key(tmp_path, mutate, key, message):
     (lambda c: c.update(downstream=["chest"]), "downstream: dataset 'chest' has no labels"),
     (lambda c: c["pretrain"].update(pool_datasets=["lung"]), "pretrain.pool_datasets: unknown dataset 'lung'"),
     (lambda c: c.update(inits=["scratch", "pgl-pancreas"]), "pool 'pancreas'"),
-    (lambda c: c["finetune"].update(patch_size=[48, 48, 30]), "finetune.patch_size"),
-    (lambda c: c.update(dataset_inits={"chest": ["hssl-chest"]}), "dataset_inits: 'chest' is not a downstream"),
+    (lambda c: c.update(dataset_inits={"chest": ["hssl-chest"]}), "dataset_inits.chest: 'chest' is not a downstream"),
     (lambda c: c.update(dataset_inits={"liver": ["hssl-spleen"]}), "dataset_inits.liver: 'hssl-spleen'"),
+    (lambda c: c.update(inits=["scratch", "pgll-all"]), "inits: 'pgll-all' names no registered pretraining method"),
 ])
-def test_cross_key_errors(tmp_path, mutate, message):
+def test_cross_key_errors(mutate, message):
+    assert any(message in line for line in _problems(mutate))
+
+
+def test_unused_methods_are_not_checked_but_configured_ones_are():
+    small = {"channels": [8, 16], "strides": [2], "feature_channels": 8}  # one level only: no 'decoder0'
+    resolve_config({**copy.deepcopy(DEFAULT), "model": small, "inits": ["scratch"], "dataset_inits": {},
+                    "pretrain": {**copy.deepcopy(DEFAULT["pretrain"]), "methods": {}}})
+    problems = _problems(lambda c: c.update(model=small, inits=["scratch"], dataset_inits={}))
+    assert any(line.startswith("pretrain.methods.hssl.levels[1] = 'decoder0'") for line in problems), problems
+    assert not any("pgl" in line for line in problems)  # its feature_level 'output' exists in any model
+
+
+def test_method_settings_override_shared_ones_key_by_key():
     config = copy.deepcopy(DEFAULT)
-    mutate(config)
-    with pytest.raises(ConfigError, match=message):
-        _load(tmp_path, config)
+    config["pretrain"]["methods"]["byol"]["views"] = {"scale": [1.0, 1.2]}
+    byol = method_config(resolve_config(config)["pretrain"], "byol")
+    assert byol["views"]["scale"] == [1.0, 1.2] and byol["views"]["min_overlap"] == DEFAULT["pretrain"]["views"]["min_overlap"]
+    hssl = method_config(resolve_config(config)["pretrain"], "hssl")
+    assert hssl["batch_size"] == 4 and hssl["steps"] == 25 and hssl["temperature"] == 0.2
+
+
+def test_defaults_come_from_the_schema_and_the_methods_declarations():
+    """A default written in code (`.get(key, x)`) would be a second source; every resolved key traces to one."""
+    minimal = {k: DEFAULT[k] for k in ("results", "datasets", "downstream", "inits", "fractions", "seeds", "splits",
+                                       "preprocess", "model", "finetune")}
+    minimal["inits"] = ["scratch", "pgl-all"]
+    with pytest.raises(ConfigError, match="pretrain.steps: required to train pgl"):
+        resolve_config(minimal)
+    minimal["pretrain"] = {"steps": 5, "batch_size": 2, "patch_size": [48, 48, 32]}
+    config = resolve_config(minimal)
+    schema = build_schema()
+    ft_schema = schema["properties"]["finetune"]["properties"]
+    assert config["finetune"]["head_warmup_steps"] == ft_schema["head_warmup_steps"]["default"]
+    assert config["device"] == schema["properties"]["device"]["default"] == "auto"
+    pgl = method_config(config["pretrain"], "pgl")
+    for key, spec in method_declarations("pgl")["SETTINGS"].items():
+        assert pgl[key] == spec["default"], key
+    shared = schema["$defs"]["pretrain_settings"]["properties"]
+    assert pgl["views"]["intensity"]["gamma"] == shared["views"]["properties"]["intensity"]["properties"]["gamma"]["default"]
+
+
+def _config_keys() -> set[str]:
+    """Every key name the schema or a method's SETTINGS defines."""
+    names: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            names.update(node.get("properties", {}))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(build_schema())
+    return names
+
+
+# Reads of dictionaries that are not the config although a key name coincides (metrics, manifests, pool metadata),
+# and optional keys whose absence means "not given" (a mirror URL and its checksum), not a default.
+NOT_CONFIG = {("report.py", "init"), ("report.py", "path"), ("report.py", "steps"), ("report.py", "device"),
+              ("msd.py", "name"), ("sources.py", "url"), ("sources.py", "md5"), ("hssl.py", "datasets"), ("pools.py", "label"), ("pools.py", "labelled"), ("msd.py", "label"),
+              ("sources.py", "label"), ("sources.py", "labels_dir"), ("sources.py", "images_dir"),
+              ("sources.py", "path"), ("sources.py", "cases"), ("msd.py", "group"), ("config.py", "label"),
+              ("config.py", "labels_dir"), ("config.py", "cases"), ("config.py", "gpu"), ("supervised.py", "n_classes"),
+              ("finetune.py", "source_label"), ("spatial.py", "case")}
+
+
+def test_no_second_default_in_the_code():
+    """`cfg.get("key", default)` or `cfg.get("key")` on a config key outside ctssl.config would be a second default;
+    rules read `config[...]` too."""
+    keys, offences = _config_keys(), []
+    for path in sorted((ROOT / "src" / "ctssl").rglob("*.py")):
+        if path.name in ("config.py", "experiments.py", "diagnostics.py"):  # the resolver; studies of results
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                    and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in keys
+                    and (path.name, node.args[0].value) not in NOT_CONFIG):
+                offences.append(f"{path.relative_to(ROOT)}:{node.lineno}: .get({node.args[0].value!r})")
+    for path in [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk"))]:
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"config(\[[^]]+\])*\.get\(", line):
+                offences.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
+    assert not offences, "\n".join(offences)
+
+
+def test_every_method_declares_literal_settings_with_defaults():
+    for name in REGISTRY:
+        for key, spec in method_declarations(name)["SETTINGS"].items():
+            assert "default" in spec and "type" in spec, (name, key)
+
+
+def test_settings_for_and_complete_config_refuse_like_a_config_file():
+    assert settings_for("pgl")["grid_size"] == 8
+    with pytest.raises(ConfigError, match="pretrain.methods.pgl.temperature: 'temperature' is a setting of hssl"):
+        settings_for("pgl", {"temperature": 0.1})
+    assert complete_config({"model": {"channels": [4, 8], "strides": [2], "feature_channels": 4}})["model"]["norm"] \
+        == "instance"
+
+
+def test_load_config_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**DEFAULT, "fractions": [0]}))
+    with pytest.raises(ConfigError, match=rf"{path}: invalid configuration:\nfractions\[0\] = 0"):
+        load_config(path)
 
 
 def test_inits_per_dataset():
-    from ctssl.config import all_inits, inits_for
-
-    assert inits_for(DEFAULT, "liver") == ["scratch", "pgl-all", "hssl-all", "byol-all", "genesis-all", "hssl-liver"]
-    assert inits_for(DEFAULT, "spleen") == ["scratch", "pgl-all", "hssl-all"]
-    assert all_inits(DEFAULT) == inits_for(DEFAULT, "liver")
+    config = resolve_config(DEFAULT)
+    assert inits_for(config, "liver") == ["scratch", "pgl-all", "hssl-all", "byol-all", "genesis-all", "hssl-liver"]
+    assert inits_for(config, "spleen") == ["scratch", "pgl-all", "hssl-all"]
+    assert all_inits(config) == inits_for(config, "liver")
 
 
 def test_parse_init():
@@ -68,8 +237,6 @@ def test_parse_init():
 
 
 def test_job_resources_grow_with_the_attempt_and_cpu_stages_ask_for_no_gpu():
-    from ctssl.config import job_resources
-
     cfg = {"resources": {"finetune": {"gpu": 1, "gpu_model": "a100", "cpus_per_gpu": 4, "mem_mb": 3000, "runtime": 15},
                          "cpu": {"gpu": 0, "cpus_per_gpu": 4, "mem_mb": 2000}}}
     gpu = job_resources(cfg, "finetune")
@@ -78,25 +245,22 @@ def test_job_resources_grow_with_the_attempt_and_cpu_stages_ask_for_no_gpu():
     assert [gpu["runtime"](None, a) for a in (1, 2)] == [15, 30]
     cpu = job_resources(cfg, "cpu")
     assert set(cpu) == {"mem_mb"} and cpu["mem_mb"](None, 2) == 4000
-    assert job_resources({}, "pretrain") == {}
+    assert job_resources({"resources": {}}, "pretrain") == {}
 
 
 def test_supervised_pool_without_usable_labels_is_refused():
-    from ctssl.config import check_config
-    from ctssl.errors import ConfigError
-
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = copy.deepcopy(DEFAULT)
     cfg["inits"] = ["scratch", "supervised-all"]
-    check_config(cfg)  # kidney is labelled and not downstream: usable
+    resolve_config(cfg)  # kidney is labelled and not downstream: usable
     cfg["downstream"] = ["liver", "spleen", "kidney"]
     with pytest.raises(ConfigError, match="'supervised-all' needs a labelled dataset that is not downstream"):
-        check_config(cfg)
+        resolve_config(cfg)
 
 
-def test_head_warmup_longer_than_training_is_refused():
-    from ctssl.config import check_config
-
-    cfg = copy.deepcopy(DEFAULT)
-    cfg["finetune"]["head_warmup_steps"] = cfg["finetune"]["steps"]
-    with pytest.raises(ConfigError, match="finetune.head_warmup_steps .* must be below finetune.steps"):
-        check_config(cfg)
+def test_data_never_imports_preprocess():
+    """One direction only: ctssl.preprocess reads datasets (ctssl.data); ctssl.data knows nothing of preprocessing."""
+    for path in (ROOT / "src" / "ctssl" / "data").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.startswith("ctssl.preprocess") for n in names), f"{path}: imports {names}"

@@ -12,11 +12,21 @@ from ctssl.logutil import setup_logging
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from ctssl.config import complete_config, method_problems
+    from ctssl.errors import ConfigError
     from ctssl.train.checkpoint import run_interruptible
     from ctssl.train.pretrain import run_pretrain
 
-    cfg = yaml.safe_load(Path(args.config).read_text())
     log = setup_logging(args.log)
+    try:
+        cfg = complete_config(yaml.safe_load(Path(args.config).read_text()) or {})
+        problems = method_problems(cfg, args.method) if args.method in cfg["pretrain"]["methods"] else [
+            f"--method {args.method}: not a registered method ({', '.join(cfg['pretrain']['methods'])})"]
+    except (ConfigError, KeyError) as exc:
+        problems = [f"{args.config}: {exc}"]
+    if problems:
+        log.error("invalid configuration:\n%s", "\n".join(problems))
+        return 2
     return run_interruptible(lambda: run_pretrain(pool_csv=args.pool_csv, method=args.method, pool=args.pool,
                                                   cfg=cfg, out_dir=args.out, threads=args.threads), log)
 

@@ -1,19 +1,187 @@
-"""Configuration checks that a JSON schema cannot express (cross-references between keys).
+"""Configuration: one schema with every default, per-method settings declared by the methods, and every check a
+wrong setting needs, run at workflow start-up (`snakemake -n`) rather than inside a job.
 
-The schema (`schemas/config.schema.yaml`) checks types and ranges; these checks run right after it, at workflow
-start-up, and name the offending key.
+`resolve_config` is the one entry point (the Snakefile, `load_config` for tests, notebooks and the CLI):
+1. builds the schema: `schemas/config.schema.yaml` plus one `pretrain.methods.{name}` entry per registered method
+   (its overrides of shared settings + its own `SETTINGS`, declared in its module, see `ctssl.ssl`);
+2. validates and fills in every `default:` in one pass, collecting *all* problems, each naming the key path and
+   the bad value; an unknown method, or a key of another method, is named as such;
+3. checks what a schema cannot say: cross-references between keys and, on the resolved settings of every method in
+   use and of fine-tuning, what the network allows (patch vs stride, decoder levels, batch vs norm layers).
+After it, code reads `cfg["key"]`: there is no second default anywhere.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
+import json
+from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 
 import yaml
+from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
 
 from ctssl.errors import ConfigError
+from ctssl.models.spec import feature_levels, patch_problems, tap_widths
+from ctssl.ssl import REGISTRY, method_declarations
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 UNLABELLED_PROFILES = {"chest"}
+REQUIRED_TO_TRAIN = ("steps", "batch_size", "patch_size")  # shared settings without a sensible default
+
+
+# ---------------------------------------------------------------------------------------------------- schema
+def _strip_defaults(node):
+    """A copy of a schema fragment without `default:` (a method's override of a shared key has none)."""
+    if isinstance(node, dict):
+        return {k: _strip_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_strip_defaults(v) for v in node]
+    return node
+
+
+@cache
+def _base_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def shared_settings() -> dict:
+    """Schema properties of the pretraining settings every method shares."""
+    return _base_schema()["$defs"]["pretrain_settings"]["properties"]
+
+
+def build_schema(methods: Iterable[str] = REGISTRY) -> dict:
+    """The full schema: the file plus `pretrain.methods.{name}` for every registered method."""
+    schema = copy.deepcopy(_base_schema())
+    shared = shared_settings()
+    overrides = _strip_defaults(shared)
+    entries = {}
+    for name in methods:
+        own = method_declarations(name)["SETTINGS"]
+        clash = sorted(set(own) & set(shared))
+        if clash:
+            raise TypeError(f"method {name!r} declares {clash}, which are shared pretraining settings")
+        entries[name] = {"type": "object", "additionalProperties": False, "default": {},
+                         "properties": {**overrides, **own}}
+    schema["properties"]["pretrain"]["properties"]["methods"]["properties"] = entries
+    return schema
+
+
+def _extend_with_defaults(cls):
+    """jsonschema's documented recipe: a validator that fills `default:` values as it validates."""
+    check_properties = cls.VALIDATORS["properties"]
+
+    def properties_with_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from check_properties(validator, properties, instance, schema)
+
+    return validators.extend(cls, {"properties": properties_with_defaults})
+
+
+DefaultingValidator = _extend_with_defaults(Draft202012Validator)
+
+
+def key_path(parts: Iterable) -> str:
+    """('fractions', 0) -> 'fractions[0]'; ('pretrain', 'methods', 'pgl') -> 'pretrain.methods.pgl'."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _show(value) -> str:
+    return json.dumps(value) if not isinstance(value, str) else repr(value)
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _owners(key: str, but: str | None = None) -> list[str]:
+    return [m for m in REGISTRY if m != but and key in method_declarations(m)["SETTINGS"]]
+
+
+def _unknown_key(path: tuple, key: str, allowed: Iterable[str]) -> str:
+    """The message for a key the schema does not allow at `path`: unknown method, another method's key, typo."""
+    allowed = sorted(allowed)
+    where = key_path((*path, key))
+    if path == ("pretrain", "methods"):
+        return f"{where}: unknown method {key!r}{_suggest(key, REGISTRY)}; registered methods: {', '.join(REGISTRY)}"
+    if len(path) == 3 and path[:2] == ("pretrain", "methods"):
+        owners = _owners(key, but=path[2])
+        if owners:
+            return (f"{where}: {key!r} is a setting of {' and '.join(owners)}, not of {path[2]}; "
+                    f"{path[2]}'s own settings: {sorted(method_declarations(path[2])['SETTINGS']) or 'none'}")
+    if path == ("pretrain",):
+        owners = _owners(key)
+        if owners:
+            return f"{where}: {key!r} is a setting of {' and '.join(owners)}; put it under pretrain.methods.{owners[0]}"
+    return f"{where}: unknown key{_suggest(key, allowed)}; allowed here: {', '.join(allowed)}"
+
+
+def _messages(error: ValidationError, model: dict | None = None, prefix: str = "") -> list[str]:
+    path = tuple(error.absolute_path)
+    if error.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(error.instance, dict):
+        allowed = set(error.schema.get("properties", {}))
+        if path == ("pretrain",):
+            allowed |= set(shared_settings())
+        return [_unknown_key(path, key, allowed) for key in error.instance if key not in allowed]
+    if error.validator == "format" and model is not None:
+        levels = _levels(model)[error.validator_value]
+        what = {"decoder_level": "decoder level", "tap_level": "feature level"}[error.validator_value]
+        return [f"{prefix}{key_path(path)} = {_show(error.instance)}: not a {what} of this model (model.channels has {len(model['channels'])} widths); available: {', '.join(levels)}"]
+    return [f"{key_path(path)} = {_show(error.instance)}: {error.message}"]
+
+
+def _levels(model: dict) -> dict[str, list[str]]:
+    return {"decoder_level": feature_levels(model), "tap_level": list(tap_widths(model))}
+
+
+def _format_checker(model: dict) -> FormatChecker:
+    """Formats that depend on the configured network (its decoder levels)."""
+    checker = FormatChecker(formats=())
+    for fmt, levels in _levels(model).items():
+        checker.checks(fmt)(lambda value, levels=tuple(levels): not isinstance(value, str) or value in levels)
+    return checker
+
+
+def _schema_problems(config: dict, schema: dict) -> list[str]:
+    """Validate, filling defaults, and return every problem (not the first). Model-dependent formats (levels) are
+    checked later, on the settings of the methods in use only (`method_problems`)."""
+    validator = DefaultingValidator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    return [msg for error in errors for msg in _messages(error)]
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+def deep_merge(base: dict, override: dict) -> dict:
+    """`base` with `override` on top; nested dicts are merged key by key (an override of views.scale keeps the
+    other view settings)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
+def method_config(pretrain_cfg: dict, method: str) -> dict:
+    """The resolved settings of one method: shared `pretrain` settings, overridden by `pretrain.methods.{method}`
+    (which also holds the method's own settings, defaults filled)."""
+    shared = {k: v for k, v in pretrain_cfg.items() if k in shared_settings()}
+    return deep_merge(shared, pretrain_cfg["methods"][method])
+
+
+def pretrain_section_for(pretrain_cfg: dict, method: str) -> dict:
+    """The part of a resolved `pretrain` section one method's run depends on (shared settings + its own entry), in
+    the same shape, so editing another method's settings changes nothing a Snakemake job of this one sees."""
+    return {**{k: v for k, v in pretrain_cfg.items() if k in shared_settings()},
+            "methods": {method: pretrain_cfg["methods"][method]}}
 
 
 def parse_init(init: str) -> tuple[str, str] | None:
@@ -28,26 +196,18 @@ def parse_init(init: str) -> tuple[str, str] | None:
 
 def all_inits(config: dict) -> list[str]:
     """Every init of the grid: `inits` (all downstream datasets) plus `dataset_inits` (one dataset each)."""
-    extra = [i for inits in config.get("dataset_inits", {}).values() for i in inits]
+    extra = [i for inits in config["dataset_inits"].values() for i in inits]
     return list(dict.fromkeys([*config["inits"], *extra]))
 
 
 def inits_for(config: dict, dataset: str) -> list[str]:
-    return list(dict.fromkeys([*config["inits"], *config.get("dataset_inits", {}).get(dataset, [])]))
+    return list(dict.fromkeys([*config["inits"], *config["dataset_inits"].get(dataset, [])]))
 
 
-def unresolvable_inits(config: dict, registered: set[str]) -> list[str]:
-    """Inits naming no registered method whose weights file is not already in place (nothing could build it)."""
-    missing = []
-    for init in all_inits(config):
-        parsed = parse_init(init)
-        if parsed and parsed[0] not in registered:
-            weights = Path(config["results"]) / "pretrain" / parsed[0] / parsed[1] / "model.pt"
-            if not weights.exists():
-                missing.append(f"inits: {init!r} names no registered pretraining method "
-                               f"({', '.join(sorted(registered))}) and {weights} does not exist "
-                               "(to use your own backbone weights, put them there)")
-    return missing
+def methods_in_use(config: dict, configured: Iterable[str] = ()) -> list[str]:
+    """Registered methods some init trains, plus `configured` ones (those the user wrote a section for)."""
+    used = {p[0] for p in map(parse_init, all_inits(config)) if p} | set(configured)
+    return [m for m in REGISTRY if m in used]
 
 
 def is_labelled(dataset_cfg: dict) -> bool:
@@ -59,94 +219,183 @@ def is_labelled(dataset_cfg: dict) -> bool:
     return True
 
 
-def check_config(config: dict) -> None:
-    datasets = config["datasets"]
-    for key in ("downstream",):
-        for name in config[key]:
-            if name not in datasets:
-                raise ConfigError(f"{key}: unknown dataset {name!r}; defined in 'datasets': {sorted(datasets)}")
-            if not is_labelled(datasets[name]):
-                raise ConfigError(f"{key}: dataset {name!r} has no labels and cannot be fine-tuned/evaluated")
-    for name, extra in config.get("dataset_inits", {}).items():
+# ---------------------------------------------------------------------------------------------------- checks
+def _reference_problems(config: dict) -> list[str]:
+    """Cross-references between keys."""
+    problems, datasets = [], config["datasets"]
+    for name in config["downstream"]:
+        if name not in datasets:
+            problems.append(f"downstream: unknown dataset {name!r}{_suggest(name, datasets)}; defined in "
+                            f"'datasets': {sorted(datasets)}")
+        elif not is_labelled(datasets[name]):
+            problems.append(f"downstream: dataset {name!r} has no labels and cannot be fine-tuned/evaluated")
+    for name, extra in config["dataset_inits"].items():
         if name not in config["downstream"]:
-            raise ConfigError(f"dataset_inits: {name!r} is not a downstream dataset ({config['downstream']})")
+            problems.append(f"dataset_inits.{name}: {name!r} is not a downstream dataset ({config['downstream']})")
         for init in extra:
             parsed = parse_init(init)
             if parsed and parsed[1] not in ("all", name):
-                raise ConfigError(f"dataset_inits.{name}: {init!r} pretrains on pool {parsed[1]!r}; use 'all' or "
-                                  f"{name!r} (a pool of another dataset belongs in 'inits')")
-    pretrain = config.get("pretrain", {})
-    for name in pretrain.get("pool_datasets", []):
+                problems.append(f"dataset_inits.{name}: {init!r} pretrains on pool {parsed[1]!r}; use 'all' or "
+                                f"{name!r} (a pool of another dataset belongs in 'inits')")
+    pretrain = config["pretrain"]
+    for name in pretrain["pool_datasets"]:
         if name not in datasets:
-            raise ConfigError(f"pretrain.pool_datasets: unknown dataset {name!r}; defined: {sorted(datasets)}")
-    pools = set(pretrain.get("pools", [])) | {p[1] for p in map(parse_init, all_inits(config)) if p}
-    for pool in pools:
+            problems.append(f"pretrain.pool_datasets: unknown dataset {name!r}; defined: {sorted(datasets)}")
+    pools = set(pretrain["pools"]) | {p[1] for p in map(parse_init, all_inits(config)) if p}
+    for pool in sorted(pools):
         if pool != "all" and pool not in datasets:
-            raise ConfigError(f"pool {pool!r} (from pretrain.pools or inits) is neither 'all' nor a dataset name")
-    check_supervised_pools(config)
+            problems.append(f"pool {pool!r} (from pretrain.pools or inits) is neither 'all' nor a dataset name")
+    problems += unresolvable_inits(config)
+    if not problems:
+        problems += supervised_pool_problems(config)
     problem = head_warmup_problem(config["finetune"])
-    if problem:
-        raise ConfigError(problem)
-    model, patch = config["model"], config["finetune"]["patch_size"]
-    if len(model["strides"]) != len(model["channels"]) - 1:
-        raise ConfigError("model.strides needs exactly one entry fewer than model.channels")
-    stride = 1
-    for s in model["strides"]:
-        stride *= s
-    if any(p % stride for p in patch):
-        raise ConfigError(f"finetune.patch_size {patch} must be divisible by the network stride {stride}")
+    return problems + ([problem] if problem else [])
+
+
+def unresolvable_inits(config: dict) -> list[str]:
+    """Inits naming no registered method whose weights file is not already in place (nothing could build it)."""
+    missing = []
+    for init in all_inits(config):
+        parsed = parse_init(init)
+        if parsed and parsed[0] not in REGISTRY:
+            weights = Path(config["results"]) / "pretrain" / parsed[0] / parsed[1] / "model.pt"
+            if not weights.exists():
+                missing.append(f"inits: {init!r} names no registered pretraining method{_suggest(parsed[0], REGISTRY)} "
+                               f"({', '.join(REGISTRY)}) and {weights} does not exist "
+                               "(to use your own backbone weights, put them there)")
+    return missing
 
 
 def head_warmup_problem(ft: dict) -> str | None:
     """Why `finetune.head_warmup_steps` is unusable (None if it is fine): checked at start-up and by the loop."""
-    head_warmup, steps = int(ft.get("head_warmup_steps", 0)), int(ft["steps"])
+    head_warmup, steps = int(ft["head_warmup_steps"]), int(ft["steps"])
     if head_warmup >= steps:
-        return (f"finetune.head_warmup_steps ({head_warmup}) must be below finetune.steps ({steps}): the backbone "
+        return (f"finetune.head_warmup_steps = {head_warmup}: must be below finetune.steps ({steps}); the backbone "
                 "would never be trained")
     return None
 
 
-def check_supervised_pools(config: dict) -> None:
+def supervised_pool_problems(config: dict) -> list[str]:
     """`supervised-{pool}` trains on the labels of the pool's labelled datasets that are not downstream (a
     downstream dataset's labels are what the label fractions ration); refuse a pool that has none, at start-up."""
-    pool_datasets = config.get("pretrain", {}).get("pool_datasets", sorted(config["datasets"]))
+    problems = []
     for init in all_inits(config):
         parsed = parse_init(init)
         if not parsed or parsed[0] != "supervised":
             continue
-        members = pool_datasets if parsed[1] == "all" else [parsed[1]]
+        members = config["pretrain"]["pool_datasets"] if parsed[1] == "all" else [parsed[1]]
         usable = [d for d in members if is_labelled(config["datasets"][d]) and d not in config["downstream"]]
         if not usable:
-            raise ConfigError(f"inits: {init!r} needs a labelled dataset that is not downstream in pool "
-                              f"{parsed[1]!r} ({members}); downstream datasets' labels never enter pretraining")
+            problems.append(f"inits: {init!r} needs a labelled dataset that is not downstream in pool "
+                            f"{parsed[1]!r} ({members}); downstream datasets' labels never enter pretraining")
+    return problems
 
 
-def load_config(path: str | Path) -> dict:
-    """Load and fully validate a config file outside Snakemake (tests, notebooks)."""
-    import jsonschema
+def _model_problems(config: dict, configured: Iterable[str]) -> list[str]:
+    """What the network allows, on the resolved settings of fine-tuning and of every method in use."""
+    model, problems = config["model"], []
+    if len(model["strides"]) != len(model["channels"]) - 1:
+        return [f"model.strides = {model['strides']}: needs exactly one entry fewer than model.channels "
+                f"{model['channels']}"]
+    if model["norm"] == "group":
+        widths = [*model["channels"], model["feature_channels"]]
+        bad = [w for w in widths if w % model["norm_groups"]]
+        if bad:
+            problems.append(f"model.norm_groups = {model['norm_groups']}: must divide every width of the network "
+                            f"(model.channels and feature_channels); does not divide {bad}")
+    ft = config["finetune"]
+    problems += [f"finetune.patch_size = {ft['patch_size']}: {p}" for p in patch_problems(model, ft["patch_size"])]
+    if model["norm"] == "batch" and ft["batch_size"] * ft["patches_per_case"] < 2:
+        problems.append("finetune.batch_size = 1 (x patches_per_case 1): model.norm 'batch' needs at least 2 "
+                        "patches per batch")
+    for method in methods_in_use(config, configured):
+        problems += method_problems(config, method)
+    return problems
 
-    config = yaml.safe_load(Path(path).read_text())
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    try:
-        jsonschema.validate(config, schema)
-    except jsonschema.ValidationError as exc:
-        where = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise ConfigError(f"{path}: config key {where}: {exc.message}") from None
-    check_config(config)
+
+def method_problems(config: dict, method: str, required: bool = True) -> list[str]:
+    """What is wrong with one method's resolved settings for the configured network (empty if nothing)."""
+    model, pretrain = config["model"], config["pretrain"]
+    settings = method_config(pretrain, method)
+
+    def where(key: str) -> str:
+        """The key path a setting was resolved from: the method's override if it has one, else the shared key."""
+        return f"pretrain.methods.{method}.{key}" if key in pretrain["methods"][method] else f"pretrain.{key}"
+
+    own = {"properties": method_declarations(method)["SETTINGS"]}
+    problems = [msg for error in Draft202012Validator(own, format_checker=_format_checker(model)).iter_errors(settings)
+                if error.validator == "format"
+                for msg in _messages(error, model, prefix=f"{where(error.absolute_path[0])[:-len(str(error.absolute_path[0]))]}")]
+    missing = [k for k in REQUIRED_TO_TRAIN if k not in settings]
+    if missing or not required:
+        return problems + [f"pretrain.{k}: required to train {method} (set it under pretrain or "
+                           f"pretrain.methods.{method})" for k in missing if required]
+    problems += [f"{where('patch_size')} = {settings['patch_size']}: {p}"
+                for p in patch_problems(model, settings["patch_size"])]
+    constraints = method_declarations(method)["CONSTRAINTS"]
+    for error in Draft202012Validator({"properties": constraints}).iter_errors(settings):
+        key = error.absolute_path[0]
+        why = constraints[key].get("description", "")
+        problems.append(f"{where(key)} = {_show(error.instance)}: {error.message} for {method}"
+                        + (f" ({why})" if why else ""))
+    if model["norm"] == "batch" and settings["batch_size"] < 2:
+        problems.append(f"{where('batch_size')} = {settings['batch_size']}: model.norm 'batch' needs at least 2")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------- entry points
+def resolve_config(raw: dict) -> dict:
+    """A validated copy of `raw` with every default filled in; ConfigError listing every problem otherwise."""
+    config = copy.deepcopy(raw)
+    problems = _schema_problems(config, build_schema())
+    if problems:
+        raise ConfigError("\n".join(problems))
+    config.setdefault("downloads", f"{config['results']}/downloads")
+    config["pretrain"].setdefault("pool_datasets", sorted(config["datasets"]))
+    configured = (raw.get("pretrain") or {}).get("methods") or {}
+    problems = _reference_problems(config) + _model_problems(config, configured)
+    if problems:  # a shared setting wrong for several methods is one problem
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
     return config
 
 
-def method_config(pretrain_cfg: dict, method: str) -> dict:
-    """The shared `pretrain` settings overridden by `pretrain.methods.{method}`."""
-    shared = {k: v for k, v in pretrain_cfg.items() if k not in ("methods", "pool_datasets", "pools")}
-    return {**shared, **pretrain_cfg.get("methods", {}).get(method, {})}
+def complete_config(partial: dict) -> dict:
+    """Some sections of a config (e.g. `model` + `finetune` for one training call in a test or a notebook),
+    validated and completed with the schema's defaults; the whole-config checks of `resolve_config` do not run."""
+    schema = {k: v for k, v in build_schema().items() if k != "required"}
+    config = copy.deepcopy(partial)
+    problems = _schema_problems(config, schema)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def settings_for(method: str, overrides: dict | None = None, model: dict | None = None) -> dict:
+    """One method's resolved settings from defaults + `overrides` (shared or its own keys), checked against `model`
+    when given (levels, patch vs stride); for tests and notebooks. Raises ConfigError like a config file would."""
+    overrides = overrides or {}
+    pretrain = {k: v for k, v in overrides.items() if k in shared_settings()}
+    pretrain["methods"] = {method: {k: v for k, v in overrides.items() if k not in shared_settings()}}
+    config = complete_config({"pretrain": pretrain, **({"model": model} if model else {})})
+    problems = method_problems(config, method, required=False) if model else []
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return method_config(config["pretrain"], method)
+
+
+def load_config(path: str | Path) -> dict:
+    """Load and fully resolve a config file outside Snakemake (tests, notebooks, the CLI)."""
+    try:
+        return resolve_config(yaml.safe_load(Path(path).read_text()) or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: invalid configuration:\n{exc}") from None
 
 
 def job_resources(config: dict, stage: str) -> dict:
     """`resources.{stage}` as Snakemake rule resources. Memory and runtime become functions of the attempt (k x the
     configured value), so the profile's `retries` resubmits a job that ran out of either with more. A stage without
     GPUs drops the GPU keys: the SLURM plugin then asks for the rule's threads as --cpus-per-task."""
-    spec = config.get("resources", {}).get(stage, {})
+    spec = config["resources"].get(stage, {})
     res = {k: spec[k] for k in ("gpu", "gpu_model", "cpus_per_gpu") if spec.get(k) is not None}
     if not res.get("gpu"):
         res = {}

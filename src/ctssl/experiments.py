@@ -98,17 +98,13 @@ class Study:
         cfg = copy.deepcopy(self.cfg)
         mcfg = method_config(cfg["pretrain"], method)
         if int(steps) == 0:  # the untrained start of that pretraining run: same seed, same construction order
-            seed_everything(int(mcfg.get("seed", 0)))
+            seed_everything(int(mcfg["seed"]))
             save_torch(weights, build_backbone(cfg["model"]).state_dict())
             return weights
         from ctssl.train.pretrain import run_pretrain
 
-        settings = cfg["pretrain"].setdefault("methods", {}).setdefault(method, {})
-        if "views" in overrides:  # a nested override: merge into the shared view settings, not replace them
-            views = copy.deepcopy(cfg["pretrain"]["views"])
-            views["intensity"] = {**views.get("intensity", {}), **overrides["views"].get("intensity", {})}
-            overrides = {**overrides, "views": views}
-        settings.update(overrides, steps=int(steps))
+        # A nested override (views.intensity...) is merged key by key into the shared settings by method_config.
+        cfg["pretrain"]["methods"][method].update(copy.deepcopy(overrides), steps=int(steps))
         cfg["pretrain"]["checkpoint_every"] = max(int(steps), 1)
         run_pretrain(pool_csv=self.root / "pools" / "all.csv", method=method, pool="all", cfg=cfg, out_dir=out,
                      threads=self.threads)
@@ -119,7 +115,7 @@ class Study:
         """metrics.json of one run (cached by its settings); its dev-Dice curve is `curve.csv` beside it."""
         from ctssl.train.finetune import run_finetune
 
-        cfg = copy.deepcopy({k: self.cfg[k] for k in ("model", "finetune", "device", "amp") if k in self.cfg})
+        cfg = copy.deepcopy({k: self.cfg[k] for k in ("model", "finetune", "device", "amp")})
         cfg["finetune"].update(run.finetune)
         weights = self.pretrained(run.init)
         key = json_digest({"cfg": cfg, "init": run.init, "seed": run.seed, "dataset": self.dataset,
@@ -133,7 +129,7 @@ class Study:
         dev = development_cases(splits, self.fraction, run.seed)[: self.n_dev]
         curve = DiceCurve(self.preprocessed, dev, {int(k): v for k, v in manifest["labels"].items()},
                           cfg["finetune"]["patch_size"], self.curve_every,
-                          overlap=float(cfg["finetune"].get("sw_overlap", 0.25)))
+                          overlap=float(cfg["finetune"]["sw_overlap"]))
         steps = int(cfg["finetune"]["steps"])
 
         def on_step(step: int, net: torch.nn.Module) -> None:

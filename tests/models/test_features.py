@@ -3,10 +3,12 @@
 import pytest
 import torch
 
+from ctssl.config import complete_config
 from ctssl.models.backbone import build_backbone
 from ctssl.models.features import decoder_layers, feature_levels, forward_to, forward_with_taps, tap_widths
 
-MODEL = {"channels": [4, 8, 16, 32], "strides": [2, 2, 2], "feature_channels": 6, "num_res_units": 1}
+MODEL = complete_config({"model": {"channels": [4, 8, 16, 32], "strides": [2, 2, 2], "feature_channels": 6,
+                                    "num_res_units": 1}})["model"]
 
 
 def test_levels_and_widths_follow_the_model_config():

@@ -2,10 +2,12 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
+from ctssl.config import complete_config
 from ctssl.models.backbone import SegmentationNet, backbone_kwargs, build_backbone
 from ctssl.models.weights import WeightLoadError, load_backbone_weights, read_state_dict
 
-MODEL = {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 6, "num_res_units": 1, "norm": "instance"}
+MODEL = complete_config({"model": {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 6,
+                                    "num_res_units": 1, "norm": "instance"}})["model"]
 
 
 def _pretrained_file(tmp_path, model_cfg=MODEL, extra=None, prefix=""):

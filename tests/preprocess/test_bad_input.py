@@ -7,10 +7,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ctssl.config import complete_config
 from ctssl.errors import InputDataError
 from ctssl.preprocess.pipeline import preprocess_dataset
 
-CFG = {"target_spacing": [2.0, 2.0, 4.0], "normalization": {"scheme": "window", "window": [-175, 250]}}
+CFG = complete_config({"preprocess": {"target_spacing": [2.0, 2.0, 4.0],
+                                      "normalization": {"scheme": "window", "window": [-175, 250]}}})["preprocess"]
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from ctssl.config import complete_config
 from ctssl.data.msd import read_msd_dataset
 from ctssl.evaluate import dice_score
 from ctssl.io import write_json
@@ -31,7 +32,8 @@ def _lps_case(tmp_path):
                                            "training": [{"image": "./imagesTr/c.nii.gz",
                                                          "label": "./labelsTr/c.nii.gz"}]})
     dataset = read_msd_dataset(tmp_path)
-    cfg = {"target_spacing": [1.5, 1.5, 3.0], "normalization": {"scheme": "window", "window": [-175, 250]}}
+    cfg = complete_config({"preprocess": {"target_spacing": [1.5, 1.5, 3.0],
+                                          "normalization": {"scheme": "window", "window": [-175, 250]}}})["preprocess"]
     return preprocess_case(dataset.cases[0], dataset, cfg, None), label, affine
 
 

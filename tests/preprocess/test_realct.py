@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ctssl.config import complete_config
 from ctssl.data.msd import read_msd_dataset
 from ctssl.preprocess.pipeline import preprocess_case
 
@@ -32,7 +33,8 @@ def ts_dataset(realct, tmp_path_factory):
 
 @pytest.mark.parametrize("spacing", [(1.5, 1.5, 2.0), (4.0, 4.0, 5.0)])
 def test_label_volumes_in_mm3_survive_resampling(ts_dataset, spacing):
-    cfg = {"target_spacing": list(spacing), "normalization": {"scheme": "window", "window": [-175, 250]}}
+    cfg = complete_config({"preprocess": {"target_spacing": list(spacing),
+                                          "normalization": {"scheme": "window", "window": [-175, 250]}}})["preprocess"]
     out = preprocess_case(ts_dataset.cases[0], ts_dataset, cfg, None)
     ref = np.asanyarray(nib.load(ts_dataset.cases[0].label).dataobj)
     for value in (LIVER, SPLEEN):
@@ -46,7 +48,8 @@ def test_label_volumes_in_mm3_survive_resampling(ts_dataset, spacing):
 
 
 def test_liver_intensity_after_window_normalization(ts_dataset):
-    cfg = {"target_spacing": [3.0, 3.0, 3.0], "normalization": {"scheme": "window", "window": [-175, 250]}}
+    cfg = complete_config({"preprocess": {"target_spacing": [3.0, 3.0, 3.0],
+                                          "normalization": {"scheme": "window", "window": [-175, 250]}}})["preprocess"]
     out = preprocess_case(ts_dataset.cases[0], ts_dataset, cfg, None)
     liver_hu = np.median(out["image"][out["label"] == LIVER]) * 425 - 175
     assert 20 < liver_hu < 200  # liver parenchyma in HU, a sanity check that intensities are not scrambled

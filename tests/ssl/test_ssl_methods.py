@@ -6,16 +6,25 @@ import numpy as np
 import pytest
 import torch
 
+from ctssl.config import complete_config, settings_for
+from ctssl.errors import ConfigError
 from ctssl.geometry import ViewGeometry, align_pair
 from ctssl.models.features import bottom_layer, connection_blocks, decoder_layers, encode
 from ctssl.ssl import METHODS
 from ctssl.ssl.base import TwoViewSampler, ema_tau, ema_update, frozen_copy
 from ctssl.ssl.pgl import align, local_consistency_loss, pair_grids
 
-MODEL = {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 6, "num_res_units": 1}
+MODEL = complete_config({"model": {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 6,
+                                    "num_res_units": 1}})["model"]
 PATCH = [16, 16, 8]
-CFG = {"views": {"scale": [1.1, 1.3], "min_overlap": 0.2}, "grid_size": 4, "projector_hidden": 16,
-       "projector_out": 8, "ema_tau_base": 0.99}
+SHARED = {"views": {"scale": [1.1, 1.3], "min_overlap": 0.2}, "ema_tau_base": 0.99}
+OWN = {"pgl": {"grid_size": 4, "projector_hidden": 16, "projector_out": 8},
+       "byol": {"projector_hidden": 16, "projector_out": 8}}
+
+
+def cfg(name: str, model: dict | None = None, **own) -> dict:
+    """The resolved settings of one method (schema defaults + these test values)."""
+    return settings_for(name, {**SHARED, **OWN[name], **own}, model)
 
 
 def _features(seed=0):
@@ -42,7 +51,7 @@ def test_flipped_copy_gives_zero_loss_only_when_flips_are_undone():
 
 def test_batched_grids_match_single_alignment():
     rng = np.random.default_rng(0)
-    sampler = TwoViewSampler(PATCH, CFG["views"])
+    sampler = TwoViewSampler(PATCH, cfg("pgl")["views"])
     samples = [sampler(rng.normal(size=(30, 28, 14)).astype(np.float32), rng) for _ in range(3)]
     ga = torch.stack([s["geom_a"] for s in samples])
     gb = torch.stack([s["geom_b"] for s in samples])
@@ -58,7 +67,7 @@ def test_batched_grids_match_single_alignment():
 
 def test_sampler_is_deterministic_and_shaped():
     vol = np.random.default_rng(3).normal(size=(30, 28, 14)).astype(np.float32)
-    sampler = TwoViewSampler(PATCH, CFG["views"])
+    sampler = TwoViewSampler(PATCH, cfg("pgl")["views"])
     a = sampler(vol, np.random.default_rng([7, 1]))
     b = sampler(vol, np.random.default_rng([7, 1]))
     assert a["view_a"].shape == (1, *PATCH) and a["geom_a"].shape == (9,)
@@ -82,9 +91,9 @@ def test_ema_tau_schedule_and_update_formula():
 @pytest.mark.parametrize("name", ["pgl", "byol"])
 def test_targets_get_no_gradient_and_follow_the_online_network(name):
     torch.manual_seed(0)
-    method = METHODS[name](MODEL, CFG, PATCH)
+    method = METHODS[name](MODEL, cfg(name), PATCH)
     rng = np.random.default_rng(0)
-    sampler = METHODS[name].view_sampler(CFG, PATCH)
+    sampler = METHODS[name].view_sampler(cfg(name), PATCH)
     samples = [sampler(rng.normal(size=(24, 24, 12)).astype(np.float32), rng) for _ in range(2)]
     batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
     loss, parts = method.loss(batch)
@@ -104,15 +113,15 @@ def test_targets_get_no_gradient_and_follow_the_online_network(name):
 
 
 def test_pgl_priors_ablation_and_validation():
-    sampler = METHODS["pgl"].view_sampler({**CFG, "priors": ["flip"]}, PATCH)
+    sampler = METHODS["pgl"].view_sampler(cfg("pgl", priors=["flip"]), PATCH)
     out = sampler(np.zeros((30, 30, 15), np.float32), np.random.default_rng(0))
     assert torch.equal(out["geom_a"][:6], out["geom_b"][:6])  # same box: crop prior off
-    with pytest.raises(ValueError, match="priors"):
-        METHODS["pgl"](MODEL, {**CFG, "priors": ["rotate"]}, PATCH)
+    with pytest.raises(ConfigError, match=r"pretrain.methods.pgl.priors\[0\] = 'rotate'"):
+        cfg("pgl", priors=["rotate"])
 
 
 def test_encoder_only_pass_equals_the_bottleneck_of_a_full_pass():
-    method = METHODS["byol"](MODEL, CFG, PATCH).eval()
+    method = METHODS["byol"](MODEL, cfg("byol"), PATCH).eval()
     seen = {}
     handle = bottom_layer(method.backbone).register_forward_hook(lambda m, i, o: seen.setdefault("b", o))
     x = torch.randn(1, 1, *PATCH)
@@ -125,9 +134,9 @@ def test_encoder_only_pass_equals_the_bottleneck_of_a_full_pass():
 def test_pgl_on_a_coarse_level_trains_the_encoder_and_that_stage_only():
     model = {**MODEL, "channels": [4, 8, 16, 32], "strides": [2, 2, 2]}
     torch.manual_seed(0)
-    method = METHODS["pgl"](model, {**CFG, "feature_level": "decoder0"}, PATCH)
+    method = METHODS["pgl"](model, cfg("pgl", model, feature_level="decoder0"), PATCH)
     assert method.projector[0].in_channels == 8  # decoder0 of this model outputs channels[-3]
-    sampler = METHODS["pgl"].view_sampler(CFG, PATCH)
+    sampler = METHODS["pgl"].view_sampler(cfg("pgl"), PATCH)
     rng = np.random.default_rng(0)
     samples = [sampler(rng.normal(size=(24, 24, 12)).astype(np.float32), rng) for _ in range(2)]
     loss, _ = method.loss({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
@@ -136,8 +145,8 @@ def test_pgl_on_a_coarse_level_trains_the_encoder_and_that_stage_only():
     assert all(p.grad is not None for p in coarsest.parameters())
     assert all(p.grad is None for up in finer for p in up.parameters())  # never run, so untouched
     assert all(p.grad is not None for p in encode_parameters(method.backbone))
-    with pytest.raises(ValueError, match="feature_level.*available"):
-        METHODS["pgl"](model, {**CFG, "feature_level": "bottleneck"}, PATCH)
+    with pytest.raises(ConfigError, match="feature_level = 'bottleneck': not a decoder level.*decoder0, decoder1, output"):
+        cfg("pgl", model, feature_level="bottleneck")
 
 
 def encode_parameters(unet):
@@ -146,14 +155,14 @@ def encode_parameters(unet):
 
 
 def test_pgl_decorrelation_term_is_added_and_reaches_the_backbone():
-    sampler = METHODS["pgl"].view_sampler(CFG, PATCH)
+    sampler = METHODS["pgl"].view_sampler(cfg("pgl"), PATCH)
     rng = np.random.default_rng(0)
     samples = [sampler(rng.random((24, 24, 12)).astype(np.float32), rng) for _ in range(2)]
     batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
     torch.manual_seed(0)
-    plain = METHODS["pgl"](MODEL, CFG, PATCH)
+    plain = METHODS["pgl"](MODEL, cfg("pgl"), PATCH)
     torch.manual_seed(0)
-    regularised = METHODS["pgl"](MODEL, {**CFG, "decorrelation_weight": 2.0}, PATCH)
+    regularised = METHODS["pgl"](MODEL, cfg("pgl", decorrelation_weight=2.0), PATCH)
     loss_plain, parts_plain = plain.loss(batch)
     loss, parts = regularised.loss(batch)
     assert set(parts_plain) == {"local"} and {"local", "variance", "covariance"} <= set(parts)

@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 import torch
 
+from ctssl.config import complete_config
 from ctssl.io import write_json
 from ctssl.models.backbone import build_backbone
 from ctssl.splits import label_subset, make_splits
 from ctssl.train.finetune import run_finetune
 
-CFG = {
+CFG = complete_config({
     "model": {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 4, "num_res_units": 1},
     "finetune": {"patch_size": [16, 16, 16], "batch_size": 2, "steps": 4, "lr": 0.01, "weight_decay": 0.0,
                  "warmup_steps": 1, "sw_overlap": 0.25, "log_every": 2},
     "device": "cpu",
-}
+})
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_cell_outputs_and_determinism(prepared, tmp_path):
     for key in ("mean_per_class", "mean_foreground_dice", "config", "code_version", "timings_s", "init_weights"):
         assert key in metrics
     log = (tmp_path / "a" / "train_log.csv").read_text().splitlines()
-    assert log[0] == "step,loss,lr,elapsed_s" and len(log) == 1 + CFG["finetune"]["steps"]
+    assert log[0] == "step,loss,lr,samples_per_s,elapsed_s,parts" and len(log) == 1 + CFG["finetune"]["steps"]
     # same config on CPU -> same numbers
     assert a["final_loss"] == b["final_loss"]
     assert a["per_case"] == b["per_case"]
@@ -171,6 +172,6 @@ def test_head_warmup_must_leave_steps_for_the_backbone():
     from ctssl.models.backbone import SegmentationNet
     from ctssl.train.finetune import optimizer_and_schedule
 
-    with pytest.raises(ValueError, match="head_warmup_steps \\(4\\) must be below finetune.steps \\(4\\)"):
+    with pytest.raises(ValueError, match="head_warmup_steps = 4: must be below finetune.steps \\(4\\)"):
         optimizer_and_schedule(SegmentationNet(CFG["model"], n_classes=2),
                                {**CFG["finetune"], "head_warmup_steps": 4})

@@ -3,6 +3,7 @@ signal resumes to exactly the numbers of an uninterrupted run (CPU determinism).
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import signal
@@ -16,12 +17,14 @@ import torch
 import yaml
 from monai.networks.nets import UNet
 
+from ctssl.config import complete_config
 from ctssl.models.backbone import SegmentationNet, backbone_kwargs
 from ctssl.models.weights import load_backbone_weights, read_state_dict
 from ctssl.train.checkpoint import save_checkpoint
 from ctssl.train.pretrain import run_pretrain
 
-MODEL = {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 4, "num_res_units": 1}
+MODEL = complete_config({"model": {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 4,
+                                    "num_res_units": 1}})["model"]
 PRETRAIN = {"seed": 0, "steps": 30, "batch_size": 2, "patch_size": [16, 16, 16], "warmup_steps": 2,
             "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0}, "log_every": 10,
             "checkpoint_every": 10, "views": {"scale": [1.1, 1.3], "min_overlap": 0.2},
@@ -40,7 +43,7 @@ def pool_csv(liver_preprocessed, tmp_path_factory):
 
 
 def _cfg(**pretrain):
-    return {"model": MODEL, "pretrain": {**PRETRAIN, **pretrain}, "device": "cpu"}
+    return complete_config({"model": MODEL, "pretrain": {**copy.deepcopy(PRETRAIN), **pretrain}, "device": "cpu"})
 
 
 def _losses(out):

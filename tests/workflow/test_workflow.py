@@ -17,29 +17,17 @@ import pytest
 import torch
 import yaml
 
+from ctssl.config import complete_config
 from ctssl.models.backbone import build_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
 pytestmark = pytest.mark.workflow
 
-TINY = {
-    "results": "results", "device": "cpu", "synthetic_seed": 1, "split_seed": 0, "seeds": [0],
-    "fractions": [50, 100],
-    "datasets": {"liver": {"kind": "synthetic", "profile": "liver", "n_cases": 4, "group": "abdomen"},
-                 "chest": {"kind": "synthetic", "profile": "chest", "n_cases": 2, "group": "chest"}},
-    "downstream": ["liver"], "inits": ["scratch", "custom-all", "pgl-all"],
-    "dataset_inits": {"liver": ["hssl-all", "hssl-liver"]},
-    "pretrain": {"pool_datasets": ["liver", "chest"], "pools": ["all"], "steps": 3, "batch_size": 2,
-                 "patch_size": [16, 16, 16], "checkpoint_every": 2,
-                 "methods": {"pgl": {"grid_size": 4, "projector_hidden": 8, "projector_out": 8},
-                             "hssl": {"projector_hidden": 8, "projector_out": 8, "levels": ["bottleneck", "output"]}}},
-    "splits": {"test_fraction": 0.25, "min_test": 1},
-    "preprocess": {"target_spacing": [3.0, 3.0, 4.0], "normalization": {"scheme": "window", "window": [-175, 250]}},
-    "model": {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 4, "num_res_units": 1},
-    "finetune": {"patch_size": [16, 16, 16], "batch_size": 2, "steps": 3, "lr": 0.01, "weight_decay": 0.0,
-                 "log_every": 1},
-}
+# The tiny config (a file a user can run too), in a workspace of its own, plus a "bring your own weights" init.
+TINY = yaml.safe_load((ROOT / "tests" / "configs" / "tiny.yaml").read_text())
+TINY["results"] = "results"
+TINY["inits"] = ["scratch", "custom-all", "pgl-all"]
 CELL = "results/finetune/liver/scratch/frac50/seed0/metrics.json"
 
 
@@ -61,7 +49,7 @@ def workspace(tmp_path_factory) -> Path:
     weights = work / "results" / "pretrain" / "custom" / "all" / "model.pt"
     weights.parent.mkdir(parents=True)
     torch.manual_seed(0)
-    torch.save(build_backbone(TINY["model"]).state_dict(), weights)
+    torch.save(build_backbone(complete_config({"model": TINY["model"]})["model"]).state_dict(), weights)
     return work
 
 
@@ -184,31 +172,43 @@ def test_adding_a_fraction_and_a_seed_schedules_only_the_new_cells(workspace, tm
     assert job_counts(out) == {"all": 1, "finetune": new_cells, "report": 1, "total": new_cells + 2}, out[-3000:]
 
 
-def dry_run_with(workspace: Path, tmp_path: Path, mutate) -> tuple[int, str]:
-    """`snakemake -n` with a mutated copy of the tiny config: (exit code, everything it printed)."""
+def dry_run_with(tmp_path: Path, mutate) -> tuple[int, str]:
+    """`snakemake -n` in an empty folder with a mutated copy of the tiny config: (exit code, everything printed)."""
     bad = json.loads(json.dumps(TINY))
+    bad["inits"] = ["scratch", "pgl-all"]
     mutate(bad)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
-    run = snakemake(workspace, "-n", config=path)
+    work = tmp_path / "work"
+    work.mkdir()
+    run = snakemake(work, "-n", config=path)
+    assert not (work / "results").exists() and "Job stats" not in run.stdout  # no job was scheduled or run
     return run.returncode, run.stdout + run.stderr
 
 
-def test_wrong_config_type_stops_at_startup_naming_the_key(workspace, tmp_path):
-    rc, out = dry_run_with(workspace, tmp_path, lambda c: c["finetune"].update(steps="ten"))
-    assert rc != 0
-    assert "['finetune']['steps']" in out and "'ten' is not of type 'integer'" in out
-
-
-def test_unknown_dataset_stops_at_startup(workspace, tmp_path):
-    rc, out = dry_run_with(workspace, tmp_path, lambda c: c.update(downstream=["liver", "pancreas"]))
-    assert rc != 0 and "downstream: unknown dataset 'pancreas'" in out
-
-
-def test_unknown_method_without_weights_stops_at_startup(workspace, tmp_path):
-    rc, out = dry_run_with(workspace, tmp_path, lambda c: c.update(inits=["scratch", "simclr-all"]))
-    assert rc != 0 and "'simclr-all' names no registered pretraining method" in out
-    assert "pretrain/simclr/all/model.pt does not exist" in out
+@pytest.mark.parametrize("mutate, expected", [
+    # The four that used to pass start-up and fail only inside a (GPU) job:
+    (lambda c: c["pretrain"]["methods"].update(hsl={"temperature": 0.1}),
+     ["pretrain.methods.hsl: unknown method 'hsl' (did you mean 'hssl'?); registered methods: byol, genesis, hssl"]),
+    (lambda c: c["pretrain"]["methods"].update(byol={"temperature": 0.1}),
+     ["pretrain.methods.byol.temperature: 'temperature' is a setting of hssl, not of byol"]),
+    (lambda c: c["pretrain"].update(patch_size=[50, 48, 32]),
+     ["pretrain.patch_size = [50, 48, 32]: must be divisible by the network stride 4"]),
+    (lambda c: c["pretrain"]["methods"]["pgl"].update(feature_level="decoder7"),
+     ["pretrain.methods.pgl.feature_level = 'decoder7': not a decoder level of this model", "decoder0, output"]),
+    # and those refused before, now with the key path and every bad value:
+    (lambda c: c["datasets"]["liver"].update(kind="nifti"), ["datasets.liver.kind = 'nifti': 'nifti' is not one of"]),
+    (lambda c: c.update(fractions=[0, 10, 150]), ["fractions[0] = 0:", "fractions[2] = 150:"]),
+    (lambda c: c.update(downstream=["liver", "pancreas"]), ["downstream: unknown dataset 'pancreas'"]),
+    (lambda c: c["finetune"].update(steps="ten"), ["finetune.steps = 'ten': 'ten' is not of type 'integer'"]),
+    (lambda c: c.update(inits=["scratch", "simclr-all"]),
+     ["'simclr-all' names no registered pretraining method", "pretrain/simclr/all/model.pt does not exist"]),
+])
+def test_wrong_settings_stop_at_startup_naming_the_key(tmp_path, mutate, expected):
+    rc, out = dry_run_with(tmp_path, mutate)
+    assert rc != 0 and "invalid configuration" in out
+    for text in expected:
+        assert text in out, out[-3000:]
 
 
 def test_truncated_raw_image_fails_cleanly(workspace):

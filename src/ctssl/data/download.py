@@ -56,16 +56,13 @@ MSD_TASKS: dict[str, RemoteArchive] = {a.task: a for a in [
 ]}
 
 # KiTS19: per-case images from the challenge's image host (pattern of kits19/starter_code/get_imaging.py),
-# labels from the kits19 git repository. Neither publishes checksums: the sha256 of what arrived is recorded.
-KITS19_IMAGE_URL = "https://kits19.sfo2.digitaloceanspaces.com/master_{case:05d}.nii.gz"
-KITS19_LABEL_URL = "https://raw.githubusercontent.com/neheller/kits19/master/data/case_{case:05d}/segmentation.nii.gz"
+# labels from the kits19 git repository (URLs and case count: defaults in the config schema). Neither publishes
+# checksums: the sha256 of what arrived is recorded.
 KITS19_LABELS = {0: "background", 1: "kidney", 2: "tumour"}
-KITS19_TRAINING_CASES = 210
 
 BTCV_LABELS = {0: "background", 1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "gallbladder", 5: "esophagus",
                6: "liver", 7: "stomach", 8: "aorta", 9: "inferior_vena_cava", 10: "portal_splenic_vein",
                11: "pancreas", 12: "right_adrenal_gland", 13: "left_adrenal_gland"}
-BTCV_TRAINING_CASES = 30
 
 
 def fetch(url: str, dest: str | os.PathLike, *, md5: str | None = None, timeout: float = 60.0) -> Path:

@@ -18,20 +18,16 @@ import numpy as np
 from ctssl.data.dicom import convert_series, find_series
 from ctssl.data.download import (
     BTCV_LABELS,
-    BTCV_TRAINING_CASES,
-    KITS19_IMAGE_URL,
-    KITS19_LABEL_URL,
     KITS19_LABELS,
-    KITS19_TRAINING_CASES,
     DownloadError,
     extract_zip,
     fetch,
     install_msd_task,
 )
+from ctssl.data.nifti import AFFINE_TOLERANCE_MM
 from ctssl.data.synthetic import write_msd_dataset
 from ctssl.errors import InputDataError
 from ctssl.io import atomic_dir, file_digest, save_nifti, write_json
-from ctssl.preprocess.nifti import AFFINE_TOLERANCE_MM
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +94,8 @@ def folder_cases(cfg: dict) -> dict[str, dict[str, str]]:
 
 def import_folder(out_dir: Path, name: str, cfg: dict) -> Path:
     """Cases (see `folder_cases`) -> MSD layout; `label_map` relabels (unlisted values -> 0)."""
-    labels = {int(k): v for k, v in cfg.get("labels", {0: "background"}).items()}
-    mapping = {int(k): int(v) for k, v in (cfg.get("label_map") or {}).items()}
+    labels = {int(k): v for k, v in cfg["labels"].items()}
+    mapping = {int(k): int(v) for k, v in cfg["label_map"].items()}
     cases = folder_cases(cfg)
     with atomic_dir(out_dir) as tmp:
         entries = []
@@ -126,7 +122,7 @@ def import_folder(out_dir: Path, name: str, cfg: dict) -> Path:
                 save_nifti(tmp / "labelsTr" / f"{case}.nii.gz", nib.Nifti1Image(data.astype(np.uint8), image.affine))
                 entry["label"] = f"./labelsTr/{case}.nii.gz"
             entries.append(entry)
-        _dataset_json(tmp, name, labels, entries, cfg.get("group", "default"), kind="folder",
+        _dataset_json(tmp, name, labels, entries, cfg["group"], kind="folder",
                       sources={c: {k: str(v) for k, v in spec.items()} for c, spec in cases.items()})
     return out_dir
 
@@ -145,7 +141,7 @@ def import_btcv(out_dir: Path, name: str, cfg: dict, downloads: Path) -> Path:
             extract_zip(source, extracted)
         source = extracted
     images = sorted(source.rglob("img/img*.nii.gz"))
-    expected = int(cfg.get("expected_cases", BTCV_TRAINING_CASES))
+    expected = int(cfg["expected_cases"])
     if len(images) != expected:
         raise InputDataError(f"{source}: found {len(images)} training images (img/img*.nii.gz), expected {expected}")
     with atomic_dir(out_dir) as tmp:
@@ -158,14 +154,14 @@ def import_btcv(out_dir: Path, name: str, cfg: dict, downloads: Path) -> Path:
             _link(image, tmp / "imagesTr" / f"{case}.nii.gz")
             _link(label, tmp / "labelsTr" / f"{case}.nii.gz")
             entries.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
-        _dataset_json(tmp, name, BTCV_LABELS, entries, cfg.get("group", "abdomen"), kind="manual", source=str(source))
+        _dataset_json(tmp, name, BTCV_LABELS, entries, cfg["group"], kind="manual", source=str(source))
     return out_dir
 
 
 def import_kits19(out_dir: Path, name: str, cfg: dict, downloads: Path) -> Path:
     """KiTS19 training cases: images from the challenge host, labels from the kits19 repository."""
-    n_cases = int(cfg.get("n_cases", KITS19_TRAINING_CASES))
-    image_url, label_url = cfg.get("image_url", KITS19_IMAGE_URL), cfg.get("label_url", KITS19_LABEL_URL)
+    n_cases = int(cfg["n_cases"])
+    image_url, label_url = cfg["image_url"], cfg["label_url"]
     store = downloads / "kits19"
     with atomic_dir(out_dir) as tmp:
         entries, digests = [], {}
@@ -177,7 +173,7 @@ def import_kits19(out_dir: Path, name: str, cfg: dict, downloads: Path) -> Path:
             _link(image, tmp / "imagesTr" / f"{case}.nii.gz")
             _link(label, tmp / "labelsTr" / f"{case}.nii.gz")
             entries.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
-        _dataset_json(tmp, name, KITS19_LABELS, entries, cfg.get("group", "abdomen"), kind="kits19",
+        _dataset_json(tmp, name, KITS19_LABELS, entries, cfg["group"], kind="kits19",
                       sha256=digests)
     return out_dir
 

@@ -14,31 +14,23 @@ from torch import nn
 
 def backbone_kwargs(model_cfg: dict) -> dict:
     """Arguments for monai.networks.nets.UNet from the `model` config section (recorded in model.json)."""
-    norm = model_cfg.get("norm", "instance")
+    norm = model_cfg["norm"]
     if norm == "group":
-        norm = ("group", {"num_groups": int(model_cfg.get("norm_groups", 8))})
+        norm = ("group", {"num_groups": int(model_cfg["norm_groups"])})
     return {
         "spatial_dims": 3,
         "in_channels": 1,
         "out_channels": int(model_cfg["feature_channels"]),
         "channels": tuple(int(c) for c in model_cfg["channels"]),
         "strides": tuple(int(s) for s in model_cfg["strides"]),
-        "num_res_units": int(model_cfg.get("num_res_units", 2)),
+        "num_res_units": int(model_cfg["num_res_units"]),
         "norm": norm,
-        "dropout": float(model_cfg.get("dropout", 0.0)),
+        "dropout": float(model_cfg["dropout"]),
     }
 
 
 def build_backbone(model_cfg: dict) -> UNet:
     return UNet(**backbone_kwargs(model_cfg))
-
-
-def total_stride(model_cfg: dict) -> int:
-    """Down-sampling factor of the bottleneck: patch sizes must be divisible by it."""
-    stride = 1
-    for s in model_cfg["strides"]:
-        stride *= int(s)
-    return stride
 
 
 class SegmentationNet(nn.Module):

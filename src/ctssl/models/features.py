@@ -12,6 +12,8 @@ from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNet
 from torch import nn
 
+from ctssl.models.spec import feature_levels, level_names, tap_widths  # noqa: F401 (re-exported)
+
 
 def _is_connection_block(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and len(module) == 3 and isinstance(module[1], SkipConnection)
@@ -45,24 +47,6 @@ def encode(unet: UNet, x: torch.Tensor) -> list[torch.Tensor]:
     return feats
 
 
-def _level_names(n_blocks: int) -> list[str]:
-    """Names of the up layers' outputs of a UNet with `n_blocks` connection blocks, coarsest first."""
-    return [f"decoder{k}" for k in range(n_blocks - 1)] + ["output"]
-
-
-def feature_levels(model_cfg: dict) -> list[str]:
-    """Decoder outputs from the coarsest ('decoder0') to the backbone 'output' (full resolution)."""
-    return _level_names(len(model_cfg["channels"]) - 1)
-
-
-def tap_widths(model_cfg: dict) -> dict[str, int]:
-    """Channels at each tap of `forward_with_taps` for a `model` config."""
-    channels = [int(c) for c in model_cfg["channels"]]
-    # MONAI's up layer k (k = 0 the coarsest) outputs channels[-3 - k]; the last one is the backbone output.
-    widths = [*(channels[-3 - k] for k in range(len(channels) - 2)), int(model_cfg["feature_channels"])]
-    return {"bottleneck": channels[-1], **dict(zip(feature_levels(model_cfg), widths, strict=True))}
-
-
 def forward_to(unet: UNet, x: torch.Tensor, level: str) -> torch.Tensor:
     """The U-Net's forward pass stopped at a decoder level: the finer decoder stages are never computed.
 
@@ -70,7 +54,7 @@ def forward_to(unet: UNet, x: torch.Tensor, level: str) -> torch.Tensor:
     the full-resolution up layers, which hold most of a 3D U-Net's compute.
     """
     blocks = connection_blocks(unet)
-    names = _level_names(len(blocks))
+    names = level_names(len(blocks))
     if level not in names:
         raise ValueError(f"unknown feature level {level!r}; available: {names}")
     *skips, out = encode(unet, x)
@@ -86,7 +70,7 @@ def forward_with_taps(unet: UNet, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """One full forward pass returning the bottleneck, every decoder stage ('decoder0' = coarsest) and 'output'."""
     taps: dict[str, torch.Tensor] = {}
     ups = decoder_layers(unet)
-    modules = {"bottleneck": bottom_layer(unet), **dict(zip(_level_names(len(ups))[:-1], ups[:-1], strict=True))}
+    modules = {"bottleneck": bottom_layer(unet), **dict(zip(level_names(len(ups))[:-1], ups[:-1], strict=True))}
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: taps.__setitem__(name, out))
              for name, m in modules.items()]
     try:

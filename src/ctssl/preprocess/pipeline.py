@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ctssl.data.msd import Case, MSDDataset, read_msd_dataset
+from ctssl.data.nifti import check_label_values, check_same_grid, load_nifti
 from ctssl.io import atomic_dir, write_json
-from ctssl.preprocess.nifti import check_label_values, check_same_grid, load_nifti
 from ctssl.preprocess.normalize import normalize, sample_foreground, zscore_statistics
 from ctssl.preprocess.spatial import CANONICAL, orientation_code, reorient, resample_image, resample_label
 
@@ -38,11 +38,11 @@ def preprocess_case(case: Case, dataset: MSDDataset, cfg: dict, stats: dict | No
     # scanner padding or metal from bleeding into neighbouring tissue through interpolation.
     image = normalize(image, cfg["normalization"], stats)
     image, canon_affine = reorient(image, affine, CANONICAL)
-    image, new_affine = resample_image(image, canon_affine, spacing, order=cfg.get("image_order", 1))
+    image, new_affine = resample_image(image, canon_affine, spacing, order=cfg["image_order"])
     seg = None
     if label is not None:
         label_canon, _ = reorient(label, affine, CANONICAL)
-        seg, seg_affine = resample_label(label_canon, canon_affine, spacing, cfg.get("label_resampling", "onehot_linear"))
+        seg, seg_affine = resample_label(label_canon, canon_affine, spacing, cfg["label_resampling"])
         if seg.shape != image.shape or not np.allclose(seg_affine, new_affine, atol=1e-4):
             raise AssertionError(f"{case.case_id}: image and label resampled onto different grids")
     geometry = {"case": case.case_id, "source_image": str(case.image),
@@ -63,7 +63,7 @@ def dataset_statistics(dataset: MSDDataset, cfg: dict, exclude: set[str], seed: 
             continue
         image, label, _ = load_checked_case(case, dataset)
         samples.append(sample_foreground(image, label, rng))
-    return zscore_statistics(samples, tuple(cfg["normalization"].get("percentiles", (0.5, 99.5))))
+    return zscore_statistics(samples, tuple(cfg["normalization"]["percentiles"]))
 
 
 def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, name: str, cfg: dict, group: str,

@@ -3,12 +3,21 @@
 The registry names classes by import path and METHODS imports a method (and torch) only when it is looked up,
 so that every `snakemake` start (the DAG needs only the method names) does not pay for importing torch and MONAI:
 on a cluster that is twice per job.
+
+A method module also declares its own settings next to its code: `SETTINGS`, a dict literal of JSON-schema
+properties (type, range, `default`) for `pretrain.methods.{name}`, and optionally `CONSTRAINTS`, extra schema
+constraints on shared settings (e.g. a minimum batch size). `ctssl.config` reads both with `ast.literal_eval` from
+the module's source, so checking a config imports no torch either.
 """
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterator, Mapping
+from functools import cache
 from importlib import import_module
+from importlib.util import find_spec
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,3 +47,20 @@ class _Methods(Mapping):
 
 
 METHODS: Mapping[str, type[SSLMethod]] = _Methods()
+
+
+@cache
+def method_declarations(name: str) -> dict[str, dict]:
+    """{"SETTINGS": ..., "CONSTRAINTS": ...} of a registered method, read from its module's source (no import)."""
+    module = REGISTRY[name].partition(":")[0]
+    origin = find_spec(module).origin
+    found: dict[str, dict] = {"SETTINGS": {}, "CONSTRAINTS": {}}
+    for node in ast.parse(Path(origin).read_text(encoding="utf-8"), origin).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id in found:
+            try:
+                found[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                raise TypeError(f"{origin}: {node.targets[0].id} must be a literal dict (it is read without "
+                                "importing the module)") from None
+    return found

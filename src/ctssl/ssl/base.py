@@ -66,13 +66,12 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor, dim: int = 1) -> torch.Tensor:
 def intensity_transform(cfg: dict) -> Compose:
     """Augmentations that do not move voxels (so they never disturb the recorded view geometry)."""
     return Compose([
-        RandGaussianNoise(prob=cfg.get("noise_prob", 0.5), std=cfg.get("noise_std", 0.05)),
-        RandGaussianSmooth(prob=cfg.get("blur_prob", 0.3), sigma_x=tuple(cfg.get("blur_sigma", (0.5, 1.0))),
-                           sigma_y=tuple(cfg.get("blur_sigma", (0.5, 1.0))),
-                           sigma_z=tuple(cfg.get("blur_sigma", (0.5, 1.0)))),
-        RandScaleIntensity(prob=cfg.get("contrast_prob", 0.5), factors=cfg.get("contrast", 0.2)),
-        RandShiftIntensity(prob=cfg.get("brightness_prob", 0.5), offsets=cfg.get("brightness", 0.1)),
-        RandAdjustContrast(prob=cfg.get("gamma_prob", 0.3), gamma=tuple(cfg.get("gamma", (0.7, 1.5)))),
+        RandGaussianNoise(prob=cfg["noise_prob"], std=cfg["noise_std"]),
+        RandGaussianSmooth(prob=cfg["blur_prob"], sigma_x=tuple(cfg["blur_sigma"]), sigma_y=tuple(cfg["blur_sigma"]),
+                           sigma_z=tuple(cfg["blur_sigma"])),
+        RandScaleIntensity(prob=cfg["contrast_prob"], factors=cfg["contrast"]),
+        RandShiftIntensity(prob=cfg["brightness_prob"], offsets=cfg["brightness"]),
+        RandAdjustContrast(prob=cfg["gamma_prob"], gamma=tuple(cfg["gamma"])),
     ])
 
 
@@ -83,12 +82,12 @@ class TwoViewSampler:
         self.patch = [int(p) for p in patch]
         self.cfg = views_cfg
         self.use_crop, self.use_flip = use_crop, use_flip
-        self.intensity = intensity_transform(views_cfg.get("intensity", {}))
+        self.intensity = intensity_transform(views_cfg["intensity"])
 
     def __call__(self, volume: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         geom_a, geom_b = random_view_pair(
-            rng, volume.shape, self.patch, tuple(self.cfg.get("scale", (1.1, 1.4))),
-            float(self.cfg.get("flip_prob", 0.5)), float(self.cfg.get("min_overlap", 0.1)),
+            rng, volume.shape, self.patch, tuple(self.cfg["scale"]), float(self.cfg["flip_prob"]),
+            float(self.cfg["min_overlap"]),
             use_crop=self.use_crop, use_flip=self.use_flip)
         out = {}
         for key, geom in (("a", geom_a), ("b", geom_b)):
@@ -112,7 +111,7 @@ class SSLMethod(nn.Module):
 
     @classmethod
     def view_sampler(cls, method_cfg: dict, patch: list[int]) -> Sampler:
-        return TwoViewSampler(patch, method_cfg.get("views", {}))
+        return TwoViewSampler(patch, method_cfg["views"])
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
@@ -126,7 +125,7 @@ class SSLMethod(nn.Module):
         pairs = self.momentum_pairs()
         if not pairs:
             return 1.0
-        tau = ema_tau(step, total_steps, float(self.cfg.get("ema_tau_base", 0.996)))
+        tau = ema_tau(step, total_steps, float(self.cfg["ema_tau_base"]))
         for online, target in pairs:
             ema_update(online, target, tau)
         return tau

@@ -14,6 +14,14 @@ from ctssl.models.features import encode
 from ctssl.models.heads import mlp
 from ctssl.ssl.base import SSLMethod, byol_loss, frozen_copy
 
+# pretrain.methods.byol: this method's own settings (JSON schema; a literal, read without importing this module).
+SETTINGS = {
+    "projector_hidden": {"type": "integer", "minimum": 1, "default": 4096, "description": "paper: 4096"},
+    "projector_out": {"type": "integer", "minimum": 1, "default": 256, "description": "paper: 256"},
+}
+# Constraints on shared settings, checked on this method's resolved settings.
+CONSTRAINTS = {"batch_size": {"minimum": 2, "description": "BatchNorm in the projector normalises over the batch"}}
+
 
 class GlobalBYOLHead(nn.Module):
     """Pooled-bottleneck projector/predictor with its EMA target; reused by PGL's optional global term."""
@@ -40,8 +48,8 @@ class BYOL(SSLMethod):
     def __init__(self, model_cfg: dict, method_cfg: dict, patch: list[int], pool_meta: dict | None = None):
         super().__init__(model_cfg, method_cfg, patch, pool_meta)
         self.target_backbone = frozen_copy(self.backbone)
-        self.head = GlobalBYOLHead(int(model_cfg["channels"][-1]), int(method_cfg.get("projector_hidden", 4096)),
-                                   int(method_cfg.get("projector_out", 256)))
+        self.head = GlobalBYOLHead(int(model_cfg["channels"][-1]), int(method_cfg["projector_hidden"]),
+                                   int(method_cfg["projector_out"]))
 
     def loss(self, batch):
         x = torch.cat([batch["view_a"], batch["view_b"]])

@@ -17,7 +17,16 @@ from torch import nn
 from ctssl.geometry import ViewGeometry, sample_view_from_array
 from ctssl.ssl.base import SSLMethod
 
-DEFAULTS = {"flip_prob": 0.4, "shuffle_prob": 0.5, "nonlinear_prob": 0.9, "paint_prob": 0.9, "outpaint_ratio": 0.8}
+# pretrain.methods.genesis: this method's own settings (JSON schema; a literal, read without importing this module).
+# Probabilities are the paper's. flip_prob flips input and target together (views.flip_prob is the two-view one).
+SETTINGS = {
+    "flip_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.4},
+    "shuffle_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5},
+    "nonlinear_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.9},
+    "paint_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.9},
+    "outpaint_ratio": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.8},
+}
+CORRUPTIONS = tuple(SETTINGS)
 
 
 def bezier_curve(rng: np.random.Generator, n: int = 1000) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +86,7 @@ class GenesisSampler:
 
     def __init__(self, patch: list[int], cfg: dict):
         self.patch = [int(p) for p in patch]
-        self.p = {k: float(cfg.get(k, v)) for k, v in DEFAULTS.items()}
+        self.p = {k: float(cfg[k]) for k in CORRUPTIONS}
 
     def __call__(self, volume: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         clean = sample_view_from_array(volume, random_crop(rng, volume.shape, self.patch), self.patch).numpy()

@@ -25,6 +25,21 @@ from ctssl.models.features import forward_with_taps, tap_widths
 from ctssl.models.heads import mlp
 from ctssl.ssl.base import SSLMethod
 
+# pretrain.methods.hssl: this method's own settings (JSON schema; a literal, read without importing this module).
+SETTINGS = {
+    "levels": {"type": "array", "items": {"type": "string", "format": "tap_level"}, "minItems": 1,
+               "uniqueItems": True, "default": ["bottleneck", "decoder0", "output"],
+               "description": "depths with a contrastive term: 'bottleneck', 'decoderK', 'output'"},
+    "temperature": {"type": "number", "exclusiveMinimum": 0, "default": 0.1, "description": "NT-Xent temperature"},
+    "projector_hidden": {"type": "integer", "minimum": 1, "default": 128},
+    "projector_out": {"type": "integer", "minimum": 1, "default": 64},
+    "contrastive_weight": {"type": "number", "minimum": 0, "default": 1.0},
+    "domain_weight": {"type": "number", "minimum": 0, "default": 1.0, "description": "dataset-id cross-entropy"},
+    "group_weight": {"type": "number", "minimum": 0, "default": 1.0, "description": "group-id cross-entropy"},
+}
+# Constraints on shared settings, checked on this method's resolved settings.
+CONSTRAINTS = {"batch_size": {"minimum": 2, "description": "NT-Xent needs other samples as negatives"}}
+
 CLASSIFIERS = {"dataset": "domain", "group": "group"}  # label kind -> config weight name
 
 
@@ -35,17 +50,14 @@ class HSSL(SSLMethod):
         super().__init__(model_cfg, method_cfg, patch, pool_meta)
         if not (self.pool_meta.get("datasets") and self.pool_meta.get("groups")):
             raise ValueError("hssl needs the pool's dataset and group names (pool_meta)")
-        self.levels = list(method_cfg.get("levels", ["bottleneck", "decoder0", "output"]))
+        self.levels = list(method_cfg["levels"])
         widths = tap_widths(model_cfg)
-        unknown = sorted(set(self.levels) - set(widths))
-        if unknown:
-            raise ValueError(f"hssl.levels: unknown levels {unknown}; available: {sorted(widths)}")
-        hidden, out = int(method_cfg.get("projector_hidden", 128)), int(method_cfg.get("projector_out", 64))
+        hidden, out = int(method_cfg["projector_hidden"]), int(method_cfg["projector_out"])
         self.projectors = nn.ModuleDict({lvl: mlp(widths[lvl], hidden, out) for lvl in self.levels})
         self.classifiers = nn.ModuleDict({kind: nn.Linear(widths["bottleneck"], len(self.pool_meta[f"{kind}s"]))
                                           for kind in CLASSIFIERS})
-        self.temperature = float(method_cfg.get("temperature", 0.1))
-        self.weights = {k: float(method_cfg.get(f"{k}_weight", 1.0)) for k in ("contrastive", "domain", "group")}
+        self.temperature = float(method_cfg["temperature"])
+        self.weights = {k: float(method_cfg[f"{k}_weight"]) for k in ("contrastive", "domain", "group")}
         if not any(self.weights.values()):
             raise ValueError("hssl: contrastive_weight, domain_weight and group_weight are all 0")
 

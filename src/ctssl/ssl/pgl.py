@@ -26,12 +26,27 @@ from torch import nn
 
 from ctssl.geometry import ViewGeometry, normalized_coords, shared_grid, to_grid
 from ctssl.losses.decorrelation import variance_covariance
-from ctssl.models.features import encode, feature_levels, forward_to, tap_widths
+from ctssl.models.features import encode, forward_to, tap_widths
 from ctssl.models.heads import voxel_mlp
 from ctssl.ssl.base import SSLMethod, TwoViewSampler, byol_loss, frozen_copy
 from ctssl.ssl.byol import GlobalBYOLHead
 
-PRIORS = {"crop", "flip"}
+# pretrain.methods.pgl: this method's own settings (JSON schema; a literal, read without importing this module).
+SETTINGS = {
+    "priors": {"type": "array", "items": {"enum": ["crop", "flip"]}, "minItems": 1, "uniqueItems": True,
+               "default": ["crop", "flip"], "description": "spatial transforms used as the prior (ablation)"},
+    "feature_level": {"type": "string", "format": "decoder_level", "default": "output",
+                      "description": "aligned decoder output: 'output' (full resolution) or a coarser 'decoderK'"},
+    "grid_size": {"type": "integer", "minimum": 1, "default": 8, "description": "RoIAlign grid points per axis"},
+    "projector_hidden": {"type": "integer", "minimum": 1, "default": 128},
+    "projector_out": {"type": "integer", "minimum": 1, "default": 64},
+    "global_weight": {"type": "number", "minimum": 0, "default": 0.0, "description": "image-level BYOL term"},
+    "decorrelation_weight": {"type": "number", "minimum": 0, "default": 0.0,
+                             "description": "VICReg variance + covariance on the voxel projections (extension)"},
+}
+# Constraints on shared settings, checked on this method's resolved settings.
+CONSTRAINTS = {"batch_size": {"minimum": 2, "description": "BatchNorm in the projector normalises over the batch"}}
+
 COVARIANCE_FACTOR = 0.04  # VICReg's covariance : variance weights, 1 : 25
 log = logging.getLogger(__name__)
 
@@ -66,34 +81,29 @@ class PGL(SSLMethod):
 
     def __init__(self, model_cfg: dict, method_cfg: dict, patch: list[int], pool_meta: dict | None = None):
         super().__init__(model_cfg, method_cfg, patch, pool_meta)
-        priors = set(method_cfg.get("priors", ["crop", "flip"]))
-        if not priors or priors - PRIORS:
-            raise ValueError(f"pgl.priors must be a non-empty subset of {sorted(PRIORS)}, got {sorted(priors)}")
         # Which decoder output is aligned: 'output' (full resolution, default) or a coarser 'decoderK', whose
         # finer up layers are then not run at all (they stay at their initialisation in model.pt).
-        self.feature_level = str(method_cfg.get("feature_level", "output"))
-        if self.feature_level not in feature_levels(model_cfg):
-            raise ValueError(f"pgl.feature_level: unknown level {self.feature_level!r}; available for this model: "
-                             f"{feature_levels(model_cfg)}")
+        # `ctssl.config` has checked at start-up that the level exists in this model.
+        self.feature_level = str(method_cfg["feature_level"])
         if self.feature_level != "output":
             log.warning("pgl.feature_level=%s: the finer decoder stages are not run in pretraining and keep their "
                         "random initialisation in model.pt", self.feature_level)
         width = tap_widths(model_cfg)[self.feature_level]
-        hidden, out = int(method_cfg.get("projector_hidden", 128)), int(method_cfg.get("projector_out", 64))
-        self.grid_size = [int(method_cfg.get("grid_size", 8))] * 3
+        hidden, out = int(method_cfg["projector_hidden"]), int(method_cfg["projector_out"])
+        self.grid_size = [int(method_cfg["grid_size"])] * 3
         self.projector = voxel_mlp(width, hidden, out)
         self.predictor = voxel_mlp(out, hidden, out)
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)
-        self.global_weight = float(method_cfg.get("global_weight", 0.0))
-        self.decorrelation_weight = float(method_cfg.get("decorrelation_weight", 0.0))
+        self.global_weight = float(method_cfg["global_weight"])
+        self.decorrelation_weight = float(method_cfg["decorrelation_weight"])
         self.global_head = (GlobalBYOLHead(int(model_cfg["channels"][-1]), hidden, out)
                             if self.global_weight > 0 else None)
 
     @classmethod
     def view_sampler(cls, method_cfg, patch):
-        priors = set(method_cfg.get("priors", ["crop", "flip"]))
-        return TwoViewSampler(patch, method_cfg.get("views", {}), use_crop="crop" in priors,
+        priors = set(method_cfg["priors"])
+        return TwoViewSampler(patch, method_cfg["views"], use_crop="crop" in priors,
                               use_flip="flip" in priors)
 
     def loss(self, batch):

@@ -17,6 +17,12 @@ from torch import nn
 
 from ctssl.ssl.base import SSLMethod
 
+# pretrain.methods.supervised: this method's own settings (JSON schema; a literal, read without importing it).
+SETTINGS = {
+    "pos_fraction": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
+                     "description": "share of foreground-centred patches"},
+}
+
 
 def crop_with_padding(array: np.ndarray, start: np.ndarray, patch: list[int]) -> np.ndarray:
     """array[start : start + patch] per axis, zero-padded where the patch leaves the volume."""
@@ -69,8 +75,8 @@ class Supervised(SSLMethod):
 
     @classmethod
     def view_sampler(cls, method_cfg, patch):
-        return LabelledPatchSampler(patch, float(method_cfg.get("pos_fraction", 0.5)),
-                                    float(method_cfg.get("views", {}).get("flip_prob", 0.5)))
+        return LabelledPatchSampler(patch, float(method_cfg["pos_fraction"]),
+                                    float(method_cfg["views"]["flip_prob"]))
 
     def loss(self, batch):
         features = self.backbone(batch["input"])

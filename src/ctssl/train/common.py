@@ -1,4 +1,4 @@
-"""Pieces every training loop shares: seeding, device, LR schedule, an endless batch stream, a CSV log."""
+"""Pieces every training loop shares: seeding, device, threads, LR schedule, a CSV log."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import csv
 import math
 import os
 import random
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +40,6 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_fraction
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def endless(loader: Iterable) -> Iterator:
-    """Cycle a DataLoader forever (training is counted in steps, not epochs)."""
-    while True:
-        yield from loader
 
 
 class CsvLog:

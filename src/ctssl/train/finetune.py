@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import DataLoader
 from monai.losses import DiceCELoss
 from monai.transforms import (
     Compose,
@@ -22,30 +22,21 @@ from monai.transforms import (
 )
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm import tqdm
 
 from ctssl.config import head_warmup_problem
+from ctssl.data.nifti import load_nifti
 from ctssl.evaluate import dice_per_class, predict_probabilities, summarize
 from ctssl.io import file_digest, json_digest, read_json, write_json
-from ctssl.models.backbone import SegmentationNet, total_stride
+from ctssl.models.backbone import SegmentationNet
 from ctssl.models.weights import load_backbone_weights, read_state_dict
-from ctssl.preprocess.nifti import load_nifti
 from ctssl.preprocess.spatial import to_original_grid
 from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.splits import fraction_key, label_subset
-from ctssl.train.checkpoint import (
-    SignalFlag,
-    checkpoint_after_step,
-    discard_checkpoint,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
-from ctssl.train.common import CsvLog, endless, pick_device, seed_everything, set_threads, warmup_cosine
+from ctssl.train.checkpoint import discard_checkpoint
+from ctssl.train.common import pick_device, seed_everything, set_threads, warmup_cosine
+from ctssl.train.loop import CHECKPOINT, IndexedSamples, LoopSettings, Task, run_loop
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoints/last.pt"
-LOG_FIELDS = ["step", "loss", "lr", "elapsed_s"]
 
 
 def load_case(preprocessed_dir: Path, case: str) -> dict[str, np.ndarray]:
@@ -57,21 +48,28 @@ def load_case(preprocessed_dir: Path, case: str) -> dict[str, np.ndarray]:
 
 def training_transforms(patch_size: list[int], aug: dict) -> Compose:
     """Foreground/background-balanced patches (pos:neg = `pos_fraction`) plus light augmentation."""
-    pos = float(aug.get("pos_fraction", 0.5))
+    pos = float(aug["pos_fraction"])
     return Compose([
         SpatialPadd(keys=["image", "label"], spatial_size=patch_size, mode="constant"),
         RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=patch_size,
-                               pos=pos, neg=1.0 - pos, num_samples=int(aug.get("patches_per_case", 1))),
-        RandFlipd(keys=["image", "label"], prob=float(aug.get("flip_prob", 0.5)), spatial_axis=0),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=float(aug.get("intensity_prob", 0.3))),
-        RandShiftIntensityd(keys="image", offsets=0.1, prob=float(aug.get("intensity_prob", 0.3))),
+                               pos=pos, neg=1.0 - pos, num_samples=int(aug["patches_per_case"])),
+        RandFlipd(keys=["image", "label"], prob=float(aug["flip_prob"]), spatial_axis=0),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=float(aug["intensity_prob"])),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=float(aug["intensity_prob"])),
     ])
 
 
-def check_patch(patch_size: list[int], model_cfg: dict) -> None:
-    stride = total_stride(model_cfg)
-    if any(p % stride for p in patch_size):
-        raise ValueError(f"finetune.patch_size {patch_size} must be divisible by the network stride {stride}")
+class CasePatches:
+    """rng -> `patches_per_case` training patches of one labelled case drawn by rng (random transforms seeded
+    from rng too): a pure function of the sample's seed, as `ctssl.train.loop` resumes by sample index."""
+
+    def __init__(self, cases: list[dict], transforms: Compose):
+        self.cases, self.transforms = cases, transforms
+
+    def __call__(self, rng: np.random.Generator) -> list[dict]:
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        self.transforms.set_random_state(seed=int(rng.integers(2**31)))
+        return self.transforms(dict(case))
 
 
 StepHook = Callable[[int, nn.Module], None]
@@ -87,9 +85,9 @@ def optimizer_and_schedule(net: SegmentationNet, ft: dict) -> tuple[torch.optim.
       sends large, meaningless gradients into the pretrained layers in the very first steps.
     Returns the optimizer, the scheduler and the trained parameters (for gradient clipping).
     """
-    steps, warmup = int(ft["steps"]), int(ft.get("warmup_steps", 0))
+    steps, warmup = int(ft["steps"]), int(ft["warmup_steps"])
     head_params = list(net.head.parameters())
-    if bool(ft.get("freeze_backbone", False)):
+    if bool(ft["freeze_backbone"]):
         for p in net.backbone.parameters():
             p.requires_grad_(False)
         optimizer = torch.optim.AdamW(head_params, lr=float(ft["lr"]), weight_decay=float(ft["weight_decay"]))
@@ -97,7 +95,7 @@ def optimizer_and_schedule(net: SegmentationNet, ft: dict) -> tuple[torch.optim.
     problem = head_warmup_problem(ft)
     if problem:
         raise ValueError(problem)
-    head_warmup = int(ft.get("head_warmup_steps", 0))
+    head_warmup = int(ft["head_warmup_steps"])
     backbone_params = list(net.backbone.parameters())
     optimizer = torch.optim.AdamW([{"params": backbone_params}, {"params": head_params}], lr=float(ft["lr"]),
                                   weight_decay=float(ft["weight_decay"]))
@@ -137,8 +135,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     set_threads(threads)
     seed_everything(seed)
     ft, model_cfg = cfg["finetune"], cfg["model"]
-    patch = [int(p) for p in ft["patch_size"]]
-    check_patch(patch, model_cfg)
+    patch = [int(p) for p in ft["patch_size"]]  # checked against the network at start-up (ctssl.config)
     manifest = read_json(preprocessed_dir / "manifest.json")
     if not manifest["labelled"]:
         raise ValueError(f"{preprocessed_dir}: dataset has no labels; it can only be used for pretraining")
@@ -146,7 +143,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     splits = read_json(splits_path)
     train_cases = label_subset(splits["train"], fraction, seed, int(splits["split_seed"]))
     test_cases = splits["test"]
-    device = pick_device(cfg.get("device", "auto"))
+    device = pick_device(cfg["device"])
     log.info("fine-tune %s %s frac%s seed%d on %s", manifest["dataset"], init, fraction_key(fraction), seed,
              scheduler_info())
 
@@ -158,67 +155,38 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
         weights_info.update(path=str(init_weights), sha256=file_digest(init_weights),
                             loaded=len(report["loaded"]), skipped=report["skipped"])
 
-    dataset = Dataset([load_case(preprocessed_dir, c) for c in train_cases], training_transforms(patch, ft))
-    loader = DataLoader(dataset, batch_size=int(ft["batch_size"]), shuffle=True,
-                        num_workers=int(ft.get("num_workers", 0)), generator=torch.Generator().manual_seed(seed))
+    draw = CasePatches([load_case(preprocessed_dir, c) for c in train_cases], training_transforms(patch, ft))
+    steps, batch_size, workers = int(ft["steps"]), int(ft["batch_size"]), int(ft["num_workers"])
+
+    def batches(start: int) -> DataLoader:
+        """MONAI's collate flattens each case's list of patches: batch_size x patches_per_case patches a step."""
+        samples = IndexedSamples(draw, seed, start * batch_size, (steps - start) * batch_size)
+        return DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=True)
+
     # Foreground-only batch Dice (as nnU-Net: no background term) so small structures such as kidneys and
     # lesions are not drowned by the background class in the first hundred steps.
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-    optimizer, scheduler, params = optimizer_and_schedule(net, ft)
-    steps = int(ft["steps"])
-    use_amp = device.type == "cuda" and bool(cfg.get("amp", True))
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
-    # Resume after preemption. The batch stream is replayed up to the checkpoint's step (cheap: cropping only), so
-    # the transforms' and the loader's random streams are where an uninterrupted run would have them; the
-    # checkpoint then restores weights, optimizer, schedule and global RNG states: on CPU the result is identical.
+    def loss(batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return dice_ce(net(batch["image"]), batch["label"]), {}
+
+    optimizer, scheduler, params = optimizer_and_schedule(net, ft)
     fingerprint = json_digest({"cfg": {"finetune": ft, "model": model_cfg}, "init": init, "fraction": fraction,
                                "seed": seed, "train_cases": list(train_cases), "weights": weights_info.get("sha256")})
-    ckpt_path = out_dir / CHECKPOINT
-    state = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
-    batches = endless(loader)
-    start, log_rows = load_checkpoint(ckpt_path, fingerprint, state, device)
-    if start:
-        rng = rng_state()
-        for _ in range(start):
-            next(batches)
-        set_rng_state(rng)
-    csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS, rows=log_rows)
-    log_every = int(ft.get("log_every", 10))
-    ckpt_every = int(ft.get("checkpoint_every", 0))
-
-    net.train()
-    t_train = time.time()
-    value = float("nan")
-    with SignalFlag() as flag, tqdm(range(start, steps), desc=f"finetune {init} frac{fraction_key(fraction)} seed{seed}",
-                                    disable=None) as bar:
-        for step in bar:
-            batch = next(batches)
-            x, y = batch["image"].to(device), batch["label"].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = loss_fn(net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, float(ft.get("grad_clip", 12.0)))
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            csv_log.write(step=step + 1, loss=f"{value:.6f}", lr=f"{scheduler.get_last_lr()[0]:.6g}",
-                          elapsed_s=f"{time.time() - t_train:.2f}")
-            bar.set_postfix(loss=f"{value:.4f}")
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                log.info("step %d/%d loss %.4f lr %.3g", step + 1, steps, value, scheduler.get_last_lr()[0])
-            checkpoint_after_step(flag, step + 1, steps, ckpt_every, ckpt_path, fingerprint, state, csv_log)
-            if on_step is not None:
-                on_step(step + 1, net)
-    csv_log.close()
-    train_seconds = time.time() - t_train
+    task = Task(name=f"finetune {init} frac{fraction_key(fraction)} seed{seed}", steps=steps,
+                batch_size=batch_size * int(ft["patches_per_case"]), loss=loss, batches=batches,
+                on_step=None if on_step is None else (lambda step: on_step(step, net)))
+    settings = LoopSettings(grad_clip=float(ft["grad_clip"]), use_amp=device.type == "cuda" and bool(cfg["amp"]),
+                            log_every=int(ft["log_every"]), checkpoint_every=int(ft["checkpoint_every"]))
+    result = run_loop(task, net, optimizer, scheduler, params, settings, out_dir, fingerprint, device)
+    value, start, train_seconds = result.final_loss, result.start, result.seconds
 
     t_eval = time.time()
     per_case, per_case_preprocessed = {}, {}
     for case in test_cases:
         per_case[case], per_case_preprocessed[case] = evaluate_case(
-            net, preprocessed_dir, case, classes, patch, sw_batch_size=int(ft.get("sw_batch_size", 2)),
-            overlap=float(ft.get("sw_overlap", 0.5)), device=device)
+            net, preprocessed_dir, case, classes, patch, sw_batch_size=int(ft["sw_batch_size"]),
+            overlap=float(ft["sw_overlap"]), device=device)
         log.info("test %s (original grid): %s", case, {k: round(v, 4) for k, v in per_case[case].items()})
     summary = summarize(per_case)
     metrics = {
@@ -238,7 +206,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
         "scheduler": scheduler_info(),
     }
     write_json(out_dir / "metrics.json", metrics)
-    discard_checkpoint(ckpt_path)
+    discard_checkpoint(out_dir / CHECKPOINT)
     log.info("%s %s frac%s seed%d: mean foreground Dice %.4f", manifest["dataset"], init, fraction_key(fraction),
              seed, summary["mean_foreground_dice"])
     return metrics

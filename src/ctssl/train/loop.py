@@ -1,0 +1,143 @@
+"""The one training loop of ctssl. Pretraining (every SSL method) and fine-tuning supply only the loss and the
+batches; everything else happens here, once: bf16 autocast on CUDA, gradient clipping, refusal of a non-finite loss
+(naming the step and each loss part), the LR schedule step, a CSV log and a progress bar, periodic checkpoints,
+checkpoint-and-exit on SIGTERM/SIGUSR1, and resume.
+
+Resume has one strategy: the batches are a function of the global sample index (each sample seeded by
+(seed, index), see `IndexedSamples`), so a run resumed at step k asks for the batches from sample k x batch on and
+gets exactly those an uninterrupted run would have drawn; the checkpoint restores weights, optimizer, schedule,
+scaler, EMA targets and global RNG states. On CPU a resumed run reproduces an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from ctssl.train.checkpoint import SignalFlag, checkpoint_after_step, load_checkpoint
+from ctssl.train.common import CsvLog
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoints/last.pt"
+LOG_FIELDS = ["step", "loss", "lr", "samples_per_s", "elapsed_s", "parts"]
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+class IndexedSamples(Dataset):
+    """Sample i of a run (global index, across resumes) = `draw(rng)` with rng seeded by (seed, first_index + i).
+
+    Whatever the DataLoader workers, the batch size split or the step a run resumes at, sample n is always the same.
+    """
+
+    def __init__(self, draw: Callable[[np.random.Generator], dict], seed: int, first_index: int, n_samples: int):
+        self.draw, self.seed, self.first_index, self.n_samples = draw, seed, first_index, n_samples
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n_samples:
+            raise IndexError(f"sample {i} of {self.n_samples}")
+        return self.draw(np.random.default_rng([self.seed, self.first_index + i]))
+
+
+@dataclass
+class Task:
+    """What a stage brings to the loop."""
+
+    name: str                                   # e.g. "pretrain pgl-all": progress bar and error messages
+    steps: int
+    batch_size: int
+    loss: LossFn                                # batch -> (scalar loss, logged parts)
+    batches: Callable[[int], Iterable[Batch]]   # batches from step `start` (0-based) to the end
+    after_step: Callable[[int], dict[str, float]] = field(default=lambda step: {})  # e.g. EMA update; logged
+    on_step: Callable[[int], None] | None = None  # observers (learning curves); must not consume training RNG
+
+
+@dataclass
+class LoopSettings:
+    grad_clip: float
+    use_amp: bool
+    log_every: int
+    checkpoint_every: int   # 0: only when a signal asks for one
+
+
+@dataclass
+class LoopResult:
+    start: int              # the step this run resumed from (0: from scratch)
+    final_loss: float
+    seconds: float
+
+
+def optimizer_step(loss_fn: LossFn, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   params: list[torch.Tensor], grad_clip: float, use_amp: bool) -> tuple[torch.Tensor, dict]:
+    """Loss (bf16 autocast on CUDA), backward, clipping, optimizer step. benchmarks/pretrain_step.py times this."""
+    with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=use_amp):
+        loss, parts = loss_fn(batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, parts
+
+
+def _to(batch: dict, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def run_loop(task: Task, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, params: list[torch.Tensor], settings: LoopSettings,
+             out_dir: Path, fingerprint: str, device: torch.device) -> LoopResult:
+    """Train `task.steps` steps (resuming from `out_dir/checkpoints/last.pt` if it belongs to `fingerprint`)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for fp16 users
+    ckpt_path = out_dir / CHECKPOINT
+    state = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    start, log_rows = load_checkpoint(ckpt_path, fingerprint, state, device)
+    csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS, rows=log_rows)
+    net.train()
+    t0, value, step = time.time(), float("nan"), start
+    with SignalFlag() as flag, tqdm(total=task.steps, initial=start, desc=task.name, disable=None) as bar:
+        for batch in task.batches(start):
+            t_step = time.time()
+            loss, parts = optimizer_step(task.loss, _to(batch, device), optimizer, scaler, params,
+                                         settings.grad_clip, settings.use_amp)
+            step += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                csv_log.close()
+                raise FloatingPointError(f"{task.name}: loss is {value} at step {step}/{task.steps} (parts: "
+                                         f"{json.dumps(parts)}); lower the learning rate or check the inputs")
+            scheduler.step()
+            parts = {**parts, **task.after_step(step)}
+            rate = task.batch_size / max(time.time() - t_step, 1e-9)
+            lr = scheduler.get_last_lr()[0]
+            csv_log.write(step=step, loss=f"{value:.6f}", lr=f"{lr:.6g}", samples_per_s=f"{rate:.2f}",
+                          elapsed_s=f"{time.time() - t0:.2f}",
+                          parts=json.dumps({k: round(v, 6) for k, v in parts.items()}))
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:.1f}")
+            if step % settings.log_every == 0 or step == task.steps:
+                log.info("step %d/%d loss %.4f lr %.3g %.1f samples/s %s", step, task.steps, value, lr, rate,
+                         " ".join(f"{k} {v:.4g}" for k, v in parts.items()))
+            checkpoint_after_step(flag, step, task.steps, settings.checkpoint_every, ckpt_path, fingerprint, state,
+                                  csv_log)
+            if task.on_step is not None:
+                task.on_step(step)
+    csv_log.close()
+    if step != task.steps:
+        raise RuntimeError(f"{task.name}: the batch stream ended at step {step} of {task.steps}")
+    return LoopResult(start=start, final_loss=value, seconds=round(time.time() - t0, 2))
