@@ -2,7 +2,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctssl.preprocess.spatial import orientation_code, reorient, resample_image, resample_label
+from ctssl.preprocess.resample import resample_labels as resample_label
+from ctssl.preprocess.resample import resample_volume as resample_image
+from ctssl.preprocess.spatial import orientation_code, reorient
 
 
 def _lps_volume():
@@ -39,17 +41,19 @@ def test_resampling_preserves_physical_extent():
     ras, ras_affine = reorient(arr, affine, "RAS")
     out, out_affine = resample_image(ras, ras_affine, (1.5, 1.5, 1.5))
     assert np.allclose(np.abs(np.diag(out_affine)[:3]), 1.5)
-    extent_in = (np.array(arr.shape) - 1) * np.array([0.8, 0.7, 4.0])
-    extent_out = (np.array(out.shape) - 1) * 1.5
-    assert np.all(np.abs(extent_out - extent_in) <= 1.5 + 1e-6)  # within one target voxel
-    assert np.allclose(out_affine[:3, 3], ras_affine[:3, 3], atol=1e-6)  # first voxel centre unchanged
+    extent_in = np.array(arr.shape) * np.array([0.8, 0.7, 4.0])  # from the first voxel's corner to the last's
+    extent_out = np.array(out.shape) * 1.5
+    assert np.all((extent_out <= extent_in + 1e-6) & (extent_out > extent_in - 1.5))  # within one target voxel
+    corner = lambda a: a[:3, :3] @ np.full(3, -0.5) + a[:3, 3]  # noqa: E731
+    assert np.allclose(corner(out_affine), corner(ras_affine), atol=1e-6)  # the grids start at the same corner
 
 
 def test_linear_resampling_of_a_ramp_is_exact():
     x = np.arange(10, dtype=np.float32)
     arr = np.broadcast_to(x[:, None, None], (10, 4, 4)).copy()
     out, _ = resample_image(arr, np.eye(4), (0.5, 1.0, 1.0))
-    assert np.allclose(out[:, 0, 0], np.arange(out.shape[0]) * 0.5, atol=1e-5)
+    # Corner-aligned: output voxel j is centred on input coordinate j / 2 - 0.25 (edges repeat the border value).
+    assert np.allclose(out[1:-1, 0, 0], np.arange(1, out.shape[0] - 1) * 0.5 - 0.25, atol=1e-5)
 
 
 def _ball_label(shape, spacing, centre_mm, radius_mm, value):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ from ctssl.data.msd import Case, MSDDataset, read_msd_dataset
 from ctssl.data.nifti import check_label_values, check_same_grid, load_nifti
 from ctssl.io import atomic_dir, write_json
 from ctssl.preprocess.normalize import normalize, sample_foreground, zscore_statistics
-from ctssl.preprocess.spatial import CANONICAL, orientation_code, reorient, resample_image, resample_label
+from ctssl.preprocess.resample import resample_labels, resample_volume
+from ctssl.preprocess.spatial import CANONICAL, orientation_code, reorient
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +41,11 @@ def preprocess_case(case: Case, dataset: MSDDataset, cfg: dict, stats: dict | No
     # scanner padding or metal from bleeding into neighbouring tissue through interpolation.
     image = normalize(image, cfg["normalization"], stats)
     image, canon_affine = reorient(image, affine, CANONICAL)
-    image, new_affine = resample_image(image, canon_affine, spacing, order=cfg["image_order"])
+    image, new_affine = resample_volume(image, canon_affine, spacing, order=cfg["image_order"])
     seg = None
     if label is not None:
         label_canon, _ = reorient(label, affine, CANONICAL)
-        seg, seg_affine = resample_label(label_canon, canon_affine, spacing, cfg["label_resampling"])
+        seg, seg_affine = resample_labels(label_canon, canon_affine, spacing, cfg["label_resampling"])
         if seg.shape != image.shape or not np.allclose(seg_affine, new_affine, atol=1e-4):
             raise AssertionError(f"{case.case_id}: image and label resampled onto different grids")
     geometry = {"case": case.case_id, "source_image": str(case.image),
@@ -66,9 +69,48 @@ def dataset_statistics(dataset: MSDDataset, cfg: dict, exclude: set[str], seed: 
     return zscore_statistics(samples, tuple(cfg["normalization"]["percentiles"]))
 
 
+def write_case(case: Case, dataset: MSDDataset, cfg: dict, stats: dict | None, out_dir: Path) -> dict:
+    """Preprocess one case into `out_dir`; returns its manifest entry plus a log line (workers cannot log)."""
+    out = preprocess_case(case, dataset, cfg, stats)
+    np.save(out_dir / f"{case.case_id}.npy", out["image"])
+    if out["label"] is not None:
+        np.save(out_dir / f"{case.case_id}_seg.npy", out["label"])
+    write_json(out_dir / f"{case.case_id}.json", out["geometry"])
+    geometry = out["geometry"]
+    return {"case": case.case_id, "shape": geometry["shape"], "labelled": out["label"] is not None,
+            "log": f"{case.case_id}: {geometry['original']['orientation']} {geometry['original']['shape']} -> "
+                   f"{geometry['shape']}"}
+
+
+def _one_thread_per_worker() -> None:
+    """Workers share the job's cores as processes; torch threads inside them would oversubscribe (and a forked
+    OpenMP runtime is only safe single-threaded)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _write_cases(dataset: MSDDataset, cfg: dict, stats: dict | None, out_dir: Path, workers: int) -> list[dict]:
+    """Every case, by `workers` processes (fork: a spawned worker would re-run the Snakemake script that started
+    it), in the dataset's order whatever the order of completion."""
+    if workers <= 1 or len(dataset.cases) <= 1:
+        return [write_case(case, dataset, cfg, stats, out_dir) for case in dataset.cases]
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=min(workers, len(dataset.cases)), initializer=_one_thread_per_worker,
+                             mp_context=multiprocessing.get_context(method)) as pool:
+        futures = [pool.submit(write_case, case, dataset, cfg, stats, out_dir) for case in dataset.cases]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, name: str, cfg: dict, group: str,
-                       exclude_from_stats: set[str] = frozenset(), seed: int = 0) -> Path:
-    """Preprocess every case of one dataset into `out_dir` (atomic: all cases or nothing).
+                       exclude_from_stats: set[str] = frozenset(), seed: int = 0, workers: int = 1) -> Path:
+    """Preprocess every case of one dataset into `out_dir` (atomic: all cases or nothing), with `workers`
+    processes (the rule's threads). A case's files do not depend on the number of workers.
 
     Layout: `{case}.npy` (float32 image), `{case}_seg.npy` (uint8 labels, if labelled), `{case}.json` (geometry),
     and `manifest.json` (classes, cases, normalization and its statistics).
@@ -76,16 +118,9 @@ def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, name: str, cfg:
     dataset = read_msd_dataset(raw_dir)
     stats = dataset_statistics(dataset, cfg, set(exclude_from_stats), seed)
     with atomic_dir(out_dir) as tmp:
-        cases = []
-        for case in dataset.cases:
-            out = preprocess_case(case, dataset, cfg, stats)
-            np.save(tmp / f"{case.case_id}.npy", out["image"])
-            if out["label"] is not None:
-                np.save(tmp / f"{case.case_id}_seg.npy", out["label"])
-            write_json(tmp / f"{case.case_id}.json", out["geometry"])
-            cases.append({"case": case.case_id, "shape": out["geometry"]["shape"], "labelled": out["label"] is not None})
-            log.info("%s: %s %s -> %s", case.case_id, out["geometry"]["original"]["orientation"],
-                     out["geometry"]["original"]["shape"], out["geometry"]["shape"])
+        cases = _write_cases(dataset, cfg, stats, tmp, workers)
+        for entry in cases:
+            log.info("%s", entry.pop("log"))
         write_json(tmp / "manifest.json", {
             "dataset": name, "group": group, "labels": {str(k): v for k, v in dataset.labels.items()},
             "labelled": dataset.labelled, "target_spacing": cfg["target_spacing"],

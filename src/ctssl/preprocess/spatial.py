@@ -1,8 +1,9 @@
-"""Reorientation and resampling to the target spacing, via MONAI's Orientation and Spacing transforms.
+"""Reorientation (MONAI Orientation) and the way back to a case's original grid (MONAI SpatialResample).
 
-Labels are never linearly interpolated as ids (that invents a 'label 1.5' between 1 and 2): either nearest
-neighbour, or - like nnU-Net - each present label is resampled as a one-hot channel with linear interpolation and
-the voxel takes the most likely label, which keeps thin structures and volumes far better than nearest.
+Resampling to the target spacing is `ctssl.preprocess.resample`. Labels are never linearly interpolated as ids (that
+invents a 'label 1.5' between 1 and 2): either nearest neighbour, or - like nnU-Net - each present label is resampled
+as a one-hot channel with linear interpolation and the voxel takes the most likely label (`running_argmax`), which
+keeps thin structures and volumes far better than nearest.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Orientation, Spacing
+from monai.transforms import Orientation
 
 CANONICAL = "RAS"
 _AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -33,36 +34,6 @@ def orientation_code(affine: np.ndarray) -> str:
     import nibabel as nib
 
     return "".join(nib.aff2axcodes(affine))
-
-
-def resample_image(array: np.ndarray, affine: np.ndarray, spacing, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Resample an intensity volume to `spacing` (mm); order 1 = trilinear, 3 = cubic B-spline."""
-    mode = {1: "bilinear", 3: 3}[order]
-    out = Spacing(pixdim=tuple(spacing), mode=mode, padding_mode="border", dtype=torch.float32)(
-        _meta(array.astype(np.float32), affine))
-    return _unpack(out)
-
-
-def resample_label(label: np.ndarray, affine: np.ndarray, spacing, method: str = "onehot_linear"
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Resample a label map to `spacing`; see the module docstring for why not plain linear."""
-    if method == "nearest":
-        out, new_affine = _unpack(Spacing(pixdim=tuple(spacing), mode="nearest", dtype=torch.float32)(
-            _meta(label.astype(np.float32), affine)))
-        return np.rint(out).astype(np.uint8), new_affine
-    if method != "onehot_linear":
-        raise ValueError(f"unknown label resampling method {method!r}")
-    # One label at a time with a running arg-max (see `running_argmax`).
-    spacing_tf = Spacing(pixdim=tuple(spacing), mode="bilinear", padding_mode="zeros", dtype=torch.float32)
-    resampled = {}
-
-    def scores():
-        for value in np.unique(label).astype(int):
-            channel = spacing_tf(_meta((label == value).astype(np.float32), affine))
-            resampled.setdefault("affine", channel.affine.numpy().astype(np.float64))
-            yield int(value), channel.as_tensor()[0]
-
-    return running_argmax(scores()), resampled["affine"]
 
 
 def running_argmax(scores) -> np.ndarray:
