@@ -1,7 +1,7 @@
 """Preprocessing speed: cases/s with 1 and 2 worker processes, and per-case resampling time against nnU-Net-style
 and MONAI `Spacing` resampling of the same volume.
 
-Usage: python benchmarks/preprocess_speed.py [--skip-workers] [--repeats 3]
+Usage: python benchmarks/preprocess_speed.py [--skip-workers] [--repeats 3] [--quick]
 
 Datasets: the demo's synthetic liver (config.yaml) and the real scans of ../shared/realct (configs/realct.yaml;
 skipped with a note if the folder is absent); per case also a 512x512x61 volume at 0.63x0.63x5 mm (the shape and
@@ -55,13 +55,16 @@ def monai_spacing(array: np.ndarray, affine: np.ndarray, order: int) -> np.ndarr
     return Spacing(pixdim=TARGET, mode={1: "bilinear", 3: 3}[order], padding_mode="border")(image)
 
 
-def raw_datasets(work: Path) -> list[tuple[str, Path, dict]]:
+def raw_datasets(work: Path, quick: bool) -> list[tuple[str, Path, dict]]:
     """(label, raw MSD folder, resolved preprocess settings) of the demo's liver and the realct datasets."""
     out = []
     demo = load_config(ROOT / "config.yaml")
-    raw = prepare_raw("liver", demo["datasets"]["liver"], work / "demo_liver", work / "dl", seed=0)
+    liver = {**demo["datasets"]["liver"], **({"n_cases": 2} if quick else {})}
+    raw = prepare_raw("liver", liver, work / "demo_liver", work / "dl", seed=0)
     out.append(("demo liver (synthetic)", raw, demo["preprocess"]))
-    if (ROOT.parent / "shared" / "realct").is_dir():
+    if quick:
+        print("note: --quick: two demo cases, no real scans, a small synthetic volume")
+    elif (ROOT.parent / "shared" / "realct").is_dir():
         os.chdir(ROOT)  # configs/realct.yaml names ../shared/realct relative to the checkout
         real = load_config(ROOT / "configs" / "realct.yaml")
         for name in real["pretrain"]["pool_datasets"]:
@@ -86,11 +89,11 @@ def workers_table(datasets, work: Path) -> None:
         print(f"{label:32s} {n:5d} {rates[0]:10.2f} {rates[1]:10.2f}")
 
 
-def per_case_table(datasets, repeats: int) -> None:
+def per_case_table(datasets, repeats: int, quick: bool) -> None:
     torch.set_num_threads(1)
-    volumes = [("synthetic 512x512x61 @0.63x0.63x5",
-                np.random.default_rng(0).normal(size=(512, 512, 61)).astype(np.float32),
-                np.diag([0.63, 0.63, 5.0, 1.0]))]
+    shape = (96, 96, 12) if quick else (512, 512, 61)
+    volumes = [(f"synthetic {'x'.join(map(str, shape))} @0.63x0.63x5",
+                np.random.default_rng(0).normal(size=shape).astype(np.float32), np.diag([0.63, 0.63, 5.0, 1.0]))]
     for _label, raw, _ in datasets[1:]:
         for case in read_msd_dataset(raw).cases:
             image, affine = load_nifti(case.image)
@@ -115,13 +118,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-workers", action="store_true", help="only the per-volume resampling table")
+    parser.add_argument("--quick", action="store_true", help="tiny inputs: checks that the script runs")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as tmp:
-        datasets = raw_datasets(Path(tmp))
+        datasets = raw_datasets(Path(tmp), args.quick)
         if not args.skip_workers:
             workers_table(datasets, Path(tmp))
-        per_case_table(datasets, args.repeats)
+        per_case_table(datasets, 1 if args.quick else args.repeats, args.quick)
 
 
 if __name__ == "__main__":

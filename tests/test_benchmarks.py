@@ -20,3 +20,11 @@ def test_pretrain_step_benchmark_prints_every_method_and_pgl_level():
     assert 1.0 < flops_vs_byol["pgl decoder0"] < flops_vs_byol["pgl output"]  # decoder0 skips the full-res up layer
     assert "backbone alone up to output" in out and "pairs/s" in out
     assert re.search(r"PGL \(output\) / BYOL per step: time [\d.]+x, FLOPs [\d.]+x", out)
+
+
+def test_preprocess_speed_benchmark_prints_both_tables():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/preprocess_speed.py"), "--quick"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    assert re.search(r"^demo liver \(synthetic\) +2 +[\d.]+ +[\d.]+$", out, re.M), out
+    row = re.search(r"^synthetic 96x96x12 @0.63x0.63x5 +((?:[\d.]+ +){5})([\d.]+)x$", out, re.M)
+    assert row and len(row.group(1).split()) == 5, out

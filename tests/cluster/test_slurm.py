@@ -25,22 +25,16 @@ ROOT = HERE.parents[1]
 CELLS = [f"results/finetune/liver/{init}/frac{pct}/seed0/metrics.json" for init in ("scratch", "pgl-all")
          for pct in (50, 100)]
 PRETRAIN_STEPS = 400
-CONFIG = {
-    "results": "results", "device": "cpu", "synthetic_seed": 1, "split_seed": 0, "seeds": [0],
-    "fractions": [50, 100],
-    "datasets": {"liver": {"kind": "synthetic", "profile": "liver", "n_cases": 4, "group": "abdomen"}},
-    "downstream": ["liver"], "inits": ["scratch", "pgl-all"],
-    "pretrain": {"pool_datasets": ["liver"], "pools": ["all"], "steps": PRETRAIN_STEPS, "batch_size": 2,
-                 "patch_size": [16, 16, 16], "checkpoint_every": 100, "log_every": 100,
-                 "methods": {"pgl": {"grid_size": 4, "projector_hidden": 8, "projector_out": 8}}},
-    "splits": {"test_fraction": 0.25, "min_test": 1},
-    "preprocess": {"target_spacing": [3.0, 3.0, 4.0], "normalization": {"scheme": "window", "window": [-175, 250]}},
-    "model": {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 4, "num_res_units": 1},
-    "finetune": {"patch_size": [16, 16, 16], "batch_size": 2, "steps": 3, "lr": 0.01, "weight_decay": 0.0},
-    "resources": {"pretrain": {"gpu": 1, "cpus_per_gpu": 1, "mem_mb": 1000, "runtime": 10},
-                  "finetune": {"gpu": 1, "cpus_per_gpu": 1, "mem_mb": 1000, "runtime": 10},
-                  "cpu": {"mem_mb": 1000, "runtime": 10}},
-}
+# The tiny config (tests/configs/tiny.yaml) with one domain, PGL only, a pretraining long enough to be preempted,
+# and per-stage resources for the SLURM profile.
+CONFIG = yaml.safe_load((ROOT / "tests" / "configs" / "tiny.yaml").read_text())
+CONFIG.update(results="results", inits=["scratch", "pgl-all"], dataset_inits={},
+              datasets={"liver": CONFIG["datasets"]["liver"]},
+              resources={"pretrain": {"gpu": 1, "cpus_per_gpu": 1, "mem_mb": 1000, "runtime": 10},
+                         "finetune": {"gpu": 1, "cpus_per_gpu": 1, "mem_mb": 1000, "runtime": 10},
+                         "cpu": {"mem_mb": 1000, "runtime": 10}})
+CONFIG["pretrain"].update(pool_datasets=["liver"], steps=PRETRAIN_STEPS, checkpoint_every=100, log_every=100,
+                          methods={"pgl": CONFIG["pretrain"]["methods"]["pgl"]})
 
 
 def _why_not() -> str | None:

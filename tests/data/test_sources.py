@@ -8,10 +8,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ctssl.config import complete_config
 from ctssl.data.download import DownloadError
 from ctssl.data.msd import read_msd_dataset
-from ctssl.data.sources import prepare_raw
+from ctssl.data.sources import prepare_raw as _prepare_raw
 from ctssl.errors import InputDataError
+
+
+def prepare_raw(name, cfg, out_dir, downloads):
+    """ctssl.data.sources.prepare_raw with the dataset section completed as the workflow does (schema defaults)."""
+    return _prepare_raw(name, complete_config({"datasets": {name: cfg}})["datasets"][name], out_dir, downloads)
 
 
 def test_folder_kind_with_dicom_relabelling_and_label_reorientation(realct, tmp_path):
