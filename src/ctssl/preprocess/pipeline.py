@@ -94,7 +94,14 @@ def _write_cases(dataset: MSDDataset, cfg: dict, stats: dict | None, out_dir: Pa
     """Every case, by `workers` processes (fork: a spawned worker would re-run the Snakemake script that started
     it), in the dataset's order whatever the order of completion."""
     if workers <= 1 or len(dataset.cases) <= 1:
-        return [write_case(case, dataset, cfg, stats, out_dir) for case in dataset.cases]
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one worker = one core, as the rule reserved
+        try:
+            return [write_case(case, dataset, cfg, stats, out_dir) for case in dataset.cases]
+        finally:
+            torch.set_num_threads(threads)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(max_workers=min(workers, len(dataset.cases)), initializer=_one_thread_per_worker,
                              mp_context=multiprocessing.get_context(method)) as pool:

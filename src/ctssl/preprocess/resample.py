@@ -136,19 +136,26 @@ def resample_labels(label: np.ndarray, affine: np.ndarray, spacing, method: str 
     return running_argmax(scores()), resampled_affine(affine, spacing)
 
 
+ANISO_THRESHOLD = 3.0  # nnU-Net resamples z separately (nearest) when max/min spacing exceeds this
+
+
 def nnunet_style(array: np.ndarray, affine: np.ndarray, spacing, order: int = 3) -> np.ndarray:
-    """A reference, not used by the pipeline: nnU-Net's default for anisotropic CT (`resample_data_or_seg` with
-    separate z), i.e. order-`order` spline in plane slice by slice, nearest neighbour along z, onto the same
-    corner-aligned grid as `resample_volume`. For benchmarks and accuracy comparisons."""
+    """A reference, not used by the pipeline: nnU-Net's default image resampling (`resample_data_or_seg`) onto the
+    same corner-aligned grid as `resample_volume`. Anisotropic scans (spacing ratio > 3): an order-`order` spline
+    in plane slice by slice and nearest neighbour along the coarse axis (z here); otherwise a 3D order-`order`
+    spline. For benchmarks and accuracy comparisons."""
     from scipy.ndimage import map_coordinates
 
     shape = resampled_shape(array.shape, affine, spacing)
     factors = scale_factors(affine, spacing)
-    x = (np.arange(shape[0]) + 0.5) / factors[0] - 0.5
-    y = (np.arange(shape[1]) + 0.5) / factors[1] - 0.5
-    coords = np.stack(np.meshgrid(x, y, indexing="ij"))
+    axes = [(np.arange(m) + 0.5) / f - 0.5 for m, f in zip(shape, factors, strict=True)]
+    source = voxel_spacing(affine)
+    if source.max() / source.min() <= ANISO_THRESHOLD:
+        coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+        return map_coordinates(array.astype(np.float32), coords, order=order, mode="nearest")
+    coords = np.stack(np.meshgrid(axes[0], axes[1], indexing="ij"))
     z = np.clip(np.floor((np.arange(shape[2]) + 0.5) / factors[2]).astype(int), 0, array.shape[2] - 1)
     out = np.empty(shape, np.float32)
-    for k, source in enumerate(z):
-        out[:, :, k] = map_coordinates(array[:, :, source].astype(np.float32), coords, order=order, mode="nearest")
+    for k, src in enumerate(z):
+        out[:, :, k] = map_coordinates(array[:, :, src].astype(np.float32), coords, order=order, mode="nearest")
     return out
