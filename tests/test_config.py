@@ -100,9 +100,12 @@ def test_every_problem_is_listed_not_the_first():
         c["fractions"] = [0, 10, 150]
         c["pretrain"]["methods"]["byol"]["temperature"] = 0.1
         c["finetune"]["lr"] = -1
+        c["pretrain"]["patch_size"] = [50, 48, 32]  # a model-aware problem, listed with the schema's
+        c["pretrain"]["methods"]["pgl"]["feature_level"] = "decoder7"
 
     problems = _problems(several)
-    assert len(problems) == 4, problems
+    assert len(problems) == 6, problems
+    assert problems[-2].startswith("pretrain.patch_size") and problems[-1].startswith("pretrain.methods.pgl.feature")
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -348,12 +348,14 @@ def resolve_config(raw: dict) -> dict:
     """A validated copy of `raw` with every default filled in; ConfigError listing every problem otherwise."""
     config = copy.deepcopy(raw)
     problems = _schema_problems(config, build_schema())
-    if problems:
-        raise ConfigError("\n".join(problems))
-    config.setdefault("downloads", f"{config['results']}/downloads")
-    config["pretrain"].setdefault("pool_datasets", sorted(config["datasets"]))
     configured = (raw.get("pretrain") or {}).get("methods") or {}
-    problems = _reference_problems(config) + _model_problems(config, configured)
+    try:
+        config.setdefault("downloads", f"{config['results']}/downloads")
+        config["pretrain"].setdefault("pool_datasets", sorted(config["datasets"]))
+        problems += _reference_problems(config) + _model_problems(config, configured)
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
+        if not problems:  # only a config that failed the schema may be too broken for the later checks
+            raise
     if problems:  # a shared setting wrong for several methods is one problem
         raise ConfigError("\n".join(dict.fromkeys(problems)))
     return config
