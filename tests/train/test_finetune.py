@@ -175,3 +175,19 @@ def test_head_warmup_must_leave_steps_for_the_backbone():
     with pytest.raises(ValueError, match="head_warmup_steps = 4: must be below finetune.steps \\(4\\)"):
         optimizer_and_schedule(SegmentationNet(CFG["model"], n_classes=2),
                                {**CFG["finetune"], "head_warmup_steps": 4})
+
+
+def test_several_patches_per_case_make_one_flat_batch(prepared):
+    """paper.yaml samples 2 patches per case: MONAI's collate must flatten them into batch x patches samples."""
+    from ctssl.train.finetune import CasePatches, load_case, training_transforms
+    from ctssl.train.loop import IndexedSamples
+
+    pre, _, splits = prepared
+    ft = {**CFG["finetune"], "patches_per_case": 2}
+    draw = CasePatches([load_case(pre, c) for c in splits["train"]], training_transforms([16, 16, 16], ft))
+    from monai.data import DataLoader
+
+    batch = next(iter(DataLoader(IndexedSamples(draw, 0, 0, 4), batch_size=2)))
+    assert batch["image"].shape == (4, 1, 16, 16, 16) and batch["label"].shape == (4, 1, 16, 16, 16)
+    again = next(iter(DataLoader(IndexedSamples(draw, 0, 0, 4), batch_size=2)))
+    assert torch.equal(batch["image"], again["image"])  # a function of (seed, index) only
