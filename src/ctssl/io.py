@@ -15,6 +15,19 @@ from typing import Any
 import numpy as np
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: POSIX offers no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, mode: int) -> None:
+    """`tempfile` creates owner-only temporaries (0600/0700) whatever the umask; an output renamed from one must
+    look like any file the user's umask lets through (0644/0755 under 022), so a lab's group can read results."""
+    os.chmod(path, mode & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds.
@@ -27,6 +40,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Pat
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    _as_if_created(tmp_path, 0o666)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -47,6 +61,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         raise FileExistsError(f"{target} already exists; refusing to overwrite it (remove it yourself to rebuild)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _as_if_created(tmp, 0o777)
     try:
         yield tmp
         os.replace(tmp, target)
