@@ -42,6 +42,7 @@ def liver_preprocessed(liver_raw, tmp_path_factory) -> Path:
 class _Handler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     cut_first_response_at: int | None = None
+    send_length = True  # False: no Content-Length, as the KiTS19 image host
     requests: list[dict] = []
 
     def do_GET(self):  # noqa: N802 - http.server API
@@ -60,7 +61,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
+        if type(self).send_length:
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         cut = type(self).cut_first_response_at
         if cut is not None:
@@ -78,6 +80,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     _Handler.files, _Handler.requests, _Handler.cut_first_response_at = {}, [], None
+    _Handler.send_length = True
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()

@@ -102,3 +102,63 @@ def test_offline_message_says_where_to_put_the_archive(tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(DownloadError, match=r"Offline\? Download it by hand and put it at .*c\.tar \(MD5 abc\)"):
         fetch(f"http://127.0.0.1:{port}/c.tar", tmp_path / "c.tar", md5="abc", timeout=5)
+
+
+def _nifti_gz(realct: Path) -> bytes:
+    return (realct / "totalsegmentator" / "example_ct_sm.nii.gz").read_bytes()
+
+
+def test_no_content_length_and_a_cut_transfer_end_with_the_full_verified_file(server, realct, tmp_path):
+    """The KiTS19 route: no checksum, no Content-Length; a dropped connection looks like a complete file."""
+    base, handler = server
+    data = _nifti_gz(realct)
+    handler.files["/case.nii.gz"] = data
+    handler.send_length = False
+    handler.cut_first_response_at = len(data) // 2
+    dest = fetch(f"{base}/case.nii.gz", tmp_path / "dl" / "case.nii.gz")
+    assert dest.read_bytes() == data
+    bad = tmp_path / "dl" / "case.nii.gz.bad"
+    assert bad.exists() and len(bad.read_bytes()) == len(data) // 2  # the short one, set aside
+    assert (tmp_path / "dl" / "case.nii.gz.sha256").read_text().split()[0] == hashlib.sha256(data).hexdigest()
+    assert [r["range"] for r in handler.requests] == [None, None]  # fetched again from the start
+
+
+def test_a_short_file_left_by_an_earlier_run_is_set_aside_and_fetched_again(server, realct, tmp_path):
+    base, handler = server
+    data = _nifti_gz(realct)
+    handler.files["/case.nii.gz"] = data
+    dest = tmp_path / "case.nii.gz"
+    dest.write_bytes(data[: len(data) // 3])  # accepted by an older ctssl
+    assert fetch(f"{base}/case.nii.gz", dest).read_bytes() == data
+    assert (tmp_path / "case.nii.gz.bad").exists()
+    requests = len(handler.requests)
+    fetch(f"{base}/case.nii.gz", dest)  # now verified: no second transfer
+    assert len(handler.requests) == requests
+
+
+def test_format_checks_name_what_is_wrong(realct, tmp_path):
+    from ctssl.data.download import format_problem
+
+    data = _nifti_gz(realct)
+    cases = {"empty.nii.gz": b"", "short.nii.gz": data[:1000], "plain.nii.gz": b"not gzip at all",
+             "short.tar": _task_tar(realct)[:700], "good.nii.gz": data}
+    found = {}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        found[name] = format_problem(tmp_path / name)
+    assert found["empty.nii.gz"] == "empty (0 bytes)"
+    assert "truncated or corrupt" in found["short.nii.gz"] and "truncated or corrupt" in found["plain.nii.gz"]
+    assert "truncated or corrupt" in found["short.tar"] and found["good.nii.gz"] is None
+    gz = tmp_path / "headeronly.nii.gz"
+    import gzip
+
+    gz.write_bytes(gzip.compress(gzip.decompress(data)[:5000]))  # a clean gzip of too little image data
+    assert "its header announces" in format_problem(gz)
+
+
+def test_a_tar_with_an_absolute_member_is_refused(realct, tmp_path):
+    archive = tmp_path / "evil.tar"
+    archive.write_bytes(_task_tar(realct, evil="/tmp/ctssl_evil.txt"))
+    with pytest.raises(DownloadError, match="unsafe member refused.*absolute or parent path"):
+        extract_tar(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

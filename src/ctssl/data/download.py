@@ -1,15 +1,24 @@
 """Dataset downloads: resumable (HTTP Range), verified (checksum) before extraction, extracted safely and
 atomically, so that a half-downloaded or half-extracted dataset never looks complete.
 
-Only the standard library is used for HTTP (urllib) so that the code runs wherever ctssl does; `tarfile`'s
-"data" extraction filter rejects absolute paths, `..` members and links that point outside the target.
+Only the standard library is used for HTTP (urllib) so that the code runs wherever ctssl does. Archives are listed
+before extraction and any absolute or `..` member refuses the whole archive (`tarfile`'s "data" filter would only
+strip a leading "/"); the filter still guards links during extraction.
+
+Without a published checksum (KiTS19), a file is accepted only after an integrity check of its own format (a
+.nii.gz decompresses to the end and holds the image data its header announces; a tar lists to the end; a zip
+tests clean), and its SHA-256 is then recorded beside it (`{file}.sha256`). A short or corrupt file, also one left
+by an earlier run, is set aside as `{file}.bad` and downloaded again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import http.client
+import io
 import logging
+import math
 import os
 import shutil
 import tarfile
@@ -18,7 +27,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from ctssl.io import atomic_dir, file_digest
+from ctssl.io import atomic_dir, atomic_path, file_digest
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -65,60 +74,144 @@ BTCV_LABELS = {0: "background", 1: "spleen", 2: "right_kidney", 3: "left_kidney"
                11: "pancreas", 12: "right_adrenal_gland", 13: "left_adrenal_gland"}
 
 
-def fetch(url: str, dest: str | os.PathLike, *, md5: str | None = None, timeout: float = 60.0) -> Path:
-    """Download `url` to `dest`, resuming a previous partial download (`dest.part`), verifying `md5` if given.
+NIFTI1_HEADER = 348
+MAX_ATTEMPTS = 2  # a download found short or corrupt by its format check is fetched once more from the start
 
-    `dest` appears only once complete and verified. A verified `dest` that already exists is not fetched again.
+
+def _nifti_problem(path: Path, gzipped: bool) -> str | None:
+    import nibabel as nib
+    import numpy as np
+
+    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as fh:
+        raw = fh.read(NIFTI1_HEADER)
+        if len(raw) < NIFTI1_HEADER:
+            return f"{len(raw)} bytes, shorter than a NIfTI-1 header ({NIFTI1_HEADER})"
+        try:
+            header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=False)
+            shape, dtype = header.get_data_shape(), np.dtype(header.get_data_dtype())
+        except Exception as exc:  # nibabel raises several types for a header that is not NIfTI
+            return f"not a NIfTI-1 header ({type(exc).__name__}: {exc})"
+        size = NIFTI1_HEADER
+        while block := fh.read(CHUNK):  # to the end: a gzip cut short raises EOFError here
+            size += len(block)
+    expected = int(header["vox_offset"]) + math.prod(shape) * dtype.itemsize
+    if size < expected:
+        return f"holds {size} bytes, its header announces {expected} ({'x'.join(map(str, shape))} voxels)"
+    return None
+
+
+def format_problem(path: str | os.PathLike) -> str | None:
+    """Why a downloaded file is not complete in its own format (None if it is, or if its format has no check)."""
+    path = Path(path)
+    name = path.name.removesuffix(".part")
+    try:
+        if path.stat().st_size == 0:
+            return "empty (0 bytes)"
+        if name.endswith((".nii.gz", ".nii")):
+            return _nifti_problem(path, gzipped=name.endswith(".gz"))
+        if name.endswith((".tar", ".tar.gz", ".tgz")):
+            with tarfile.open(path) as tar:
+                tar.getmembers()  # reads every header to the end
+        elif name.endswith(".zip"):
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+            if bad:
+                return f"member {bad} fails its CRC"
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, ValueError) as exc:
+        return f"truncated or corrupt ({exc})"
+    return None
+
+
+def _set_aside(path: Path, why: str) -> Path:
+    bad = path.with_name(path.name.removesuffix(".part") + ".bad")
+    path.replace(bad)
+    log.warning("%s: %s; kept as %s, downloading again", path, why, bad)
+    return bad
+
+
+def _verified(dest: Path, md5: str | None) -> bool:
+    """Whether an existing `dest` can be used as is; a corrupt one is set aside (a wrong MD5 stays an error)."""
+    if md5:
+        if file_digest(dest, "md5") != md5:
+            raise DownloadError(f"{dest} exists but its MD5 is not {md5}; move it away to download it again")
+        return True
+    problem = format_problem(dest)
+    recorded = dest.with_name(dest.name + ".sha256")
+    if problem is None and recorded.exists() and recorded.read_text().split()[0] != file_digest(dest):
+        problem = f"its SHA-256 differs from the one recorded at download ({recorded})"
+    if problem:
+        _set_aside(dest, problem)
+        return False
+    return True
+
+
+def fetch(url: str, dest: str | os.PathLike, *, md5: str | None = None, timeout: float = 60.0) -> Path:
+    """Download `url` to `dest`, resuming a previous partial download (`dest.part`), verified before `dest` appears:
+    by `md5` if given, else by the file's own format (then its SHA-256 is recorded in `dest.sha256`).
+
+    A verified `dest` that already exists is not fetched again; a corrupt one is set aside and fetched again.
     """
     dest = Path(dest)
-    if dest.exists():
-        if md5 and file_digest(dest, "md5") != md5:
-            raise DownloadError(f"{dest} exists but its MD5 is not {md5}; move it away to download it again")
+    if dest.exists() and _verified(dest, md5):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        _transfer(url, part, dest, md5, timeout)
+        if md5:
+            actual = file_digest(part, "md5")
+            if actual != md5:
+                bad = part.with_name(dest.name + ".bad")
+                part.replace(bad)
+                raise DownloadError(f"{url}: MD5 {actual} != expected {md5}; the download was kept as {bad} for "
+                                    "inspection and will not be used. Rerun to download again.")
+            break
+        problem = format_problem(part)
+        if problem is None:
+            with atomic_path(dest.with_name(dest.name + ".sha256")) as tmp:
+                tmp.write_text(f"{file_digest(part)}  {dest.name}\n")
+            break
+        bad = _set_aside(part, problem)
+        if attempt == MAX_ATTEMPTS:
+            raise DownloadError(f"{url}: the download is {problem} twice in a row (kept as {bad}); the server may "
+                                "be sending a broken file. Download it by hand and put it at " + str(dest))
+    part.replace(dest)
+    return dest
+
+
+def _transfer(url: str, part: Path, dest: Path, md5: str | None, timeout: float) -> None:
+    """Append what the server still has to `part` (an HTTP Range request if `part` exists)."""
     offset = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:  # nothing left to fetch: the part is complete
-            response = None
-        else:
-            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+            return
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DownloadError(f"cannot reach {url} ({reason}). Offline? Download it by hand and put it at {dest}"
                             + (f" (MD5 {md5})" if md5 else "") + ", then rerun.") from None
-    if response is not None:
-        with response:
-            resumed = offset and response.status == 206
-            if offset and not resumed:
-                log.warning("%s: server ignored the Range request; downloading from the start", url)
-            mode = "ab" if resumed else "wb"
-            log.info("%s: %s at byte %d", url, "resuming" if resumed else "downloading", offset if resumed else 0)
-            expected = int(response.headers.get("Content-Length") or -1)
-            received, problem = 0, None
-            with open(part, mode) as fh:
-                try:
-                    while block := response.read(CHUNK):
-                        fh.write(block)
-                        received += len(block)
-                except (http.client.HTTPException, OSError) as exc:
-                    problem = type(exc).__name__
-                total = fh.tell()
-            if problem or 0 <= expected != received:  # urllib returns a short read silently when a link drops
-                raise DownloadError(f"{url}: interrupted after {total} bytes ({problem or 'connection closed'}); "
-                                    f"the partial file {part} is kept: rerun to resume")
-    if md5:
-        actual = file_digest(part, "md5")
-        if actual != md5:
-            bad = part.with_name(dest.name + ".bad")
-            part.replace(bad)
-            raise DownloadError(f"{url}: MD5 {actual} != expected {md5}; the download was kept as {bad} for "
-                                "inspection and will not be used. Rerun to download again.")
-    part.replace(dest)
-    return dest
+    with response:
+        resumed = offset and response.status == 206
+        if offset and not resumed:
+            log.warning("%s: server ignored the Range request; downloading from the start", url)
+        mode = "ab" if resumed else "wb"
+        log.info("%s: %s at byte %d", url, "resuming" if resumed else "downloading", offset if resumed else 0)
+        expected = int(response.headers.get("Content-Length") or -1)
+        received, problem = 0, None
+        with open(part, mode) as fh:
+            try:
+                while block := response.read(CHUNK):
+                    fh.write(block)
+                    received += len(block)
+            except (http.client.HTTPException, OSError) as exc:
+                problem = type(exc).__name__
+            total = fh.tell()
+        if problem or 0 <= expected != received:  # urllib returns a short read silently when a link drops
+            raise DownloadError(f"{url}: interrupted after {total} bytes ({problem or 'connection closed'}); "
+                                f"the partial file {part} is kept: rerun to resume")
 
 
 def extract_tar(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -126,6 +219,9 @@ def extract_tar(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     archive = Path(archive)
     try:
         with atomic_dir(target) as tmp, tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                if member.name.startswith(("/", "\\")) or ".." in Path(member.name).parts:
+                    raise tarfile.FilterError(f"member {member.name!r} has an absolute or parent path")
             tar.extractall(tmp, filter="data")
     except tarfile.FilterError as exc:
         raise DownloadError(f"{archive}: unsafe member refused ({exc}); nothing was extracted") from None
