@@ -31,7 +31,10 @@ rule fetch_raw:
         f"{R}/benchmarks/fetch_raw/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_pattern(["msd", "kits19", "manual", "folder"]),
-    retries: 2
+    # A bad input is reported once: Snakemake cannot retry by cause, so network errors are retried inside the job
+    # (ctssl.data.download: resuming the transfer), and no job-level retry repeats an input error three times. A job
+    # killed for time keeps its partial download; rerunning resumes it.
+    retries: 0
     conda:
         CONDA_ENV
     resources:

@@ -32,6 +32,14 @@ def _task_tar(realct: Path, task: str = "Task99_Test", evil: str | None = None) 
     return buffer.getvalue()
 
 
+@pytest.fixture(autouse=True)
+def no_waiting(monkeypatch):
+    """Transient failures are retried inside the job after a delay; the tests do not wait."""
+    import ctssl.data.download as download
+
+    monkeypatch.setattr(download, "NETWORK_DELAYS", (0.0, 0.0))
+
+
 def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
@@ -56,18 +64,38 @@ def test_download_verify_and_install(server, realct, tmp_path):
                      url=f"{base}/Task99_Test.tar", md5=_md5(data))
 
 
-def test_interrupted_download_resumes_with_a_range_request(server, realct, tmp_path):
+def test_interrupted_download_is_retried_in_the_job_and_resumes_with_a_range_request(server, realct, tmp_path):
     base, handler = server
     data = _task_tar(realct)
     handler.files["/a.tar"] = data
     handler.cut_first_response_at = len(data) // 3
     dest = tmp_path / "a.tar"
+    fetch(f"{base}/a.tar", dest, md5=_md5(data))
+    assert dest.read_bytes() == data
+    assert [r["range"] for r in handler.requests] == [None, f"bytes={len(data) // 3}-"]
+
+
+def test_a_lasting_network_failure_keeps_the_part_for_a_rerun(server, realct, tmp_path, monkeypatch):
+    import ctssl.data.download as download
+
+    base, handler = server
+    data = _task_tar(realct)
+    handler.files["/a.tar"] = data
+    handler.cut_first_response_at = len(data) // 3
+    monkeypatch.setattr(download, "NETWORK_DELAYS", ())  # no second attempt inside the job
+    dest = tmp_path / "a.tar"
     with pytest.raises(DownloadError, match="interrupted after .* rerun to resume"):
         fetch(f"{base}/a.tar", dest, md5=_md5(data))
     assert not dest.exists() and (tmp_path / "a.tar.part").stat().st_size == len(data) // 3
     fetch(f"{base}/a.tar", dest, md5=_md5(data))
-    assert dest.read_bytes() == data
-    assert handler.requests[-1]["range"] == f"bytes={len(data) // 3}-"
+    assert dest.read_bytes() == data and handler.requests[-1]["range"] == f"bytes={len(data) // 3}-"
+
+
+def test_a_missing_file_is_not_retried(server, tmp_path):
+    base, handler = server
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        fetch(f"{base}/nope.tar", tmp_path / "nope.tar")
+    assert len(handler.requests) == 1
 
 
 def test_checksum_mismatch_is_refused_and_kept_aside(server, tmp_path):

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tarfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -35,6 +36,14 @@ CHUNK = 1 << 20
 
 class DownloadError(RuntimeError):
     """A download or an archive failed in a way the user must act on; the message says how."""
+
+
+class NetworkError(DownloadError):
+    """A transient failure (unreachable host, dropped connection, server error): retried inside the job, because
+    Snakemake's `retries` cannot tell it from a bad input, which must be reported once."""
+
+
+NETWORK_DELAYS = (2.0, 10.0)  # seconds before the 2nd and 3rd attempt of a transfer that failed transiently
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +166,7 @@ def fetch(url: str, dest: str | os.PathLike, *, md5: str | None = None, timeout:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        _transfer(url, part, dest, md5, timeout)
+        _transfer_with_retries(url, part, dest, md5, timeout)
         if md5:
             actual = file_digest(part, "md5")
             if actual != md5:
@@ -179,6 +188,19 @@ def fetch(url: str, dest: str | os.PathLike, *, md5: str | None = None, timeout:
     return dest
 
 
+def _transfer_with_retries(url: str, part: Path, dest: Path, md5: str | None, timeout: float) -> None:
+    """`_transfer`, again after a transient failure (resuming where it stopped), at most 1 + len(NETWORK_DELAYS)
+    times; anything else (404, a checksum, a format) is not retried."""
+    for delay in (*NETWORK_DELAYS, None):
+        try:
+            return _transfer(url, part, dest, md5, timeout)
+        except NetworkError as exc:
+            if delay is None:
+                raise
+            log.warning("%s; retrying in %.0f s", exc, delay)
+            time.sleep(delay)
+
+
 def _transfer(url: str, part: Path, dest: Path, md5: str | None, timeout: float) -> None:
     """Append what the server still has to `part` (an HTTP Range request if `part` exists)."""
     offset = part.stat().st_size if part.exists() else 0
@@ -188,10 +210,11 @@ def _transfer(url: str, part: Path, dest: Path, md5: str | None, timeout: float)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:  # nothing left to fetch: the part is complete
             return
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        error = NetworkError if exc.code >= 500 or exc.code == 429 else DownloadError
+        raise error(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise DownloadError(f"cannot reach {url} ({reason}). Offline? Download it by hand and put it at {dest}"
+        raise NetworkError(f"cannot reach {url} ({reason}). Offline? Download it by hand and put it at {dest}"
                             + (f" (MD5 {md5})" if md5 else "") + ", then rerun.") from None
     with response:
         resumed = offset and response.status == 206
@@ -210,7 +233,7 @@ def _transfer(url: str, part: Path, dest: Path, md5: str | None, timeout: float)
                 problem = type(exc).__name__
             total = fh.tell()
         if problem or 0 <= expected != received:  # urllib returns a short read silently when a link drops
-            raise DownloadError(f"{url}: interrupted after {total} bytes ({problem or 'connection closed'}); "
+            raise NetworkError(f"{url}: interrupted after {total} bytes ({problem or 'connection closed'}); "
                                 f"the partial file {part} is kept: rerun to resume")
 
 
