@@ -95,6 +95,11 @@ def dataset_settings(wildcards):
     return config["datasets"][wildcards.dataset]
 
 
+def is_downstream(wildcards):
+    """A fine-tuned dataset needs a label for every case (or a case marked unlabelled)."""
+    return wildcards.dataset in DOWNSTREAM
+
+
 def dataset_group(wildcards):
     return config["datasets"][wildcards.dataset]["group"]
 

@@ -42,5 +42,6 @@ rule fetch_raw:
     params:
         dataset=dataset_settings,
         downloads=config["downloads"],
+        require_labels=is_downstream,
     script:
         "../workflow_scripts/fetch_raw.py"

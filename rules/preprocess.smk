@@ -39,6 +39,7 @@ rule preprocess:
     params:
         preprocess=config["preprocess"],
         group=dataset_group,
+        require_labels=is_downstream,
         seed=config["split_seed"],
     script:
         "../workflow_scripts/preprocess.py"

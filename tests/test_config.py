@@ -177,9 +177,11 @@ def _config_keys() -> set[str]:
 
 
 # Reads of dictionaries that are not the config although a key name coincides (metrics, manifests, pool metadata),
-# and optional keys whose absence means "not given" (a mirror URL and its checksum), not a default.
+# and optional keys whose absence means "not given" (a mirror URL and its checksum, an opt-in to an assumed
+# geometry, a case's unlabelled mark, which listed cases from images_dir cannot carry), not a default.
 NOT_CONFIG = {("report.py", "init"), ("report.py", "path"), ("report.py", "steps"), ("report.py", "device"),
-              ("msd.py", "name"), ("sources.py", "url"), ("sources.py", "md5"), ("hssl.py", "datasets"), ("pools.py", "label"), ("pools.py", "labelled"), ("msd.py", "label"),
+              ("msd.py", "name"), ("sources.py", "url"), ("sources.py", "md5"), ("hssl.py", "datasets"),
+              ("msd.py", "unlabelled"), ("sources.py", "unlabelled"), ("sources.py", "assume_geometry"), ("pools.py", "label"), ("pools.py", "labelled"), ("msd.py", "label"),
               ("sources.py", "label"), ("sources.py", "labels_dir"), ("sources.py", "images_dir"),
               ("sources.py", "path"), ("sources.py", "cases"), ("msd.py", "group"), ("config.py", "label"),
               ("config.py", "labels_dir"), ("config.py", "cases"), ("config.py", "gpu"), ("supervised.py", "n_classes"),

@@ -8,4 +8,5 @@ from ctssl.data.sources import prepare_raw  # noqa: E402
 from ctssl.logutil import setup_logging  # noqa: E402
 
 setup_logging(snakemake.log[0])
-prepare_raw(snakemake.wildcards.dataset, snakemake.params.dataset, snakemake.output[0], snakemake.params.downloads)
+prepare_raw(snakemake.wildcards.dataset, snakemake.params.dataset, snakemake.output[0], snakemake.params.downloads,
+            require_labels=snakemake.params.require_labels)

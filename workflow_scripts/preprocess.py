@@ -12,4 +12,4 @@ setup_logging(snakemake.log[0])
 test_cases = set(read_json(snakemake.input.splits[0])["test"]) if snakemake.input.splits else set()
 preprocess_dataset(snakemake.input.raw, snakemake.output[0], snakemake.wildcards.dataset, snakemake.params.preprocess,
                    snakemake.params.group, exclude_from_stats=test_cases, seed=int(snakemake.params.seed),
-                   workers=snakemake.threads)
+                   workers=snakemake.threads, require_labels=snakemake.params.require_labels)

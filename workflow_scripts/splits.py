@@ -12,7 +12,13 @@ from ctssl.splits import make_splits  # noqa: E402
 log = setup_logging(snakemake.log[0])
 dataset = read_msd_dataset(snakemake.input[0])
 p = snakemake.params
-splits = make_splits([c.case_id for c in dataset.cases], test_fraction=p.splits["test_fraction"],
-                     min_test=p.splits["min_test"], split_seed=p.split_seed)
-write_json(snakemake.output[0], {"dataset": snakemake.wildcards.dataset, **splits})
+# Only labelled cases can be test or fine-tuning cases; cases without a label (marked unlabelled) pretrain only.
+labelled = [c.case_id for c in dataset.cases if c.label is not None]
+unlabelled = sorted(c.case_id for c in dataset.cases if c.label is None)
+splits = make_splits(labelled, test_fraction=p.splits["test_fraction"], min_test=p.splits["min_test"],
+                     split_seed=p.split_seed)
+write_json(snakemake.output[0], {"dataset": snakemake.wildcards.dataset, **splits, "unlabelled": unlabelled})
+if unlabelled:
+    log.info("%s: %d cases without labels are kept out of the splits: %s", snakemake.wildcards.dataset,
+             len(unlabelled), unlabelled)
 log.info("%s: %d test, %d train cases", snakemake.wildcards.dataset, len(splits["test"]), len(splits["train"]))

@@ -43,9 +43,11 @@ def test_folder_kind_with_dicom_relabelling_and_label_reorientation(realct, tmp_
 
 def test_folder_kind_refuses_a_label_on_another_grid(realct, tmp_path):
     ts = realct / "totalsegmentator"
-    cfg = {"kind": "folder", "cases": {"x": {"image": str(ts / "example_ct.nii.gz"),
-                                             "label": str(ts / "example_seg.nii.gz")}}}  # the 30-slice crop's label
-    with pytest.raises(InputDataError, match="label grid .* does not match the image grid"):
+    cfg = {"kind": "folder", "labels": {"0": "background", "1": "liver"}, "label_map": {"5": 1},
+           "cases": {"x": {"image": str(ts / "example_ct.nii.gz"),
+                           "label": str(ts / "example_seg.nii.gz")}}}  # the 30-slice crop's label
+    with pytest.raises(InputDataError, match=r"example_seg\.nii\.gz: label shape \(122, 101, 30\) does not match "
+                                             r"the shape \(122, 101, 112\) of image .*example_ct\.nii\.gz"):
         prepare_raw("x", cfg, tmp_path / "raw", tmp_path / "dl")
     assert not (tmp_path / "raw").exists()
 

@@ -14,6 +14,7 @@ class Case:
     case_id: str
     image: Path
     label: Path | None
+    unlabelled: bool = False  # marked as knowingly without a label (pretraining only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,7 @@ def read_msd_dataset(root: str | Path) -> MSDDataset:
         for path in (image, label):
             if path is not None and not path.exists():
                 raise InputDataError(f"{meta_path}: lists {path}, which does not exist")
-        cases.append(Case(case_id_from_path(image), image, label))
+        cases.append(Case(case_id_from_path(image), image, label, bool(entry.get("unlabelled", False))))
     ids = [c.case_id for c in cases]
     if len(set(ids)) != len(ids):
         raise InputDataError(f"{meta_path}: duplicate case ids")

@@ -24,7 +24,7 @@ from ctssl.data.download import (
     fetch,
     install_msd_task,
 )
-from ctssl.data.nifti import AFFINE_TOLERANCE_MM
+from ctssl.data.nifti import AFFINE_TOLERANCE_MM, check_same_grid, has_own_geometry, load_label, load_nifti
 from ctssl.data.synthetic import write_msd_dataset
 from ctssl.errors import InputDataError
 from ctssl.io import atomic_dir, file_digest, save_nifti, write_json
@@ -55,19 +55,19 @@ def _as_nifti(source: Path, where: str) -> nib.Nifti1Image | Path:
     return source
 
 
-def _label_on_image_grid(label: nib.Nifti1Image, image: nib.Nifti1Image, where: str) -> nib.Nifti1Image:
+def _label_on_image_grid(label: np.ndarray, label_affine: np.ndarray, label_path: Path, image_shape,
+                         image_affine: np.ndarray, image_path: Path) -> np.ndarray:
     """Labels stored in another axis order/direction (e.g. LAS labels for an LPS DICOM series) are reoriented
     onto the image grid, but only if both describe the same voxels; anything else is an error, never resampled."""
-    if label.shape == image.shape and np.allclose(label.affine, image.affine, atol=AFFINE_TOLERANCE_MM):
+    if label.shape == tuple(image_shape) and np.allclose(label_affine, image_affine, atol=AFFINE_TOLERANCE_MM):
         return label
-    target = nib.orientations.io_orientation(image.affine)
-    current = nib.orientations.io_orientation(label.affine)
-    transform = nib.orientations.ornt_transform(current, target)
-    moved = label.as_reoriented(transform)
-    if moved.shape != image.shape or not np.allclose(moved.affine, image.affine, atol=AFFINE_TOLERANCE_MM):
-        raise InputDataError(f"{where}: label grid {label.shape} does not match the image grid {image.shape} even "
-                             "after reorientation; resample it onto the image first")
-    return moved
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(label_affine),
+                                                nib.orientations.io_orientation(image_affine))
+    moved = nib.Nifti1Image(label, label_affine).as_reoriented(transform)
+    if moved.shape == tuple(image_shape) and np.allclose(moved.affine, image_affine, atol=AFFINE_TOLERANCE_MM):
+        return np.asanyarray(moved.dataobj)
+    check_same_grid(image_path, image_shape, image_affine, label_path, label.shape, label_affine)
+    raise AssertionError("unreachable: check_same_grid refuses what does not match")
 
 
 def folder_cases(cfg: dict) -> dict[str, dict[str, str]]:
@@ -92,35 +92,55 @@ def folder_cases(cfg: dict) -> dict[str, dict[str, str]]:
     return cases
 
 
-def import_folder(out_dir: Path, name: str, cfg: dict) -> Path:
-    """Cases (see `folder_cases`) -> MSD layout; `label_map` relabels (unlisted values -> 0)."""
+def _folder_image(source: Path, where: str, target: Path, assume: dict | None) -> tuple[tuple, np.ndarray, Path]:
+    """Check a case's image and put it at `target` (a link to a NIfTI with its own geometry, else a written copy:
+    a DICOM series converted, or a NIfTI given the dataset's assumed geometry). Returns (shape, affine, source)."""
+    image = _as_nifti(source, where)
+    if isinstance(image, nib.Nifti1Image):  # converted from DICOM (the converter checks the series)
+        save_nifti(target, image)
+        return image.shape, image.affine, source
+    data, affine = load_nifti(image, dtype=None, assume=assume)
+    if image.name.endswith(".nii.gz") and has_own_geometry(nib.load(image)):
+        _link(image, target)
+    else:
+        if assume is not None and not has_own_geometry(nib.load(image)):
+            log.warning("%s: no orientation or spacing of its own; using assume_geometry %s", image, assume)
+        save_nifti(target, nib.Nifti1Image(data, affine))
+    return data.shape, affine, image
+
+
+def import_folder(out_dir: Path, name: str, cfg: dict, require_labels: bool = False) -> Path:
+    """Cases (see `folder_cases`) -> MSD layout, every file checked (`ctssl.data.nifti`) before the folder appears;
+    `label_map` relabels (unlisted values -> 0). A dataset that is fine-tuned on (`require_labels`) needs a label
+    for every case, except cases marked unlabelled (`cases.<id>.unlabelled` or the dataset's `unlabelled` list),
+    which stay out of its test split."""
     labels = {int(k): v for k, v in cfg["labels"].items()}
     mapping = {int(k): int(v) for k, v in cfg["label_map"].items()}
+    assume = cfg.get("assume_geometry")  # absent: no opt-in, a file without geometry is refused
+    marked = set(cfg["unlabelled"])
     cases = folder_cases(cfg)
     with atomic_dir(out_dir) as tmp:
         entries = []
         for case, spec in cases.items():
             where = f"datasets.{name}.cases.{case}"
-            image = _as_nifti(Path(spec["image"]), where)
-            image_path = tmp / "imagesTr" / f"{case}.nii.gz"
-            if isinstance(image, Path) and image.name.endswith(".nii.gz"):
-                _link(image, image_path)
-                image = nib.load(image)
-            else:
-                image = image if isinstance(image, nib.Nifti1Image) else nib.load(image)
-                save_nifti(image_path, image)
+            shape, affine, image = _folder_image(Path(spec["image"]), where, tmp / "imagesTr" / f"{case}.nii.gz",
+                                                 assume)
             entry = {"image": f"./imagesTr/{case}.nii.gz"}
             if spec.get("label"):
-                label = nib.load(_as_nifti(Path(spec["label"]), where))
-                label = _label_on_image_grid(label, image, where)
-                data = np.asanyarray(label.dataobj)
-                if mapping:
-                    out = np.zeros(data.shape, np.uint8)
-                    for src, dst in mapping.items():
-                        out[data == src] = dst
-                    data = out
-                save_nifti(tmp / "labelsTr" / f"{case}.nii.gz", nib.Nifti1Image(data.astype(np.uint8), image.affine))
+                label_file = _as_nifti(Path(spec["label"]), where)
+                label, label_affine = load_label(label_file, declared=set(labels), mapping=mapping or None,
+                                                 assume=assume)
+                label = _label_on_image_grid(label, label_affine, label_file, shape, affine, image)
+                save_nifti(tmp / "labelsTr" / f"{case}.nii.gz", nib.Nifti1Image(label.astype(np.uint8), affine))
                 entry["label"] = f"./labelsTr/{case}.nii.gz"
+            elif spec.get("unlabelled") or case in marked:
+                entry["unlabelled"] = True
+                log.info("%s: marked unlabelled: used for pretraining only, never in the test split", case)
+            elif require_labels:
+                raise InputDataError(
+                    f"{image}: no label file for case {case!r}, and {name!r} is fine-tuned on (downstream). Add its "
+                    f"label, or mark it unlabelled ({where}.unlabelled: true, or datasets.{name}.unlabelled: "
+                    f"[{case}]) to use it for pretraining only")
             entries.append(entry)
         _dataset_json(tmp, name, labels, entries, cfg["group"], kind="folder",
                       sources={c: {k: str(v) for k, v in spec.items()} for c, spec in cases.items()})
@@ -178,8 +198,9 @@ def import_kits19(out_dir: Path, name: str, cfg: dict, downloads: Path) -> Path:
     return out_dir
 
 
-def prepare_raw(name: str, cfg: dict, out_dir: str | Path, downloads: str | Path, seed: int = 0) -> Path:
-    """Build `out_dir` (raw/{name}) for a dataset of any kind."""
+def prepare_raw(name: str, cfg: dict, out_dir: str | Path, downloads: str | Path, seed: int = 0,
+                require_labels: bool = False) -> Path:
+    """Build `out_dir` (raw/{name}) for a dataset of any kind (`require_labels`: it is fine-tuned on)."""
     out_dir, downloads = Path(out_dir), Path(downloads)
     kind = cfg["kind"]
     if kind == "synthetic":
@@ -191,5 +212,5 @@ def prepare_raw(name: str, cfg: dict, out_dir: str | Path, downloads: str | Path
     if kind == "manual":
         return import_btcv(out_dir, name, cfg, downloads)
     if kind == "folder":
-        return import_folder(out_dir, name, cfg)
+        return import_folder(out_dir, name, cfg, require_labels)
     raise ValueError(f"datasets.{name}.kind: unknown kind {kind!r}")

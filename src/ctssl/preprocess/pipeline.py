@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ctssl.data.msd import Case, MSDDataset, read_msd_dataset
-from ctssl.data.nifti import check_label_values, check_same_grid, load_nifti
+from ctssl.data.nifti import check_same_grid, load_label, load_nifti
+from ctssl.errors import InputDataError
 from ctssl.io import atomic_dir, write_json
 from ctssl.preprocess.normalize import normalize, sample_foreground, zscore_statistics
 from ctssl.preprocess.resample import resample_labels, resample_volume
@@ -19,20 +20,26 @@ from ctssl.preprocess.spatial import CANONICAL, orientation_code, reorient
 log = logging.getLogger(__name__)
 
 
-def load_checked_case(case: Case, dataset: MSDDataset) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Image (HU, float32), label (or None) and affine, after every consistency check on the raw files."""
+def load_checked_case(case: Case, dataset: MSDDataset, require_label: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Image (HU, float32), label (or None) and affine, after every check of `ctssl.data.nifti` on the raw files
+    (the same for every dataset kind). `require_label`: the dataset is fine-tuned on, so a case without a label
+    must have been marked unlabelled on purpose."""
     image, affine = load_nifti(case.image)
     if case.label is None:
+        if require_label and not case.unlabelled:
+            raise InputDataError(f"{case.image}: no label for case {case.case_id!r} of {dataset.name!r}, which is "
+                                 "fine-tuned on; add its label (or mark the case unlabelled to pretrain on it only)")
         return image, None, affine
-    label, label_affine = load_nifti(case.label)
+    label, label_affine = load_label(case.label, declared=set(dataset.labels))
     check_same_grid(case.image, image.shape, affine, case.label, label.shape, label_affine)
-    check_label_values(case.label, label, set(dataset.labels))
-    return image, label.astype(np.uint8), affine
+    return image, label, affine
 
 
-def preprocess_case(case: Case, dataset: MSDDataset, cfg: dict, stats: dict | None) -> dict:
+def preprocess_case(case: Case, dataset: MSDDataset, cfg: dict, stats: dict | None, require_label: bool = False
+                    ) -> dict:
     """Returns arrays and geometry of one case in the canonical, resampled, normalized space."""
-    image, label, affine = load_checked_case(case, dataset)
+    image, label, affine = load_checked_case(case, dataset, require_label)
     spacing = cfg["target_spacing"]
     original = {"shape": list(image.shape), "affine": affine.tolist(),
                 "spacing": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
@@ -69,9 +76,10 @@ def dataset_statistics(dataset: MSDDataset, cfg: dict, exclude: set[str], seed: 
     return zscore_statistics(samples, tuple(cfg["normalization"]["percentiles"]))
 
 
-def write_case(case: Case, dataset: MSDDataset, cfg: dict, stats: dict | None, out_dir: Path) -> dict:
+def write_case(case: Case, dataset: MSDDataset, cfg: dict, stats: dict | None, out_dir: Path,
+               require_label: bool = False) -> dict:
     """Preprocess one case into `out_dir`; returns its manifest entry plus a log line (workers cannot log)."""
-    out = preprocess_case(case, dataset, cfg, stats)
+    out = preprocess_case(case, dataset, cfg, stats, require_label)
     np.save(out_dir / f"{case.case_id}.npy", out["image"])
     if out["label"] is not None:
         np.save(out_dir / f"{case.case_id}_seg.npy", out["label"])
@@ -90,7 +98,8 @@ def _one_thread_per_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _write_cases(dataset: MSDDataset, cfg: dict, stats: dict | None, out_dir: Path, workers: int) -> list[dict]:
+def _write_cases(dataset: MSDDataset, cfg: dict, stats: dict | None, out_dir: Path, workers: int,
+                 require_labels: bool) -> list[dict]:
     """Every case, by `workers` processes (fork: a spawned worker would re-run the Snakemake script that started
     it), in the dataset's order whatever the order of completion."""
     if workers <= 1 or len(dataset.cases) <= 1:
@@ -99,13 +108,14 @@ def _write_cases(dataset: MSDDataset, cfg: dict, stats: dict | None, out_dir: Pa
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one worker = one core, as the rule reserved
         try:
-            return [write_case(case, dataset, cfg, stats, out_dir) for case in dataset.cases]
+            return [write_case(case, dataset, cfg, stats, out_dir, require_labels) for case in dataset.cases]
         finally:
             torch.set_num_threads(threads)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(max_workers=min(workers, len(dataset.cases)), initializer=_one_thread_per_worker,
                              mp_context=multiprocessing.get_context(method)) as pool:
-        futures = [pool.submit(write_case, case, dataset, cfg, stats, out_dir) for case in dataset.cases]
+        futures = [pool.submit(write_case, case, dataset, cfg, stats, out_dir, require_labels)
+                   for case in dataset.cases]
         try:
             return [future.result() for future in futures]
         except BaseException:
@@ -115,7 +125,8 @@ def _write_cases(dataset: MSDDataset, cfg: dict, stats: dict | None, out_dir: Pa
 
 
 def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, name: str, cfg: dict, group: str,
-                       exclude_from_stats: set[str] = frozenset(), seed: int = 0, workers: int = 1) -> Path:
+                       exclude_from_stats: set[str] = frozenset(), seed: int = 0, workers: int = 1,
+                       require_labels: bool = False) -> Path:
     """Preprocess every case of one dataset into `out_dir` (atomic: all cases or nothing), with `workers`
     processes (the rule's threads). A case's files do not depend on the number of workers.
 
@@ -125,7 +136,7 @@ def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, name: str, cfg:
     dataset = read_msd_dataset(raw_dir)
     stats = dataset_statistics(dataset, cfg, set(exclude_from_stats), seed)
     with atomic_dir(out_dir) as tmp:
-        cases = _write_cases(dataset, cfg, stats, tmp, workers)
+        cases = _write_cases(dataset, cfg, stats, tmp, workers, require_labels)
         for entry in cases:
             log.info("%s", entry.pop("log"))
         write_json(tmp / "manifest.json", {
