@@ -49,3 +49,16 @@ def test_official_test_split_and_errors():
 
 def test_fraction_key():
     assert fraction_key(10) == "10" and fraction_key(10.0) == "10" and fraction_key(2.5) == "2.5"
+
+
+def test_cases_without_labels_stay_out_of_test_and_training():
+    from pathlib import Path
+
+    from ctssl.data.msd import Case
+    from ctssl.splits import dataset_splits
+
+    cases = [Case(f"c{i}", Path(f"c{i}.nii.gz"), Path(f"c{i}_seg.nii.gz") if i != 2 else None, unlabelled=i == 2)
+             for i in range(6)]
+    splits = dataset_splits(cases, test_fraction=0.4, min_test=1, split_seed=0)
+    assert splits["unlabelled"] == ["c2"]
+    assert "c2" not in splits["test"] + splits["train"] and len(splits["test"]) + len(splits["train"]) == 5

@@ -7,17 +7,15 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the checkou
 from ctssl.data.msd import read_msd_dataset  # noqa: E402
 from ctssl.io import write_json  # noqa: E402
 from ctssl.logutil import setup_logging  # noqa: E402
-from ctssl.splits import make_splits  # noqa: E402
+from ctssl.splits import dataset_splits  # noqa: E402
 
 log = setup_logging(snakemake.log[0])
 dataset = read_msd_dataset(snakemake.input[0])
 p = snakemake.params
-# Only labelled cases can be test or fine-tuning cases; cases without a label (marked unlabelled) pretrain only.
-labelled = [c.case_id for c in dataset.cases if c.label is not None]
-unlabelled = sorted(c.case_id for c in dataset.cases if c.label is None)
-splits = make_splits(labelled, test_fraction=p.splits["test_fraction"], min_test=p.splits["min_test"],
-                     split_seed=p.split_seed)
-write_json(snakemake.output[0], {"dataset": snakemake.wildcards.dataset, **splits, "unlabelled": unlabelled})
+splits = dataset_splits(dataset.cases, test_fraction=p.splits["test_fraction"], min_test=p.splits["min_test"],
+                        split_seed=p.split_seed)
+write_json(snakemake.output[0], {"dataset": snakemake.wildcards.dataset, **splits})
+unlabelled = splits["unlabelled"]
 if unlabelled:
     log.info("%s: %d cases without labels are kept out of the splits: %s", snakemake.wildcards.dataset,
              len(unlabelled), unlabelled)

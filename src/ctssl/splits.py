@@ -52,3 +52,11 @@ def make_splits(case_ids: Sequence[str], *, test_fraction: float, min_test: int,
     return {"split_seed": split_seed, "test": test, "train": train,
             "label_subsets": "fraction p of seed s = first max(1, round(p% * n_train)) cases of a seed-s permutation "
                              "of train (ctssl.splits.label_subset); each cell lists its own in metrics.json"}
+
+
+def dataset_splits(cases, *, test_fraction: float, min_test: int, split_seed: int) -> dict:
+    """Splits of a dataset's cases (`ctssl.data.msd.Case`): only labelled cases can be test or fine-tuning cases;
+    those without a label (marked unlabelled) are listed apart and used for pretraining only."""
+    labelled = [c.case_id for c in cases if c.label is not None]
+    splits = make_splits(labelled, test_fraction=test_fraction, min_test=min_test, split_seed=split_seed)
+    return {**splits, "unlabelled": sorted(c.case_id for c in cases if c.label is None)}

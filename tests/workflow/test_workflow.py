@@ -221,3 +221,24 @@ def test_truncated_raw_image_fails_cleanly(workspace):
     assert "liver_001.nii.gz: cannot read NIfTI" in run.stdout + run.stderr
     assert not (workspace / "results/preprocessed/liver").exists()
     assert not list((workspace / "results/preprocessed").glob(".liver*"))
+
+
+def test_a_downstream_case_without_a_label_is_refused_once_at_import(liver_raw, tmp_path):
+    """A fine-tuned `folder` dataset with a label-less case stops at fetch_raw, naming the image, and is not
+    retried even when the command line asks for retries (a bad input is reported once)."""
+    config = json.loads(json.dumps(TINY))
+    config.update(inits=["scratch"], dataset_inits={}, downstream=["mine"],
+                  datasets={"mine": {"kind": "folder", "labels": {"0": "background", "1": "liver", "2": "tumour"},
+                                     "cases": {"a": {"image": str(liver_raw / "imagesTr/liver_000.nii.gz"),
+                                                     "label": str(liver_raw / "labelsTr/liver_000.nii.gz")},
+                                               "b": {"image": str(liver_raw / "imagesTr/liver_001.nii.gz")}}}})
+    config["pretrain"].update(pool_datasets=["mine"], methods={})
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(work, "--retries", "2", "results/raw/mine")
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "liver_001.nii.gz: no label file for case 'b'" in out and "mark it unlabelled" in out
+    assert out.count("Error in rule fetch_raw") == 1
+    assert not (work / "results" / "raw" / "mine").exists()
