@@ -125,7 +125,8 @@ def _unknown_key(path: tuple, key: str, allowed: Iterable[str]) -> str:
     return f"{where}: unknown key{_suggest(key, allowed)}; allowed here: {', '.join(allowed)}"
 
 
-def _messages(error: ValidationError, model: dict | None = None, prefix: str = "") -> list[str]:
+def _messages(error: ValidationError, model: dict | None = None, location: str | None = None) -> list[str]:
+    """Readable lines for one schema error; `location` replaces the error's own key path."""
     path = tuple(error.absolute_path)
     if error.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(error.instance, dict):
         allowed = set(error.schema.get("properties", {}))
@@ -135,7 +136,8 @@ def _messages(error: ValidationError, model: dict | None = None, prefix: str = "
     if error.validator == "format" and model is not None:
         levels = _levels(model)[error.validator_value]
         what = {"decoder_level": "decoder level", "tap_level": "feature level"}[error.validator_value]
-        return [f"{prefix}{key_path(path)} = {_show(error.instance)}: not a {what} of this model (model.channels has {len(model['channels'])} widths); available: {', '.join(levels)}"]
+        return [f"{location or key_path(path)} = {_show(error.instance)}: not a {what} of this model "
+                f"(model.channels has {len(model['channels'])} widths); available: {', '.join(levels)}"]
     return [f"{key_path(path)} = {_show(error.instance)}: {error.message}"]
 
 
@@ -322,10 +324,14 @@ def method_problems(config: dict, method: str, required: bool = True) -> list[st
         """The key path a setting was resolved from: the method's override if it has one, else the shared key."""
         return f"pretrain.methods.{method}.{key}" if key in pretrain["methods"][method] else f"pretrain.{key}"
 
-    own = {"properties": method_declarations(method)["SETTINGS"]}
-    problems = [msg for error in Draft202012Validator(own, format_checker=_format_checker(model)).iter_errors(settings)
-                if error.validator == "format"
-                for msg in _messages(error, model, prefix=f"{where(error.absolute_path[0])[:-len(str(error.absolute_path[0]))]}")]
+    def located(error: ValidationError) -> str:
+        key, *rest = error.absolute_path
+        return where(key) + (key_path(rest) if rest else "")
+
+    own = Draft202012Validator({"properties": method_declarations(method)["SETTINGS"]},
+                               format_checker=_format_checker(model))
+    problems = [msg for error in own.iter_errors(settings) if error.validator == "format"
+                for msg in _messages(error, model, located(error))]
     missing = [k for k in REQUIRED_TO_TRAIN if k not in settings]
     if missing or not required:
         return problems + [f"pretrain.{k}: required to train {method} (set it under pretrain or "
