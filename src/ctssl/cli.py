@@ -20,9 +20,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     log = setup_logging(args.log)
     try:
         cfg = complete_config(yaml.safe_load(Path(args.config).read_text()) or {})
-        problems = method_problems(cfg, args.method) if args.method in cfg["pretrain"]["methods"] else [
-            f"--method {args.method}: not a registered method ({', '.join(cfg['pretrain']['methods'])})"]
-    except (ConfigError, KeyError) as exc:
+        missing = [key for key in ("model", "pretrain") if key not in cfg]
+        if missing:
+            problems = [f"{args.config}: needs the section(s) {missing}"]
+        elif args.method not in cfg["pretrain"]["methods"]:
+            problems = [f"--method {args.method}: not a registered method ({', '.join(cfg['pretrain']['methods'])})"]
+        else:
+            problems = method_problems(cfg, args.method)
+    except ConfigError as exc:
         problems = [f"{args.config}: {exc}"]
     if problems:
         log.error("invalid configuration:\n%s", "\n".join(problems))
