@@ -269,3 +269,12 @@ def test_data_never_imports_preprocess():
             if isinstance(node, ast.ImportFrom | ast.Import):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not any(n.startswith("ctssl.preprocess") for n in names), f"{path}: imports {names}"
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in [
+    ROOT / "config.yaml", *ROOT.glob("configs/*.yaml"), *ROOT.glob("tests/configs/*.yaml"),
+    *ROOT.glob("experiments/configs/*.yaml")]))
+def test_every_shipped_config_resolves(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # configs name ../shared/realct relative to the checkout
+    config = load_config(ROOT / path)
+    assert set(config["pretrain"]["methods"]) == set(REGISTRY)
