@@ -278,3 +278,16 @@ def test_every_shipped_config_resolves(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # configs name ../shared/realct relative to the checkout
     config = load_config(ROOT / path)
     assert set(config["pretrain"]["methods"]) == set(REGISTRY)
+
+
+def test_ctssl_config_prints_the_resolved_settings_or_every_problem(tmp_path, capsys):
+    from ctssl.cli import main
+
+    assert main(["config", str(ROOT / "config.yaml"), "--method", "byol"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["pretrain"]["projector_hidden"] == 128 and shown["pretrain"]["views"]["flip_prob"] == 0.5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**DEFAULT, "fractions": [0, 150]}))
+    assert main(["config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "fractions[0] = 0:" in err and "fractions[1] = 150:" in err

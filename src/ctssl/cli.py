@@ -36,6 +36,26 @@ def _pretrain(args: argparse.Namespace) -> int:
                                                   cfg=cfg, out_dir=args.out, threads=args.threads), log)
 
 
+def _config(args: argparse.Namespace) -> int:
+    """Print a config as Snakemake will run it: every default filled in, or every problem, one per line."""
+    from ctssl.config import load_config, method_config
+    from ctssl.errors import ConfigError
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.method:
+        if args.method not in config["pretrain"]["methods"]:
+            print(f"--method {args.method}: not a registered method ({', '.join(config['pretrain']['methods'])})",
+                  file=sys.stderr)
+            return 2
+        config = {"model": config["model"], "pretrain": method_config(config["pretrain"], args.method)}
+    print(yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120), end="")
+    return 0
+
+
 def _synthesize(args: argparse.Namespace) -> int:
     from ctssl.data.synthetic import write_msd_dataset
 
@@ -70,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log", default=None)
     p.set_defaults(func=_pretrain)
+    c = sub.add_parser("config", help="print a config with every default filled in (or list every problem in it)")
+    c.add_argument("config", help="a config file, e.g. config.yaml")
+    c.add_argument("--method", help="print only the model and this method's resolved pretraining settings")
+    c.set_defaults(func=_config)
     s = sub.add_parser("synthesize", help="write a synthetic CT dataset in MSD layout")
     s.add_argument("out")
     s.add_argument("--name", required=True)
