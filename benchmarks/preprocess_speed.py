@@ -97,11 +97,11 @@ def raw_datasets(work: Path, quick: bool) -> list[tuple[str, Path, dict]]:
 def workers_table(datasets, work: Path) -> None:
     print("cases/s of preprocess_dataset (whole dataset: read, check, normalize, reorient, resample, write)")
     print(f"{'dataset':32s} {'cases':>5s} {'1 worker':>10s} {'2 workers':>10s}")
-    for label, raw, cfg in datasets:
+    for index, (label, raw, cfg) in enumerate(datasets):
         n = len(read_msd_dataset(raw).cases)
         rates = []
         for workers in (1, 2):
-            out = work / f"pre_{abs(hash((label, workers)))}"
+            out = work / f"pre_{index}_{workers}"
             start = time.perf_counter()
             preprocess_dataset(raw, out, "bench", cfg, "abdomen", workers=workers)
             rates.append(n / (time.perf_counter() - start))

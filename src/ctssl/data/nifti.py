@@ -79,8 +79,9 @@ def _stored_header(path: Path, img: nib.Nifti1Image):
         return type(img.header).from_fileobj(fh, check=False)
 
 
-def _affine(path: Path, img: nib.Nifti1Image, assume: dict | None) -> np.ndarray:
-    """The image's affine, or the dataset's assumed one when the file has no real geometry."""
+def geometry_problems(path: str | Path, img: nib.Nifti1Image | None = None) -> list[str]:
+    """Why a file's geometry would be a guess (empty if it states an orientation and positive spacing)."""
+    img = _read(Path(path)) if img is None else img
     header = _stored_header(path, img)
     codes = (int(header["qform_code"]), int(header["sform_code"])) if "qform_code" in header else (1, 1)
     spacing = np.linalg.norm(img.affine[:3, :3], axis=0)
@@ -90,6 +91,12 @@ def _affine(path: Path, img: nib.Nifti1Image, assume: dict | None) -> np.ndarray
         problems.append("no orientation (qform_code and sform_code are 0)")
     if np.any(pixdim <= 0) or np.any(spacing <= 1e-6):
         problems.append(f"zero or negative voxel spacing (pixdim {pixdim.tolist()})")
+    return problems
+
+
+def _affine(path: Path, img: nib.Nifti1Image, assume: dict | None) -> np.ndarray:
+    """The image's affine, or the dataset's assumed one when the file has no real geometry."""
+    problems = geometry_problems(path, img)
     if not problems:
         return img.affine.astype(np.float64)
     if assume is None:
@@ -109,13 +116,6 @@ def load_nifti(path: str | Path, dtype: type | None = np.float32, assume: dict |
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise InputDataError(f"{shown(path)}: {bad} voxels are NaN or infinite")
     return (data if dtype is None else data.astype(dtype, copy=False)), affine
-
-
-def has_own_geometry(img: nib.Nifti1Image) -> bool:
-    """Whether a NIfTI file states its orientation (qform or sform) with positive spacing."""
-    header = img.header
-    return bool(int(header["qform_code"]) or int(header["sform_code"])) and bool(
-        np.all(np.asarray(header.get_zooms()[:3], dtype=float) > 0))
 
 
 def load_label(path: str | Path, declared: set[int] | None = None, mapping: dict[int, int] | None = None,
@@ -162,11 +162,3 @@ def check_same_grid(image_path: Path, image_shape, image_affine, label_path: Pat
     fmt = lambda a: np.round(a, 3).tolist()  # noqa: E731
     raise InputDataError(f"{shown(label_path)}: label affine {fmt(label_affine)} differs from the affine "
                          f"{fmt(image_affine)} of image {shown(image_path)} (spacing or direction; tolerance {atol_mm} mm)")
-
-
-def check_label_values(label_path: Path, label: np.ndarray, declared: set[int]) -> None:
-    """Declared values only (for labels already loaded by `load_label`)."""
-    undeclared = sorted(set(np.unique(label).astype(int).tolist()) - set(declared))
-    if undeclared:
-        raise InputDataError(f"{shown(label_path)}: label values {undeclared} are not declared in dataset.json "
-                             f"(declared: {sorted(declared)})")

@@ -24,7 +24,7 @@ from ctssl.data.download import (
     fetch,
     install_msd_task,
 )
-from ctssl.data.nifti import AFFINE_TOLERANCE_MM, check_same_grid, has_own_geometry, load_label, load_nifti
+from ctssl.data.nifti import AFFINE_TOLERANCE_MM, check_same_grid, geometry_problems, load_label, load_nifti
 from ctssl.data.synthetic import write_msd_dataset
 from ctssl.errors import InputDataError
 from ctssl.io import atomic_dir, file_digest, save_nifti, write_json
@@ -99,12 +99,13 @@ def _folder_image(source: Path, where: str, target: Path, assume: dict | None) -
     if isinstance(image, nib.Nifti1Image):  # converted from DICOM (the converter checks the series)
         save_nifti(target, image)
         return image.shape, image.affine, source
-    data, affine = load_nifti(image, dtype=None, assume=assume)
-    if image.name.endswith(".nii.gz") and has_own_geometry(nib.load(image)):
+    data, affine = load_nifti(image, dtype=None, assume=assume)  # refuses a guessed geometry unless assumed
+    guessed = geometry_problems(image)
+    if guessed:
+        log.warning("%s: %s; using assume_geometry %s", image, " and ".join(guessed), assume)
+    if image.name.endswith(".nii.gz") and not guessed:
         _link(image, target)
     else:
-        if assume is not None and not has_own_geometry(nib.load(image)):
-            log.warning("%s: no orientation or spacing of its own; using assume_geometry %s", image, assume)
         save_nifti(target, nib.Nifti1Image(data, affine))
     return data.shape, affine, image
 

@@ -9,8 +9,9 @@ nnU-Net's resampling (order 3 in plane slice by slice, nearest along z), at the 
 Accuracy classes (`preprocess.image_order`):
 - 1: trilinear (torch `interpolate`, mode "trilinear"): exact for linear functions, error O(h^2).
 - 3: separable cubic convolution (Keys, a = -0.5) along all three axes: exact for quadratics, error O(h^3)
-  (torch's "bicubic" uses a = -0.75, which is only first-order accurate, hence our own 4-tap pass). nnU-Net's default is a cubic B-spline in plane but nearest neighbour along z for anisotropic scans,
-  so along z (the axis that is resampled most) this is a class better than nnU-Net's.
+  (torch's "bicubic" uses a = -0.75, which is only first-order accurate, hence our own 4-tap pass). nnU-Net's
+  default is a cubic B-spline in plane but nearest neighbour along z for anisotropic scans, so along z (the axis
+  that is resampled most) this is a class better than nnU-Net's.
 Labels: one-hot channels, trilinear, arg-max (nnU-Net's order-1 label resampling), or nearest.
 
 Grid: voxel corners are aligned (torch `align_corners=False` with an exact scale factor): the first output voxel
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ctssl.preprocess.spatial import running_argmax
+
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
@@ -41,6 +44,11 @@ def scale_factors(affine: np.ndarray, spacing) -> list[float]:
 def resampled_shape(shape, affine: np.ndarray, spacing) -> tuple[int, ...]:
     # The same rule as torch's output size for an exact scale factor (floor), so the grid and the data agree.
     return tuple(int(math.floor(n * f)) for n, f in zip(shape, scale_factors(affine, spacing), strict=True))
+
+
+def source_coordinates(n_out: int, factor: float) -> np.ndarray:
+    """Input voxel coordinate of each output voxel centre on the corner-aligned grid (torch align_corners=False)."""
+    return (np.arange(n_out, dtype=np.float64) + 0.5) / factor - 0.5
 
 
 def resampled_affine(affine: np.ndarray, spacing) -> np.ndarray:
@@ -83,7 +91,7 @@ def _cubic_axis(volume: torch.Tensor, axis: int, factor: float) -> torch.Tensor:
     """1D cubic convolution along `axis` on the corner-aligned grid (edge values repeated beyond the border)."""
     n = volume.shape[axis]
     m = int(math.floor(n * factor))
-    u = (torch.arange(m, dtype=torch.float64) + 0.5) / factor - 0.5
+    u = torch.from_numpy(source_coordinates(m, factor))
     base = torch.floor(u)
     weights = _keys_weights(u - base).to(volume.dtype)
     shape = [1] * volume.dim()
@@ -131,8 +139,6 @@ def resample_labels(label: np.ndarray, affine: np.ndarray, spacing, method: str 
             with torch.no_grad():
                 yield int(value), _linear(torch.from_numpy((label == value).astype(np.float32)), factors)
 
-    from ctssl.preprocess.spatial import running_argmax
-
     return running_argmax(scores()), resampled_affine(affine, spacing)
 
 
@@ -148,13 +154,13 @@ def nnunet_style(array: np.ndarray, affine: np.ndarray, spacing, order: int = 3)
 
     shape = resampled_shape(array.shape, affine, spacing)
     factors = scale_factors(affine, spacing)
-    axes = [(np.arange(m) + 0.5) / f - 0.5 for m, f in zip(shape, factors, strict=True)]
+    axes = [source_coordinates(m, f) for m, f in zip(shape, factors, strict=True)]
     source = voxel_spacing(affine)
     if source.max() / source.min() <= ANISO_THRESHOLD:
         coords = np.stack(np.meshgrid(*axes, indexing="ij"))
         return map_coordinates(array.astype(np.float32), coords, order=order, mode="nearest")
     coords = np.stack(np.meshgrid(axes[0], axes[1], indexing="ij"))
-    z = np.clip(np.floor((np.arange(shape[2]) + 0.5) / factors[2]).astype(int), 0, array.shape[2] - 1)
+    z = np.clip(np.floor(axes[2] + 0.5).astype(int), 0, array.shape[2] - 1)  # nearest input slice
     out = np.empty(shape, np.float32)
     for k, src in enumerate(z):
         out[:, :, k] = map_coordinates(array[:, :, src].astype(np.float32), coords, order=order, mode="nearest")

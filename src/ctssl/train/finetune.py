@@ -160,7 +160,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
 
     def batches(start: int) -> DataLoader:
         """MONAI's collate flattens each case's list of patches: batch_size x patches_per_case patches a step."""
-        samples = IndexedSamples(draw, seed, start * batch_size, (steps - start) * batch_size)
+        samples = IndexedSamples.from_step(draw, seed, batch_size, steps, start)
         return DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=True)
 
     # Foreground-only batch Dice (as nnU-Net: no background term) so small structures such as kidneys and

@@ -44,6 +44,12 @@ class IndexedSamples(Dataset):
     def __init__(self, draw: Callable[[np.random.Generator], dict], seed: int, first_index: int, n_samples: int):
         self.draw, self.seed, self.first_index, self.n_samples = draw, seed, first_index, n_samples
 
+    @classmethod
+    def from_step(cls, draw: Callable[[np.random.Generator], dict], seed: int, batch_size: int, steps: int,
+                  start: int) -> IndexedSamples:
+        """The samples of steps `start`..`steps` (0-based) of a run drawing `batch_size` samples a step."""
+        return cls(draw, seed, start * batch_size, (steps - start) * batch_size)
+
     def __len__(self) -> int:
         return self.n_samples
 

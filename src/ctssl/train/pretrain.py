@@ -119,7 +119,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     workers = int(mcfg["num_workers"])
 
     def batches(start: int) -> DataLoader:
-        samples = IndexedSamples(draw, seed, start * batch_size, (steps - start) * batch_size)
+        samples = IndexedSamples.from_step(draw, seed, batch_size, steps, start)
         return DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=workers,
                           pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
 
