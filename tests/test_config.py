@@ -250,7 +250,59 @@ def test_job_resources_grow_with_the_attempt_and_cpu_stages_ask_for_no_gpu():
     assert [gpu["runtime"](None, a) for a in (1, 2)] == [15, 30]
     cpu = job_resources(cfg, "cpu")
     assert set(cpu) == {"mem_mb"} and cpu["mem_mb"](None, 2) == 4000
-    assert job_resources({"resources": {}}, "pretrain") == {}
+    assert job_resources({"resources": {}, "pretrain": {"world_size": 1}}, "pretrain") == {"ranks": 1}
+
+
+def _layout(world_size=None, device="auto", batch_size=None, **pretrain_resources):
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["device"] = device
+    if batch_size:
+        cfg["pretrain"]["batch_size"] = cfg["pretrain"]["methods"]["hssl"]["batch_size"] = batch_size
+    cfg["pretrain"]["world_size"] = world_size
+    cfg["resources"]["pretrain"] = pretrain_resources
+    return cfg
+
+
+def test_world_size_defaults_to_one_rank_per_gpu_of_every_node():
+    assert resolve_config(_layout(gpu=1))["pretrain"]["world_size"] == 1
+    assert resolve_config(_layout(gpu=4, nodes=2, batch_size=16))["pretrain"]["world_size"] == 8
+    assert resolve_config(_layout())["pretrain"]["world_size"] == 1
+    # CPU ranks (gloo) on a config that asks SLURM for one GPU: allowed, the launcher runs them on the CPU there
+    assert resolve_config(_layout(world_size=2, gpu=1))["pretrain"]["world_size"] == 2
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    (_layout(world_size=3), "pretrain.methods.hssl.batch_size = 4: not divisible by pretrain.world_size = 3"),
+    (_layout(world_size=3, nodes=2), "pretrain.world_size = 3: not a multiple of resources.pretrain.nodes = 2"),
+    (_layout(world_size=2, gpu=4), "pretrain.world_size = 2: fewer ranks than the 4 GPUs"),
+    (_layout(world_size=4, device="cuda", gpu=2), "on CUDA one rank per GPU, and resources.pretrain asks for 1 "
+                                                   "node(s) x 2 GPU(s) = 2"),
+])
+def test_a_layout_that_cannot_run_is_refused_at_dry_run(layout, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_config(layout)
+
+
+def test_methods_that_would_compute_something_else_on_several_ranks_are_refused():
+    cfg = _layout(world_size=2)
+    cfg["pretrain"]["methods"]["pgl"]["decorrelation_weight"] = 0.5
+    cfg["inits"] = [*cfg["inits"], "supervised-all"]
+    with pytest.raises(ConfigError) as err:
+        resolve_config(cfg)
+    assert "pretrain.methods.pgl.decorrelation_weight = 0.5: 0.5 is greater than the maximum of 0 for pgl on 2 " \
+        "ranks" in str(err.value)
+    assert "pretrain.world_size = 2: 2 is greater than the maximum of 1 for supervised" in str(err.value)
+
+
+def test_several_nodes_make_an_srun_job_with_gpus_per_node():
+    cfg = resolve_config(_layout(gpu=4, gpu_model="a100", cpus_per_gpu=8, nodes=2, batch_size=8))
+    res = job_resources(cfg, "pretrain")
+    assert res == {"cpus_per_gpu": 8, "ranks": 8, "nodes": 2, "mpi": "srun", "tasks": 8, "gres": "gpu:a100:4",
+                   "tasks_per_gpu": 1}
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["resources"]["finetune"]["nodes"] = 2
+    with pytest.raises(ConfigError, match="resources.finetune.nodes = 2: only pretraining runs on several nodes"):
+        resolve_config(cfg)
 
 
 def test_supervised_pool_without_usable_labels_is_refused():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 
@@ -346,6 +346,48 @@ def method_problems(config: dict, method: str, required: bool = True) -> list[st
                         + (f" ({why})" if why else ""))
     if model["norm"] == "batch" and settings["batch_size"] < 2:
         problems.append(f"{where('batch_size')} = {settings['batch_size']}: model.norm 'batch' needs at least 2")
+    return problems + multi_rank_problems(config, method, settings, where)
+
+
+def multi_rank_problems(config: dict, method: str, settings: dict, where: Callable[[str], str]) -> list[str]:
+    """A method split over `pretrain.world_size` ranks: the global batch must split evenly, and what the method
+    declares (MULTI_RANK) must hold, so that the run computes what one process would."""
+    world_size = config["pretrain"]["world_size"] or 1
+    if world_size == 1:
+        return []
+    problems = []
+    if settings["batch_size"] % world_size:
+        problems.append(f"{where('batch_size')} = {settings['batch_size']}: not divisible by pretrain.world_size = "
+                        f"{world_size} (batch_size is the global batch, split evenly over the ranks)")
+    constraints = method_declarations(method)["MULTI_RANK"]
+    for error in Draft202012Validator({"properties": constraints}).iter_errors({**settings, "world_size": world_size}):
+        key = error.absolute_path[0]
+        place = "pretrain.world_size" if key == "world_size" else where(key)
+        problems.append(f"{place} = {_show(error.instance)}: {error.message} for {method} on "
+                        f"{world_size} ranks ({constraints[key]['description']})")
+    return problems
+
+
+def _layout_problems(config: dict) -> list[str]:
+    """The ranks of a pretraining job against the job's nodes and GPUs (fills in world_size when unset)."""
+    resources, pretrain = config["resources"], config["pretrain"]
+    problems = [f"resources.{stage}.nodes = {spec['nodes']}: only pretraining runs on several nodes"
+                for stage, spec in resources.items() if stage != "pretrain" and spec.get("nodes", 1) > 1]
+    spec = resources.get("pretrain", {})
+    nodes, gpus = spec.get("nodes", 1), spec.get("gpu", 0)
+    if pretrain["world_size"] is None:
+        pretrain["world_size"] = nodes * max(1, gpus)
+        return problems
+    world_size = pretrain["world_size"]
+    if world_size % nodes:
+        problems.append(f"pretrain.world_size = {world_size}: not a multiple of resources.pretrain.nodes = {nodes} "
+                        "(every node runs the same number of ranks)")
+    elif gpus and world_size < nodes * gpus:
+        problems.append(f"pretrain.world_size = {world_size}: fewer ranks than the {nodes * gpus} GPUs resources."
+                        "pretrain asks for (one rank per GPU; leave world_size unset to use them all)")
+    elif config["device"] == "cuda" and gpus and world_size != nodes * gpus:
+        problems.append(f"pretrain.world_size = {world_size}: on CUDA one rank per GPU, and resources.pretrain asks "
+                        f"for {nodes} node(s) x {gpus} GPU(s) = {nodes * gpus} (or leave world_size unset)")
     return problems
 
 
@@ -358,7 +400,7 @@ def resolve_config(raw: dict) -> dict:
     try:
         config.setdefault("downloads", f"{config['results']}/downloads")
         config["pretrain"].setdefault("pool_datasets", sorted(config["datasets"]))
-        problems += _reference_problems(config) + _model_problems(config, configured)
+        problems += _layout_problems(config) + _reference_problems(config) + _model_problems(config, configured)
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
         if not problems:  # only a config that failed the schema may be too broken for the later checks
             raise
@@ -402,7 +444,12 @@ def load_config(path: str | Path) -> dict:
 def job_resources(config: dict, stage: str) -> dict:
     """`resources.{stage}` as Snakemake rule resources. Memory and runtime become functions of the attempt (k x the
     configured value), so the profile's `retries` resubmits a job that ran out of either with more. A stage without
-    GPUs drops the GPU keys: the SLURM plugin then asks for the rule's threads as --cpus-per-task."""
+    GPUs drops the GPU keys: the SLURM plugin then asks for the rule's threads as --cpus-per-task.
+
+    Pretraining also gets `ranks` (pretrain.world_size; a resource, not a param, so changing it reruns nothing:
+    the result does not depend on it). On several nodes it becomes an MPI-style job for the SLURM plugin: N nodes,
+    one task per rank, G GPUs per node (--gres, which is per node; --gpus would be per job), and `mpi: srun`, the
+    program the job starts its ranks with (ctssl.train.launch)."""
     spec = config["resources"].get(stage, {})
     res = {k: spec[k] for k in ("gpu", "gpu_model", "cpus_per_gpu") if spec.get(k) is not None}
     if not res.get("gpu"):
@@ -410,4 +457,13 @@ def job_resources(config: dict, stage: str) -> dict:
     for key in ("mem_mb", "runtime"):
         if key in spec:
             res[key] = lambda wildcards, attempt, base=int(spec[key]): base * attempt
+    if stage == "pretrain":
+        res["ranks"] = config["pretrain"]["world_size"]
+        nodes = spec.get("nodes", 1)
+        if nodes > 1:
+            res.update(nodes=nodes, mpi="srun", tasks=res["ranks"])
+            if res.get("gpu"):
+                gpus = res.pop("gpu")
+                res["gres"] = f"gpu:{res.pop('gpu_model')}:{gpus}" if "gpu_model" in res else f"gpu:{gpus}"
+                res["tasks_per_gpu"] = 1
     return res

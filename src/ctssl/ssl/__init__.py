@@ -51,10 +51,11 @@ METHODS: Mapping[str, type[SSLMethod]] = _Methods()
 
 @cache
 def method_declarations(name: str) -> dict[str, dict]:
-    """{"SETTINGS": ..., "CONSTRAINTS": ...} of a registered method, read from its module's source (no import)."""
+    """{"SETTINGS": ..., "CONSTRAINTS": ..., "MULTI_RANK": ...} of a registered method, read from its module's source
+    (no import). MULTI_RANK: constraints on its resolved settings (plus `world_size`) when it runs on several ranks."""
     module = REGISTRY[name].partition(":")[0]
     origin = find_spec(module).origin
-    found: dict[str, dict] = {"SETTINGS": {}, "CONSTRAINTS": {}}
+    found: dict[str, dict] = {"SETTINGS": {}, "CONSTRAINTS": {}, "MULTI_RANK": {}}
     for node in ast.parse(Path(origin).read_text(encoding="utf-8"), origin).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
                 and node.targets[0].id in found:

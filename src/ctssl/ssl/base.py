@@ -116,6 +116,10 @@ class SSLMethod(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss, as `forward`: DistributedDataParallel reduces gradients only for what runs through it."""
+        return self.loss(batch)
+
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return []
 

@@ -46,6 +46,9 @@ SETTINGS = {
 }
 # Constraints on shared settings, checked on this method's resolved settings.
 CONSTRAINTS = {"batch_size": {"minimum": 2, "description": "BatchNorm in the projector normalises over the batch"}}
+# Constraints when the run is split over several ranks (pretrain.world_size > 1).
+MULTI_RANK = {"decorrelation_weight": {"maximum": 0, "description": "the variance/covariance terms are computed over "
+                                       "each rank's share of the batch, so they would change with the world size"}}
 
 COVARIANCE_FACTOR = 0.04  # VICReg's covariance : variance weights, 1 : 25
 log = logging.getLogger(__name__)

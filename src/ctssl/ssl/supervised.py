@@ -22,6 +22,9 @@ SETTINGS = {
     "pos_fraction": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
                      "description": "share of foreground-centred patches"},
 }
+# Not split over ranks: the Dice term pools each dataset's rows of the batch (batch=True), and which rows a rank holds
+# changes with the world size, so the loss would too.
+MULTI_RANK = {"world_size": {"maximum": 1, "description": "its batch Dice is not a per-sample mean"}}
 
 
 def crop_with_padding(array: np.ndarray, start: np.ndarray, patch: list[int]) -> np.ndarray:

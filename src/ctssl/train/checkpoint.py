@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ctssl.io import save_torch
+from ctssl.train.distributed import SINGLE, World, barrier
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: "try again later"
@@ -49,9 +50,10 @@ class SignalFlag:
             signal.signal(sig, handler)
 
     def interrupted(self, step: int, total: int, ckpt_path: Path) -> TrainingInterrupted:
-        return TrainingInterrupted(
-            f"{signal.Signals(self.received).name} received: checkpoint at step {step}/{total} written to "
-            f"{ckpt_path}; rerun the same command to resume")
+        why = f"{signal.Signals(self.received).name} received" if self.received is not None else \
+            "another rank received a stop signal"
+        return TrainingInterrupted(f"{why}: checkpoint at step {step}/{total} written to {ckpt_path}; rerun the "
+                                   "same command to resume")
 
 
 def rng_state() -> dict:
@@ -76,17 +78,20 @@ def save_checkpoint(path: Path, step: int, fingerprint: str, modules: dict, log_
                       **{name: obj.state_dict() for name, obj in modules.items()}})
 
 
-def load_checkpoint(path: Path, fingerprint: str, modules: dict, device: torch.device) -> tuple[int, list[dict]]:
+def load_checkpoint(path: Path, fingerprint: str, modules: dict, device: torch.device,
+                    keep_stale_aside: bool = True) -> tuple[int, list[dict]]:
     """Restore `modules` and the RNG states from `path` if it belongs to this run; returns (step to resume from,
     log rows up to it), or (0, []) to start afresh. A checkpoint of other settings is kept aside as stale-*.pt,
-    never deleted."""
-    if not path.exists():
+    never deleted (by rank 0 only, `keep_stale_aside`: the other ranks just start afresh too)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:  # none, or rank 0 just moved a stale one aside
         return 0, []
-    ckpt = torch.load(path, map_location=device, weights_only=False)
     if ckpt.get("fingerprint") != fingerprint:
-        stale = path.with_name(f"stale-{str(ckpt.get('fingerprint', 'unknown'))[:12]}.pt")
-        path.rename(stale)
-        log.warning("checkpoint %s was made with other settings; kept as %s, starting afresh", path, stale)
+        if keep_stale_aside:
+            stale = path.with_name(f"stale-{str(ckpt.get('fingerprint', 'unknown'))[:12]}.pt")
+            path.rename(stale)
+            log.warning("checkpoint %s was made with other settings; kept as %s, starting afresh", path, stale)
         return 0, []
     for name, obj in modules.items():
         obj.load_state_dict(ckpt[name])
@@ -96,16 +101,19 @@ def load_checkpoint(path: Path, fingerprint: str, modules: dict, device: torch.d
     return step, [row for row in ckpt["log_rows"] if int(row["step"]) <= step]
 
 
-def checkpoint_after_step(flag: SignalFlag, step: int, total: int, every: int, path: Path, fingerprint: str,
-                          modules: dict, csv_log) -> None:
+def checkpoint_after_step(flag: SignalFlag, stop: bool, step: int, total: int, every: int, path: Path,
+                          fingerprint: str, modules: dict, csv_log, world: World = SINGLE) -> None:
     """Call after completed step `step` (1-based) of `total`: writes the periodic checkpoint (`every` steps, 0 =
-    never) and, when a signal arrived, a checkpoint, then closes the log and raises TrainingInterrupted. The last
-    step writes none: the run's results follow at once and need no resume point."""
+    never) and, when a stop was asked (`stop`: a signal reached this rank or, agreed by all-reduce, any rank), a
+    checkpoint, then closes the log and raises TrainingInterrupted. Rank 0 writes; the others wait for it, so no
+    rank exits before the checkpoint is complete. The last step writes none: the results follow at once."""
     if step >= total:
         return
-    stop = flag.received is not None
     if stop or (every and step % every == 0):
-        save_checkpoint(path, step, fingerprint, modules, csv_log.rows)
+        if world.is_main:
+            save_checkpoint(path, step, fingerprint, modules, csv_log.rows)
+        if stop:
+            barrier(world)
     if stop:
         csv_log.close()
         raise flag.interrupted(step, total, path)

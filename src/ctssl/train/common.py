@@ -47,13 +47,16 @@ class CsvLog:
 
     A resumed run passes the rows its checkpoint kept (`rows`, steps 1..k): they are rewritten and new rows appended,
     so no step appears twice and the curve survives Snakemake deleting a failed job's declared outputs.
+    `path` None keeps the rows in memory only (the ranks other than 0 of a multi-process run).
     """
 
-    def __init__(self, path: str | Path, fields: list[str], rows: list[dict] | None = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | Path | None, fields: list[str], rows: list[dict] | None = None):
         self.rows = list(rows or [])
-        self._fh = open(self.path, "w", newline="")  # noqa: SIM115 - lives as long as the run
+        if path is None:
+            self._fh = open(os.devnull, "w", newline="")  # noqa: SIM115 - lives as long as the run
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(path, "w", newline="")  # noqa: SIM115 - lives as long as the run
         self._writer = csv.DictWriter(self._fh, fieldnames=fields)
         self._writer.writeheader()
         self._writer.writerows(self.rows)

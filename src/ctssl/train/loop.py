@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ctssl.train.checkpoint import SignalFlag, checkpoint_after_step, load_checkpoint
 from ctssl.train.common import CsvLog
+from ctssl.train.distributed import SINGLE, World, agree
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/last.pt"
@@ -39,16 +40,34 @@ class IndexedSamples(Dataset):
     """Sample i of a run (global index, across resumes) = `draw(rng)` with rng seeded by (seed, first_index + i).
 
     Whatever the DataLoader workers, the batch size split or the step a run resumes at, sample n is always the same.
+    `shard` gives one rank its slice of every step's batch, so W ranks with batch B/W draw, in each step, exactly the
+    samples one process with batch B draws.
     """
 
     def __init__(self, draw: Callable[[np.random.Generator], dict], seed: int, first_index: int, n_samples: int):
         self.draw, self.seed, self.first_index, self.n_samples = draw, seed, first_index, n_samples
+        self.rank, self.world_size, self.batch_size = 0, 1, 1  # no sharding: local index = global offset
 
     @classmethod
     def from_step(cls, draw: Callable[[np.random.Generator], dict], seed: int, batch_size: int, steps: int,
                   start: int) -> IndexedSamples:
         """The samples of steps `start`..`steps` (0-based) of a run drawing `batch_size` samples a step."""
-        return cls(draw, seed, start * batch_size, (steps - start) * batch_size)
+        samples = cls(draw, seed, start * batch_size, (steps - start) * batch_size)
+        samples.batch_size = batch_size
+        return samples
+
+    def shard(self, rank: int, world_size: int) -> IndexedSamples:
+        """Rank `rank`'s share: in every step, the samples rank * B/W .. (rank + 1) * B/W - 1 of the step's batch."""
+        if self.batch_size % world_size:
+            raise ValueError(f"batch size {self.batch_size} does not split over {world_size} ranks")
+        shard = IndexedSamples(self.draw, self.seed, self.first_index, self.n_samples // world_size)
+        shard.rank, shard.world_size, shard.batch_size = rank, world_size, self.batch_size
+        return shard
+
+    def global_index(self, i: int) -> int:
+        local_batch = self.batch_size // self.world_size
+        step, j = divmod(i, local_batch)
+        return self.first_index + step * self.batch_size + self.rank * local_batch + j
 
     def __len__(self) -> int:
         return self.n_samples
@@ -56,7 +75,7 @@ class IndexedSamples(Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n_samples:
             raise IndexError(f"sample {i} of {self.n_samples}")
-        return self.draw(np.random.default_rng([self.seed, self.first_index + i]))
+        return self.draw(np.random.default_rng([self.seed, self.global_index(i)]))
 
 
 @dataclass
@@ -107,22 +126,27 @@ def _to(batch: dict, device: torch.device) -> Batch:
 
 def run_loop(task: Task, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, params: list[torch.Tensor], settings: LoopSettings,
-             out_dir: Path, fingerprint: str, device: torch.device) -> LoopResult:
-    """Train `task.steps` steps (resuming from `out_dir/checkpoints/last.pt` if it belongs to `fingerprint`)."""
+             out_dir: Path, fingerprint: str, device: torch.device, world: World = SINGLE) -> LoopResult:
+    """Train `task.steps` steps (resuming from `out_dir/checkpoints/last.pt` if it belongs to `fingerprint`).
+
+    With several ranks (`world`), every rank runs this loop on its share of each batch; the logged loss and parts
+    are the ranks' means, a signal to any rank stops all of them at the same step, and only rank 0 writes the log
+    and checkpoints. A checkpoint holds nothing that depends on the world size, so any world size resumes it."""
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for fp16 users
     ckpt_path = out_dir / CHECKPOINT
     state = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    start, log_rows = load_checkpoint(ckpt_path, fingerprint, state, device)
-    csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS, rows=log_rows)
+    start, log_rows = load_checkpoint(ckpt_path, fingerprint, state, device, keep_stale_aside=world.is_main)
+    csv_log = CsvLog(out_dir / "train_log.csv" if world.is_main else None, LOG_FIELDS, rows=log_rows)
     net.train()
     t0, value, step = time.time(), float("nan"), start
-    with SignalFlag() as flag, tqdm(total=task.steps, initial=start, desc=task.name, disable=None) as bar:
+    with SignalFlag() as flag, tqdm(total=task.steps, initial=start, desc=task.name,
+                                    disable=None if world.is_main else True) as bar:
         for batch in task.batches(start):
             t_step = time.time()
             loss, parts = optimizer_step(task.loss, _to(batch, device), optimizer, scaler, params,
                                          settings.grad_clip, settings.use_amp)
             step += 1
-            value = float(loss.detach())
+            value, parts, stop = agree(world, loss, parts, flag.received is not None)
             if not math.isfinite(value):
                 csv_log.close()
                 raise FloatingPointError(f"{task.name}: loss is {value} at step {step}/{task.steps} (parts: "
@@ -139,8 +163,8 @@ def run_loop(task: Task, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
             if step % settings.log_every == 0 or step == task.steps:
                 log.info("step %d/%d loss %.4f lr %.3g %.1f samples/s %s", step, task.steps, value, lr, rate,
                          " ".join(f"{k} {v:.4g}" for k, v in parts.items()))
-            checkpoint_after_step(flag, step, task.steps, settings.checkpoint_every, ckpt_path, fingerprint, state,
-                                  csv_log)
+            checkpoint_after_step(flag, stop, step, task.steps, settings.checkpoint_every, ckpt_path, fingerprint,
+                                  state, csv_log, world)
             if task.on_step is not None:
                 task.on_step(step)
     csv_log.close()

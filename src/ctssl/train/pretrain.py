@@ -22,6 +22,7 @@ from ctssl.ssl import METHODS
 from ctssl.ssl.base import Sampler
 from ctssl.train.checkpoint import discard_checkpoint
 from ctssl.train.common import pick_device, seed_everything, set_threads, warmup_cosine
+from ctssl.train.distributed import SINGLE, World, check_identical, convert_batchnorm, placement
 from ctssl.train.loop import CHECKPOINT, IndexedSamples, LoopSettings, Task, run_loop
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,18 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
                            nesterov=True)
 
 
+def run_fingerprint(method: str, model_cfg: dict, mcfg: dict, pool_csv: str | Path) -> str:
+    """What a checkpoint must match to be resumed: the settings that change what the run computes. The world size
+    does not (a run checkpointed on 4 ranks resumes on 2 or on 1)."""
+    return json_digest({"method": method, "model": model_cfg, "cfg": mcfg, "pool": file_digest(pool_csv)})
+
+
 def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out_dir: str | Path,
-                 threads: int = 1) -> dict:
-    """Pretrain `method` on `pool`; writes model.pt (backbone weights) and model.json into `out_dir`."""
+                 threads: int = 1, world: World = SINGLE, device: torch.device | None = None) -> dict | None:
+    """Pretrain `method` on `pool`; writes model.pt (backbone weights) and model.json into `out_dir`.
+
+    In a multi-process run every rank calls this with its `world` and `device` (ctssl.train.launch); rank 0 writes
+    the results and returns their metadata, the other ranks return None."""
     if method not in METHODS:
         raise ValueError(f"unknown pretraining method {method!r}; registered: {sorted(METHODS)}")
     out_dir = Path(out_dir)
@@ -108,8 +118,20 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     dataset_ids = [pool_meta["datasets"].index(d) for d in frame["dataset"]]
     group_ids = [pool_meta["groups"].index(g) for g in frame["group"]]
     seed_everything(seed)
-    device = pick_device(cfg["device"])
-    net = METHODS[method](model_cfg, mcfg, patch, pool_meta).to(device)
+    device = device or pick_device(cfg["device"])
+    net = METHODS[method](model_cfg, mcfg, patch, pool_meta)
+    model = net
+    if world.distributed:
+        # Same initial weights on every rank (same seed; DDP also broadcasts rank 0's), batch statistics of the
+        # global batch, gradients averaged over ranks. static_graph: the parameters a method never uses (e.g. PGL's
+        # finer decoder stages at feature_level decoderK, BYOL's decoder) are found once, not every step, and keep
+        # no gradient, as in a one-process run (so AdamW leaves them untouched in both).
+        net = convert_batchnorm(net).to(device)
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            static_graph=True)
+    else:
+        net = net.to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, mcfg)
     warmup = int(mcfg["warmup_steps"])
@@ -119,17 +141,21 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     workers = int(mcfg["num_workers"])
 
     def batches(start: int) -> DataLoader:
-        samples = IndexedSamples.from_step(draw, seed, batch_size, steps, start)
-        return DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=workers,
+        samples = IndexedSamples.from_step(draw, seed, batch_size, steps, start).shard(world.rank, world.size)
+        return DataLoader(samples, batch_size=batch_size // world.size, shuffle=False, num_workers=workers,
                           pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
 
-    task = Task(name=f"pretrain {method}-{pool}", steps=steps, batch_size=batch_size, loss=net.loss,
+    task = Task(name=f"pretrain {method}-{pool}", steps=steps, batch_size=batch_size, loss=model,
                 batches=batches, after_step=lambda step: {"tau": net.update_targets(step, steps)})
     settings = LoopSettings(grad_clip=float(mcfg["grad_clip"]), use_amp=device.type == "cuda" and bool(cfg["amp"]),
                             log_every=int(mcfg["log_every"]), checkpoint_every=int(mcfg["checkpoint_every"]))
-    fingerprint = json_digest({"method": method, "model": model_cfg, "cfg": mcfg, "pool": file_digest(pool_csv)})
-    result = run_loop(task, net, optimizer, scheduler, params, settings, out_dir, fingerprint, device)
+    fingerprint = run_fingerprint(method, model_cfg, mcfg, pool_csv)
+    result = run_loop(task, net, optimizer, scheduler, params, settings, out_dir, fingerprint, device, world)
     loss_value = result.final_loss
+    check_identical(world, net)
+    ranks = placement(world, device)
+    if not world.is_main:
+        return None
 
     model_path = out_dir / "model.pt"
     save_torch(model_path, {k: v.detach().cpu() for k, v in net.backbone.state_dict().items()})
@@ -139,6 +165,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
         "model_sha256": file_digest(model_path), "pool_cases": len(images),
         "pool_datasets": pool_meta["datasets"], "pool_groups": pool_meta["groups"], "config": {"model": model_cfg, method: mcfg},
         "fingerprint": fingerprint, "resumed_from_step": result.start or None, "device": str(device),
+        "world_size": world.size, "nodes": world.nodes, "ranks": ranks,
         "seconds": result.seconds, "code_version": code_version(), "environment": environment(),
         "scheduler": scheduler_info(),
     }
