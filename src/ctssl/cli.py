@@ -14,12 +14,13 @@ from ctssl.logutil import setup_logging
 def _pretrain(args: argparse.Namespace) -> int:
     from ctssl.config import complete_config, method_problems
     from ctssl.errors import ConfigError
-    from ctssl.train.checkpoint import run_interruptible
-    from ctssl.train.pretrain import run_pretrain
+    from ctssl.train.launch import Layout, pretrain_job
 
     log = setup_logging(args.log)
     try:
         cfg = complete_config(yaml.safe_load(Path(args.config).read_text()) or {})
+        if args.world_size is not None and "pretrain" in cfg:
+            cfg["pretrain"]["world_size"] = args.world_size
         missing = [key for key in ("model", "pretrain") if key not in cfg]
         if missing:
             problems = [f"{args.config}: needs the section(s) {missing}"]
@@ -32,8 +33,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     if problems:
         log.error("invalid configuration:\n%s", "\n".join(problems))
         return 2
-    return run_interruptible(lambda: run_pretrain(pool_csv=args.pool_csv, method=args.method, pool=args.pool,
-                                                  cfg=cfg, out_dir=args.out, threads=args.threads), log)
+    layout = Layout(world_size=cfg["pretrain"]["world_size"] or 1, timeout_s=cfg["pretrain"]["rank_timeout_s"])
+    return pretrain_job(pool_csv=args.pool_csv, method=args.method, pool=args.pool, cfg=cfg, out_dir=args.out,
+                        threads=args.threads, layout=layout, log_file=args.log)
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", required=True)
     p.add_argument("--pool", default="all", help="pool name recorded in model.json")
     p.add_argument("--out", required=True, help="output folder (model.pt, model.json, checkpoints/)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of the job, shared by its ranks")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks on this machine (one per GPU, or gloo processes on CPU); default: pretrain.world_size")
     p.add_argument("--log", default=None)
     p.set_defaults(func=_pretrain)
     c = sub.add_parser("config", help="print a config with every default filled in (or list every problem in it)")

@@ -37,7 +37,8 @@ def gather_views(z: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean NT-Xent loss of views A (N, D) and B (N, D); row i of A and row i of B are positives."""
-    z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)  # local rows: A then B
+    z = torch.cat([z_a, z_b])
+    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)  # local rows: A then B; >= fp32
     n = z_a.shape[0]
     everyone, offset = gather_views(z)
     logits = z @ everyone.T / temperature

@@ -183,9 +183,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        count = global_sum(torch.tensor(float(x.numel() // x.shape[1]), device=x.device))
-        mean = global_sum(x.float().sum(dims)) / count
-        centred = x.float() - mean.view(shape)
+        count = global_sum(torch.tensor(float(x.numel() // x.shape[1]), device=x.device, dtype=torch.float64))
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 under autocast: statistics in fp32
+        mean = global_sum(wide.sum(dims)) / count
+        centred = wide - mean.view(shape)
         var = global_sum(centred.pow(2).sum(dims)) / count
         if self.track_running_stats:
             with torch.no_grad():

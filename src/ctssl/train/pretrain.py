@@ -128,7 +128,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
         # no gradient, as in a one-process run (so AdamW leaves them untouched in both).
         net = convert_batchnorm(net).to(device)
         model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
             static_graph=True)
     else:
         net = net.to(device)
