@@ -1,7 +1,9 @@
 """The pipeline on a real one-node SLURM cluster (munge + slurmdbd + slurmctld + slurmd, two fake GPUs) through
 `snakemake --profile profiles/slurm`: jobs really go through SLURM (sbatch ids, sacct records), fine-tune cells run
-as one job array per batch of ready cells, GPU rules get CUDA_VISIBLE_DEVICES, a pretraining job preempted with a
-real SLURM signal checkpoints, fails, is resubmitted by Snakemake and resumes; forcing one cell submits one job.
+as one job array per batch of ready cells, GPU rules get CUDA_VISIBLE_DEVICES, the pretraining job asks for both
+GPUs and runs as ONE task that sees both and starts 2 ranks (gloo on CPU: the GPUs are fake), and, preempted with a
+real SLURM signal, checkpoints, fails, is resubmitted by Snakemake and resumes, to the result of a local 2-rank run;
+forcing one cell submits one job.
 
 Needs root on Debian/Ubuntu (it apt-installs and starts the daemons, then stops them by PID); skipped otherwise.
 """
@@ -30,7 +32,7 @@ PRETRAIN_STEPS = 400
 CONFIG = yaml.safe_load((ROOT / "tests" / "configs" / "tiny.yaml").read_text())
 CONFIG.update(results="results", inits=["scratch", "pgl-all"], dataset_inits={},
               datasets={"liver": CONFIG["datasets"]["liver"]},
-              resources={"pretrain": {"gpu": 1, "cpus_per_gpu": 1, "mem_mb": 1000, "runtime": 10},
+              resources={"pretrain": {"gpu": 2, "cpus_per_gpu": 1, "mem_mb": 1000, "runtime": 10},
                          "finetune": {"gpu": 1, "cpus_per_gpu": 1, "mem_mb": 1000, "runtime": 10},
                          "cpu": {"mem_mb": 1000, "runtime": 10}})
 CONFIG["pretrain"].update(pool_datasets=["liver"], steps=PRETRAIN_STEPS, checkpoint_every=100, log_every=100,
@@ -161,6 +163,42 @@ def test_pipeline_through_slurm_with_arrays_gpus_and_preemption(cluster, workspa
     assert "mem_mb=2000" in output and "runtime=20" in output  # attempt 2 asked for twice the memory and time
     steps = [int(line.split(",")[0]) for line in (res / "pretrain/pgl/all/train_log.csv").read_text().splitlines()[1:]]
     assert steps == list(range(1, PRETRAIN_STEPS + 1))
+
+    # Two GPUs, one task that sees both, two ranks (pretrain.world_size defaults to nodes x gpu).
+    finished = meta["scheduler"]["SLURM_JOB_ID"]
+    assert "gres/gpu=2" in records[finished]["tres"], records[finished]
+    assert job_step_tasks(finished) == [1], job_step_tasks(finished)
+    assert meta["world_size"] == 2 and [r["rank"] for r in meta["ranks"]] == [0, 1]
+    assert {r["cuda_visible_devices"] for r in meta["ranks"]} == {"0,1"}, meta["ranks"]
+    assert "as 2 ranks on 1 node(s)" in first_log and "another rank received" not in first_log  # all got it
+
+    # The same pretraining run locally, 2 ranks, uninterrupted: the cluster's preempted-and-resumed result, exactly.
+    local = local_pretraining(workspace, 2)
+    assert local["model_sha256"] == meta["model_sha256"], (local["final_loss"], meta["final_loss"])
+
+
+def job_step_tasks(job_id: str) -> list[int]:
+    """Tasks of each job step that ran the workflow (not the batch script or the extern step)."""
+    out = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,NTasks", "-j", job_id], capture_output=True, text=True,
+                         check=True).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    return [int(n) for step, n in rows if re.fullmatch(rf"{job_id}\.\d+", step)]
+
+
+def local_pretraining(work: Path, world_size: int) -> dict:
+    from ctssl.config import load_config, pretrain_section_for
+
+    cfg = load_config(work / "config.yaml")
+    section = {"model": cfg["model"], "pretrain": pretrain_section_for(cfg["pretrain"], "pgl"), "device": cfg["device"],
+               "amp": cfg["amp"]}
+    (work / "local.yaml").write_text(yaml.safe_dump(section))
+    out = work / "local_pgl"
+    run = subprocess.run([sys.executable, "-m", "ctssl.cli", "pretrain", "--config", "local.yaml", "--pool-csv",
+                          "results/pools/all.csv", "--method", "pgl", "--out", str(out), "--world-size",
+                          str(world_size), "--threads", str(world_size * cfg["threads"]["pretrain"])],
+                         cwd=work, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads((out / "model.json").read_text())
 
 
 def test_forcing_one_cell_submits_exactly_one_job(cluster, workspace):

@@ -118,9 +118,10 @@ def demo_config(tmp_path: Path, **pretrain) -> Path:
 
 
 def start(config: Path, pool_csv: Path, out: Path, method: str, world_size: int) -> subprocess.Popen:
+    """`ctssl pretrain` with `out` given relative to its working directory, as Snakemake gives paths."""
     return subprocess.Popen([sys.executable, "-m", "ctssl.cli", "pretrain", "--config", str(config), "--pool-csv",
-                             str(pool_csv), "--method", method, "--out", str(out), "--threads", "2",
-                             "--world-size", str(world_size)],
+                             str(pool_csv), "--method", method, "--out", out.name, "--threads", "2",
+                             "--world-size", str(world_size)], cwd=out.parent,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -117,8 +117,9 @@ def barrier(world: World) -> None:
 
 
 def placement(world: World, device: torch.device) -> list[dict]:
-    """Host and device of every rank (recorded in model.json)."""
-    mine = {"rank": world.rank, "host": socket.gethostname(), "device": str(device)}
+    """Host, device and visible GPUs of every rank (recorded in model.json)."""
+    mine = {"rank": world.rank, "host": socket.gethostname(), "device": str(device),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if not world.distributed:
         return [mine]
     everyone: list[dict] = [{} for _ in range(world.size)]

@@ -53,7 +53,8 @@ def pretrain_job(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     """Run one pretraining job; its exit status: 0, 75 (checkpointed on a signal: rerun to resume), or non-zero."""
     from ctssl.train.pretrain import run_pretrain
 
-    kwargs = {"pool_csv": str(pool_csv), "method": method, "pool": pool, "cfg": cfg, "out_dir": str(out_dir)}
+    kwargs = {"pool_csv": str(Path(pool_csv).resolve()), "method": method, "pool": pool, "cfg": cfg,
+              "out_dir": str(Path(out_dir).resolve())}
     if layout.world_size == 1:
         return run_interruptible(lambda: run_pretrain(**kwargs, threads=threads), log)
     problem = gpu_shortage(cfg["device"], layout)
@@ -61,7 +62,8 @@ def pretrain_job(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
         log.error("%s", problem)
         return 2
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=".ranks-", dir=out_dir))  # unique per launch: a fresh rendezvous
+    # Unique per launch (a fresh rendezvous), and absolute: file:// takes no relative path.
+    workdir = Path(tempfile.mkdtemp(prefix=".ranks-", dir=out_dir)).resolve()
     try:
         spec = {"run": kwargs, "threads": max(1, threads // layout.per_node), "log": str(log_file or ""),
                 "rendezvous": str(workdir / "rendezvous"), "timeout_s": layout.timeout_s}
