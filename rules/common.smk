@@ -33,6 +33,12 @@ def threads_for(rule_name):
     return int(config["threads"][rule_name])
 
 
+def pretrain_threads():
+    """A pretraining job's threads, split over its ranks: at least one core per rank of a node."""
+    nodes = config["resources"].get("pretrain", {}).get("nodes", 1)
+    return max(threads_for("pretrain"), config["pretrain"]["world_size"] // nodes)
+
+
 def pools():
     """Every pool some target needs: configured ones plus those named by pretrained inits."""
     named = [p[1] for p in map(parse_init, INITS) if p]

@@ -16,7 +16,7 @@ rule pretrain:
         f"{R}/benchmarks/pretrain/{{method}}/{{pool}}.tsv"
     conda:
         CONDA_ENV
-    threads: threads_for("pretrain")
+    threads: pretrain_threads()
     resources:
         **job_resources(config, "pretrain"),
     params:

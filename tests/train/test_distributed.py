@@ -33,7 +33,7 @@ import yaml
 
 from ctssl.config import complete_config
 from ctssl.train.distributed import World, world_from_env
-from ctssl.train.launch import Layout, srun_command
+from ctssl.train.launch import Layout, gpu_shortage, srun_command
 from ctssl.train.loop import IndexedSamples
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,6 +93,16 @@ def test_global_batchnorm_and_ntxent_over_two_ranks_are_the_one_process_formulas
     diffs = json.loads((tmp_path / "diffs.json").read_text())
     assert set(diffs) >= {"loss", "z_a", "volume", "norm.weight", "norm3d.weight", "8.running_var", "3.running_mean"}
     assert max(diffs.values()) < 1e-10, diffs
+
+
+def test_a_machine_with_fewer_gpus_than_ranks_is_refused_naming_what_to_change(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    problem = gpu_shortage("auto", Layout(world_size=4, nodes=2))
+    assert "asks for 2 ranks on this node, one per GPU, but 1 CUDA GPU(s) are visible" in problem
+    assert "pretrain.world_size / resources.pretrain.gpu" in problem and "device: cpu" in problem
+    assert gpu_shortage("cpu", Layout(world_size=4)) is None
+    assert gpu_shortage("cuda", Layout(world_size=2, nodes=2)) is None
 
 
 # ------------------------------------------------------------------------------------------ real runs, 2 gloo ranks
