@@ -7,8 +7,9 @@ Usage: python benchmarks/pretrain_scaling.py [--configfile config.yaml] [--metho
 On CPU the ranks share the machine's cores (`--threads` in all, split over the ranks, as a Snakemake job's threads
 are), so the figure says what splitting one CPU job into gloo ranks costs or buys, not what more hardware buys.
 On CUDA each rank has its own GPU (NCCL). The model and method settings are the config's; the pool is the demo's
-synthetic liver. Rates are medians over the steps after the first 5 (start-up excluded), as rank 0 logs them: the
-global batch over the wall time of a step, data loading included.
+synthetic liver. steps/s and samples/s (= steps/s x global batch) are wall-clock rates over the steps after the
+first 5 (start-up excluded), data loading included; "compute" is the median of rank 0's logged rate, which times
+the step alone (forward, backward, all-reduce, optimizer, EMA), without waiting for the batch.
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ def synthetic_pool(root: Path) -> Path:
 
 
 def rates(out: Path, skip: int = 5) -> tuple[float, float]:
-    """(steps/s, samples/s): medians over the steps after `skip`."""
+    """(wall-clock steps/s over the steps after `skip`, median logged compute samples/s)."""
     with open(out / "train_log.csv") as fh:
         rows = list(csv.DictReader(fh))[skip:]
-    samples = statistics.median(float(r["samples_per_s"]) for r in rows)
+    compute = statistics.median(float(r["samples_per_s"]) for r in rows)
     elapsed = [float(r["elapsed_s"]) for r in rows]
     steps_per_s = (len(elapsed) - 1) / (elapsed[-1] - elapsed[0]) if len(elapsed) > 1 else float("nan")
-    return steps_per_s, samples
+    return steps_per_s, compute
 
 
 def main() -> None:
@@ -90,10 +91,12 @@ def main() -> None:
             devices = sorted({r["device"] for r in pd.read_json(out / "model.json", typ="series")["ranks"]})
         print(f"{args.method}, global batch {args.batch}, patch {patch}, {args.steps} steps, "
               f"device {', '.join(devices)}, {args.threads} CPU threads in all")
-        print(f"{'ranks':>5} {'steps/s':>8} {'samples/s':>10} {'efficiency':>10}")
-        base = measured[min(measured)][1] / min(measured)
-        for ranks, (steps_per_s, samples) in measured.items():
-            print(f"{ranks:>5} {steps_per_s:>8.2f} {samples:>10.2f} {samples / (ranks * base):>10.2f}")
+        print(f"{'ranks':>5} {'steps/s':>8} {'samples/s':>10} {'efficiency':>10} {'compute samples/s':>18}")
+        base = measured[min(measured)][0] * args.batch / min(measured)  # samples/s per rank at the fewest ranks
+        for ranks, (steps_per_s, compute) in measured.items():
+            samples = steps_per_s * args.batch
+            print(f"{ranks:>5} {steps_per_s:>8.2f} {samples:>10.2f} {samples / (ranks * base):>10.2f} "
+                  f"{compute:>18.2f}")
 
 
 if __name__ == "__main__":

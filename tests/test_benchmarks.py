@@ -34,7 +34,7 @@ def test_pretrain_scaling_benchmark_prints_rates_and_efficiency_per_world_size()
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/pretrain_scaling.py"), "--device", "cpu",
                           "--steps", "8", "--batch", "2", "--patch", "16", "16", "16"],
                          capture_output=True, text=True, check=True, timeout=300).stdout
-    rows = re.findall(r"^ +(\d) +([\d.]+) +([\d.]+) +([\d.]+)$", out, re.M)
+    rows = re.findall(r"^ +(\d) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)$", out, re.M)
     assert [r[0] for r in rows] == ["1", "2"], out
     assert float(rows[0][3]) == 1.0 and all(float(r[2]) > 0 for r in rows), out
     assert "device cpu" in out
