@@ -246,3 +246,37 @@ def test_a_killed_rank_fails_the_job_within_the_timeout_and_keeps_the_checkpoint
     checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert checkpoint["step"] >= 6 and checkpoint["step"] % 3 == 0
     assert not (out / "model.pt").exists()
+
+
+FAKE_SRUN = """
+import os, subprocess, sys
+args = sys.argv[1:]
+opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+cmd = args[next(i for i, a in enumerate(args) if not a.startswith("--")):]
+n, per_node = int(opts["ntasks"]), int(opts["ntasks-per-node"])
+procs = [subprocess.Popen(cmd, env={**os.environ, "SLURM_PROCID": str(r), "SLURM_NTASKS": str(n),
+                                    "SLURM_LOCALID": str(r % per_node), "SLURM_NTASKS_PER_NODE": str(per_node)})
+         for r in range(n)]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+
+def test_several_nodes_run_through_srun_tasks_that_know_their_rank_from_slurm(pool_csv, tmp_path):
+    """The several-node path with a stand-in for srun that starts the tasks as srun does (SLURM_PROCID, ...), on
+    this one machine: 2 'nodes' x 1 rank, the same result as one process."""
+    from ctssl.logutil import setup_logging
+    from ctssl.train.launch import pretrain_job
+
+    (tmp_path / "srun.py").write_text(FAKE_SRUN)
+    cfg = yaml.safe_load(demo_config(tmp_path).read_text())
+    one = start(tmp_path / "cfg.yaml", pool_csv, tmp_path / "one", "byol", 1)
+    finish(one)
+    setup_logging(tmp_path / "srun.log")
+    rc = pretrain_job(pool_csv=pool_csv, method="byol", pool="all", cfg=cfg, out_dir=tmp_path / "srun", threads=2,
+                      layout=Layout(world_size=2, nodes=2, launcher=f"{sys.executable} {tmp_path / 'srun.py'}",
+                                    timeout_s=60), log_file=tmp_path / "srun.log")
+    assert rc == 0, (tmp_path / "srun.log").read_text()[-3000:]
+    assert "as 2 ranks on 2 node(s)" in (tmp_path / "srun.log").read_text()
+    assert_same_run(tmp_path / "one", tmp_path / "srun")
+    meta = json.loads((tmp_path / "srun" / "model.json").read_text())
+    assert meta["world_size"] == 2 and meta["nodes"] == 2

@@ -73,8 +73,7 @@ def pretrain_job(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
             procs = {f"rank {r}": _start(rank_command(workdir / "spec.json"), rank_env(r, layout))
                      for r in range(layout.world_size)}
         else:
-            procs = {"srun": _start(srun_command(layout, workdir / "spec.json", threads, cfg["device"]),
-                                    dict(os.environ))}
+            procs = {"srun": _start(srun_command(layout, workdir / "spec.json", threads, cfg["device"]), python_env())}
         return supervise(procs, layout.timeout_s)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -98,12 +97,16 @@ def rank_command(spec: Path) -> list[str]:
     return [sys.executable, "-m", "ctssl.train.launch", str(spec)]
 
 
+def python_env() -> dict[str, str]:
+    """This environment, with this checkout's ctssl first on the path: the ranks run the job's code, installed or
+    not (a Snakemake job imports it from the checkout)."""
+    src = str(Path(__file__).resolve().parents[2])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+
+
 def rank_env(rank: int, layout: Layout) -> dict[str, str]:
-    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(layout.world_size),
-           "LOCAL_RANK": str(rank % layout.per_node), "LOCAL_WORLD_SIZE": str(layout.per_node)}
-    src = str(Path(__file__).resolve().parents[2])  # the ranks run this checkout's ctssl, installed or not
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
-    return env
+    return {**python_env(), "RANK": str(rank), "WORLD_SIZE": str(layout.world_size),
+            "LOCAL_RANK": str(rank % layout.per_node), "LOCAL_WORLD_SIZE": str(layout.per_node)}
 
 
 def srun_command(layout: Layout, spec: Path, threads: int, device: str) -> list[str]:
