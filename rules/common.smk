@@ -35,8 +35,7 @@ def threads_for(rule_name):
 
 def pretrain_threads():
     """A pretraining job's threads, split over its ranks: at least one core per rank of a node."""
-    nodes = config["resources"].get("pretrain", {}).get("nodes", 1)
-    return max(threads_for("pretrain"), config["pretrain"]["world_size"] // nodes)
+    return max(threads_for("pretrain"), config["pretrain"]["world_size"] // config["resources"]["pretrain"]["nodes"])
 
 
 def pools():

@@ -250,7 +250,7 @@ def test_job_resources_grow_with_the_attempt_and_cpu_stages_ask_for_no_gpu():
     assert [gpu["runtime"](None, a) for a in (1, 2)] == [15, 30]
     cpu = job_resources(cfg, "cpu")
     assert set(cpu) == {"mem_mb"} and cpu["mem_mb"](None, 2) == 4000
-    assert job_resources({"resources": {}, "pretrain": {"world_size": 1}}, "pretrain") == {"ranks": 1}
+    assert job_resources(resolve_config(_layout()), "pretrain") == {"ranks": 1, "nodes": 1}
 
 
 def _layout(world_size=None, device="auto", batch_size=None, **pretrain_resources):

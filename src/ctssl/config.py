@@ -372,9 +372,9 @@ def _layout_problems(config: dict) -> list[str]:
     """The ranks of a pretraining job against the job's nodes and GPUs (fills in world_size when unset)."""
     resources, pretrain = config["resources"], config["pretrain"]
     problems = [f"resources.{stage}.nodes = {spec['nodes']}: only pretraining runs on several nodes"
-                for stage, spec in resources.items() if stage != "pretrain" and spec.get("nodes", 1) > 1]
-    spec = resources.get("pretrain", {})
-    nodes, gpus = spec.get("nodes", 1), spec.get("gpu", 0)
+                for stage, spec in resources.items() if stage != "pretrain" and spec["nodes"] > 1]
+    spec = resources["pretrain"]
+    nodes, gpus = spec["nodes"], spec.get("gpu", 0)
     if pretrain["world_size"] is None:
         pretrain["world_size"] = nodes * max(1, gpus)
         return problems
@@ -458,10 +458,9 @@ def job_resources(config: dict, stage: str) -> dict:
         if key in spec:
             res[key] = lambda wildcards, attempt, base=int(spec[key]): base * attempt
     if stage == "pretrain":
-        res["ranks"] = config["pretrain"]["world_size"]
-        nodes = spec.get("nodes", 1)
-        if nodes > 1:
-            res.update(nodes=nodes, mpi="srun", tasks=res["ranks"])
+        res.update(ranks=config["pretrain"]["world_size"], nodes=spec["nodes"])
+        if spec["nodes"] > 1:
+            res.update(mpi="srun", tasks=res["ranks"])
             if res.get("gpu"):
                 gpus = res.pop("gpu")
                 res["gres"] = f"gpu:{res.pop('gpu_model')}:{gpus}" if "gpu_model" in res else f"gpu:{gpus}"

@@ -187,7 +187,8 @@ def rank_pids(launcher: subprocess.Popen, world_size: int, timeout: float = 60) 
         for pid in children:
             with open(f"/proc/{pid}/environ", "rb") as fh:
                 env = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
-            ranks[int(env[b"RANK"])] = int(pid)
+            if b"RANK" in env:  # (a child between fork and exec still shows the launcher's environment)
+                ranks[int(env[b"RANK"])] = int(pid)
         if len(ranks) == world_size:
             return ranks
         time.sleep(0.1)
