@@ -2,7 +2,8 @@
 (samples/s at G ranks / (G x samples/s at 1 rank)), measured by real runs of `ctssl pretrain --world-size`.
 
 Usage: python benchmarks/pretrain_scaling.py [--configfile config.yaml] [--method pgl] [--ranks 1 2]
-       [--device auto|cpu|cuda] [--steps 30] [--batch 4] [--patch 48 48 32] [--threads 2]
+       [--device auto|cpu|cuda] [--steps 30] [--batch 4] [--patch 48 48 32] [--threads 2] [--cases 6]
+       [--spacing 1.5 1.5 2]
 
 On CPU the ranks share the machine's cores (`--threads` in all, split over the ranks, as a Snakemake job's threads
 are), so the figure says what splitting one CPU job into gloo ranks costs or buys, not what more hardware buys.
@@ -30,12 +31,12 @@ from ctssl.config import complete_config, load_config, pretrain_section_for
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def synthetic_pool(root: Path) -> Path:
+def synthetic_pool(root: Path, cases: int, spacing: list[float]) -> Path:
     from ctssl.data.synthetic import write_msd_dataset
     from ctssl.preprocess.pipeline import preprocess_dataset
 
-    raw = write_msd_dataset(root / "raw", "liver", "liver", n_cases=6, seed=0)
-    cfg = complete_config({"preprocess": {"target_spacing": [1.5, 1.5, 2.0],
+    raw = write_msd_dataset(root / "raw", "liver", "liver", n_cases=cases, seed=0)
+    cfg = complete_config({"preprocess": {"target_spacing": spacing,
                                           "normalization": {"scheme": "window", "window": [-175, 250]}}})
     pre = preprocess_dataset(raw, root / "pre", "liver", cfg["preprocess"], "abdomen")
     cases = sorted(p.stem for p in pre.glob("liver_*.npy"))
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="global batch")
     parser.add_argument("--patch", type=int, nargs=3, default=None)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the whole job, split over its ranks")
+    parser.add_argument("--cases", type=int, default=6, help="synthetic liver volumes in the pool")
+    parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0], help="their voxel size (mm)")
     args = parser.parse_args()
 
     config = load_config(args.configfile)
@@ -75,7 +78,7 @@ def main() -> None:
     patch = section["methods"][args.method].get("patch_size", section["patch_size"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pool = synthetic_pool(work)
+        pool = synthetic_pool(work, args.cases, args.spacing)
         cfg = {"model": config["model"], "pretrain": section, "device": args.device, "amp": config["amp"]}
         (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
         measured = {}
