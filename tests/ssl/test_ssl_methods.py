@@ -167,7 +167,7 @@ def test_pgl_decorrelation_term_is_added_and_reaches_the_backbone():
     loss, parts = regularised.loss(batch)
     assert set(parts_plain) == {"local"} and {"local", "variance", "covariance"} <= set(parts)
     assert parts["local"] == pytest.approx(parts_plain["local"], rel=1e-5)  # same weights, same local term
-    assert float(loss) == pytest.approx(parts["local"] + 2.0 * (parts["variance"] + 0.04 * parts["covariance"]),
+    assert float(loss.detach()) == pytest.approx(parts["local"] + 2.0 * (parts["variance"] + 0.04 * parts["covariance"]),
                                         rel=1e-5)
     loss.backward()
     assert regularised.backbone.model[0].conv.unit0.conv.weight.grad.abs().sum() > 0

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ctssl.losses.ntxent import nt_xent
-from ctssl.train.distributed import GlobalBatchNorm, world_from_env
+from ctssl.train.distributed import GlobalBatchNorm, check_identical, world_from_env
 
 
 def loss_and_grads(z_a: torch.Tensor, z_b: torch.Tensor, volume: torch.Tensor, norm: torch.nn.Module,
@@ -48,6 +48,17 @@ def main(rendezvous: str, out: str) -> None:
         gathered = [torch.zeros_like(mine) for _ in range(world.size)]
         dist.all_gather(gathered, mine)
         full.copy_(torch.cat(gathered) / world.size)  # each rank's loss is a mean over its share
+    # The end-of-run check that the ranks' copies (EMA targets included) are identical: silent when they are...
+    check_identical(world, norm)
+    # ...and naming the rank whose copy differs.
+    if world.rank == 1:
+        with torch.no_grad():
+            norm.running_mean[0] += 1e-12
+    try:
+        check_identical(world, norm)
+        caught = ""
+    except RuntimeError as exc:
+        caught = str(exc)
     if world.is_main:
         ref_loss, ref_grads = reference
         diffs = {"loss": abs(float(loss - ref_loss))}
@@ -58,7 +69,7 @@ def main(rendezvous: str, out: str) -> None:
             for buffer in ("running_mean", "running_var"):
                 diffs[f"{module.num_features}.{buffer}"] = float((getattr(module, buffer) - getattr(ref, buffer))
                                                                  .abs().max())
-        Path(out).write_text(json.dumps(diffs))
+        Path(out).write_text(json.dumps({"diffs": diffs, "check_identical": caught}))
     dist.destroy_process_group()
 
 
