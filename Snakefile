@@ -47,6 +47,7 @@ include: "rules/aggregate.smk"
 include: "rules/pretrain.smk"
 include: "rules/finetune.smk"
 include: "rules/report.smk"
+include: "rules/export.smk"
 
 
 rule all:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -58,6 +59,25 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refused(action, errors: tuple[type[Exception], ...]) -> tuple[object, int]:
+    """(result of `action()`, 0), or (None, 2) after logging one of the `errors` it raised (bad input, no traceback)."""
+    try:
+        return action(), 0
+    except errors as exc:
+        logging.getLogger("ctssl").error("%s", exc)
+        return None, 2
+
+
+def _export_bundle(args: argparse.Namespace) -> int:
+    from ctssl.export import ExportError, export_monai_bundle
+
+    setup_logging(None)
+    out, status = _refused(lambda: export_monai_bundle(args.run_dir, args.out), (ExportError, FileExistsError))
+    if not status:
+        print(out)
+    return status
+
+
 def _synthesize(args: argparse.Namespace) -> int:
     from ctssl.data.synthetic import write_msd_dataset
 
@@ -69,15 +89,11 @@ def _synthesize(args: argparse.Namespace) -> int:
 def _dicom2nifti(args: argparse.Namespace) -> int:
     from ctssl.data.dicom import DicomError, dicom_to_nifti
 
-    log = setup_logging(None)
-    try:
-        written = dicom_to_nifti(args.dicom_dir, args.out_dir)
-    except (DicomError, FileExistsError) as exc:
-        log.error("%s", exc)
-        return 2
-    for uid, path in written.items():
+    setup_logging(None)
+    written, status = _refused(lambda: dicom_to_nifti(args.dicom_dir, args.out_dir), (DicomError, FileExistsError))
+    for uid, path in (written or {}).items():
         print(f"{uid}\t{path}")
-    return 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("config", help="a config file, e.g. config.yaml")
     c.add_argument("--method", help="print only the model and this method's resolved pretraining settings")
     c.set_defaults(func=_config)
+    e = sub.add_parser("export-bundle", help="write a pretraining run's backbone as a MONAI Bundle")
+    e.add_argument("run_dir", help="a finished pretraining run, e.g. results/pretrain/pgl/all")
+    e.add_argument("out", help="the bundle folder to create (an existing one is refused)")
+    e.set_defaults(func=_export_bundle)
     s = sub.add_parser("synthesize", help="write a synthetic CT dataset in MSD layout")
     s.add_argument("out")
     s.add_argument("--name", required=True)

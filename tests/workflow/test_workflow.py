@@ -102,6 +102,17 @@ def test_second_run_has_nothing_to_do(workspace):
     assert "Nothing to be done" in run.stdout + run.stderr
 
 
+def test_a_monai_bundle_is_exported_on_request_only(workspace):
+    run = snakemake(workspace, "results/export/monai_bundle/pgl-all")
+    assert run.returncode == 0, run.stderr[-3000:]
+    bundle = workspace / "results" / "export" / "monai_bundle" / "pgl-all"
+    assert (bundle / "models" / "model.pt").read_bytes() == \
+        (workspace / "results" / "pretrain" / "pgl" / "all" / "model.pt").read_bytes()
+    assert (bundle / "configs" / "inference.json").exists()
+    dry = snakemake(workspace, "-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr  # not part of the default targets
+
+
 def job_counts(output: str) -> dict[str, int]:
     """The "Job stats" table of a dry run: rule -> number of jobs."""
     table = output[output.index("Job stats:"):].split("\n\n")[0].splitlines()[3:]
