@@ -9,9 +9,7 @@ from ctssl.logutil import setup_logging  # noqa: E402
 from ctssl.train.launch import Layout, pretrain_job  # noqa: E402
 
 log = setup_logging(snakemake.log[0])
-layout = Layout(world_size=snakemake.resources.ranks, nodes=snakemake.resources.nodes,
-                launcher=snakemake.resources.get("mpi", "srun"),  # set only on several nodes
-                timeout_s=snakemake.config["pretrain"]["rank_timeout_s"])
+layout = Layout.of_job(dict(snakemake.resources.items()), timeout_s=snakemake.config["pretrain"]["rank_timeout_s"])
 sys.exit(pretrain_job(pool_csv=snakemake.input.pool, method=snakemake.wildcards.method, pool=snakemake.wildcards.pool,
                       cfg=snakemake.params.cfg, out_dir=Path(snakemake.output.model).parent,
                       threads=snakemake.threads, layout=layout, log_file=snakemake.log[0]))

@@ -70,6 +70,16 @@ def test_a_rank_learns_who_it_is_from_the_launcher_or_from_srun():
         world_from_env({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"})
 
 
+def test_a_jobs_layout_comes_from_the_resources_the_config_gave_it():
+    from ctssl.config import job_resources, load_config
+
+    cfg = load_config(ROOT / "tests" / "configs" / "tiny.yaml")
+    assert Layout.of_job(job_resources(cfg, "pretrain"), 30) == Layout(world_size=1, nodes=1, timeout_s=30)
+    cfg["pretrain"]["world_size"], cfg["resources"]["pretrain"]["nodes"] = 4, 2
+    assert Layout.of_job(job_resources(cfg, "pretrain"), 30) == Layout(world_size=4, nodes=2, launcher="srun",
+                                                                        timeout_s=30)
+
+
 def test_several_nodes_start_one_srun_task_per_rank_with_explicit_geometry():
     cmd = srun_command(Layout(world_size=8, nodes=2, launcher="srun --mpi=none"), Path("/r/spec.json"), 16, "auto")
     assert cmd[:2] == ["srun", "--mpi=none"]

@@ -109,12 +109,10 @@ def checkpoint_after_step(flag: SignalFlag, stop: bool, step: int, total: int, e
     rank exits before the checkpoint is complete. The last step writes none: the results follow at once."""
     if step >= total:
         return
-    if stop or (every and step % every == 0):
-        if world.is_main:
-            save_checkpoint(path, step, fingerprint, modules, csv_log.rows)
-        if stop:
-            barrier(world)
+    if (stop or (every and step % every == 0)) and world.is_main:
+        save_checkpoint(path, step, fingerprint, modules, csv_log.rows)
     if stop:
+        barrier(world)
         csv_log.close()
         raise flag.interrupted(step, total, path)
 

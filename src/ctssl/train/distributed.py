@@ -14,7 +14,6 @@ What a run computes must not depend on how many processes compute it. The pieces
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

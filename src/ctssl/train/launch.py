@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,13 @@ class Layout:
     @property
     def per_node(self) -> int:
         return self.world_size // self.nodes
+
+    @classmethod
+    def of_job(cls, resources: Mapping, timeout_s: float) -> Layout:
+        """A Snakemake pretraining job's layout, from the resources `ctssl.config.job_resources` gave it (a mapping
+        of name to value; `mpi` only on several nodes)."""
+        launcher = {"launcher": resources["mpi"]} if "mpi" in resources else {}
+        return cls(world_size=resources["ranks"], nodes=resources["nodes"], timeout_s=timeout_s, **launcher)
 
 
 def pretrain_job(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out_dir: str | Path, threads: int,

@@ -44,25 +44,23 @@ class IndexedSamples(Dataset):
     samples one process with batch B draws.
     """
 
-    def __init__(self, draw: Callable[[np.random.Generator], dict], seed: int, first_index: int, n_samples: int):
+    def __init__(self, draw: Callable[[np.random.Generator], dict], seed: int, first_index: int, n_samples: int,
+                 batch_size: int = 1, rank: int = 0, world_size: int = 1):
         self.draw, self.seed, self.first_index, self.n_samples = draw, seed, first_index, n_samples
-        self.rank, self.world_size, self.batch_size = 0, 1, 1  # no sharding: local index = global offset
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size  # defaults: local index = offset
 
     @classmethod
     def from_step(cls, draw: Callable[[np.random.Generator], dict], seed: int, batch_size: int, steps: int,
                   start: int) -> IndexedSamples:
         """The samples of steps `start`..`steps` (0-based) of a run drawing `batch_size` samples a step."""
-        samples = cls(draw, seed, start * batch_size, (steps - start) * batch_size)
-        samples.batch_size = batch_size
-        return samples
+        return cls(draw, seed, start * batch_size, (steps - start) * batch_size, batch_size)
 
     def shard(self, rank: int, world_size: int) -> IndexedSamples:
         """Rank `rank`'s share: in every step, the samples rank * B/W .. (rank + 1) * B/W - 1 of the step's batch."""
         if self.batch_size % world_size:
             raise ValueError(f"batch size {self.batch_size} does not split over {world_size} ranks")
-        shard = IndexedSamples(self.draw, self.seed, self.first_index, self.n_samples // world_size)
-        shard.rank, shard.world_size, shard.batch_size = rank, world_size, self.batch_size
-        return shard
+        return IndexedSamples(self.draw, self.seed, self.first_index, self.n_samples // world_size, self.batch_size,
+                              rank, world_size)
 
     def global_index(self, i: int) -> int:
         local_batch = self.batch_size // self.world_size

@@ -120,18 +120,18 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     seed_everything(seed)
     device = device or pick_device(cfg["device"])
     net = METHODS[method](model_cfg, mcfg, patch, pool_meta)
+    if world.distributed:  # batch statistics of the global batch
+        net = convert_batchnorm(net)
+    net = net.to(device)
     model = net
     if world.distributed:
-        # Same initial weights on every rank (same seed; DDP also broadcasts rank 0's), batch statistics of the
-        # global batch, gradients averaged over ranks. static_graph: the parameters a method never uses (e.g. PGL's
-        # finer decoder stages at feature_level decoderK, BYOL's decoder) are found once, not every step, and keep
-        # no gradient, as in a one-process run (so AdamW leaves them untouched in both).
-        net = convert_batchnorm(net).to(device)
+        # Same initial weights on every rank (same seed; DDP also broadcasts rank 0's), gradients averaged over
+        # ranks. static_graph: the parameters a method never uses (e.g. PGL's finer decoder stages at feature_level
+        # decoderK, BYOL's decoder) are found once, not every step, and keep no gradient, as in a one-process run
+        # (so the optimizer leaves them untouched in both).
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
             static_graph=True)
-    else:
-        net = net.to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, mcfg)
     warmup = int(mcfg["warmup_steps"])
