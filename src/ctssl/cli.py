@@ -78,6 +78,18 @@ def _export_bundle(args: argparse.Namespace) -> int:
     return status
 
 
+def _export_nnunet(args: argparse.Namespace) -> int:
+    from ctssl.export import ExportError
+    from ctssl.nnunet.export import export_nnunet
+
+    setup_logging(None)
+    out, status = _refused(lambda: export_nnunet(args.run_dir, args.out, args.plans, args.configuration,
+                                                 args.plans_name), (ExportError, FileExistsError))
+    if not status:
+        print(out)
+    return status
+
+
 def _synthesize(args: argparse.Namespace) -> int:
     from ctssl.data.synthetic import write_msd_dataset
 
@@ -118,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("run_dir", help="a finished pretraining run, e.g. results/pretrain/pgl/all")
     e.add_argument("out", help="the bundle folder to create (an existing one is refused)")
     e.set_defaults(func=_export_bundle)
+    n = sub.add_parser("export-nnunet", help="write a ResEnc pretraining run as nnU-Net -pretrained_weights and "
+                                             "nnssl checkpoints (and a plans file for your dataset)")
+    n.add_argument("run_dir", help="a finished pretraining run with model.arch resenc, e.g. results/pretrain/pgl/all")
+    n.add_argument("out", help="the folder to create (an existing one is refused)")
+    n.add_argument("--plans", help="your dataset's nnU-Net plans (e.g. $nnUNet_preprocessed/Dataset501_X/"
+                                   "nnUNetPlans.json): a copy with ctssl's architecture is written beside it")
+    n.add_argument("--configuration", default="3d_fullres", help="the plans configuration to take the weights")
+    n.add_argument("--plans-name", default=None, help="name of the new plans file (default ctssl_METHOD-POOL)")
+    n.set_defaults(func=_export_nnunet)
     s = sub.add_parser("synthesize", help="write a synthetic CT dataset in MSD layout")
     s.add_argument("out")
     s.add_argument("--name", required=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import json
 from collections.abc import Callable, Iterable
 from functools import cache
@@ -206,6 +207,27 @@ def inits_for(config: dict, dataset: str) -> list[str]:
     return list(dict.fromkeys([*config["inits"], *config["dataset_inits"].get(dataset, [])]))
 
 
+def engines(config: dict) -> list[str]:
+    """`finetune.engine` as a list: who fine-tunes each cell (ctssl, nnunet or both, side by side)."""
+    engine = config["finetune"]["engine"]
+    return [engine] if isinstance(engine, str) else list(engine)
+
+
+def engine_problems(config: dict) -> list[str]:
+    """nnU-Net fine-tunes only a network it can build (ResEnc) and needs its extra installed."""
+    if "nnunet" not in engines(config):
+        return []
+    problems = []
+    if config["model"]["arch"] != "resenc":
+        problems.append(f"finetune.engine = {_show(config['finetune']['engine'])}: nnU-Net fine-tunes "
+                        f"model.arch 'resenc' only (this model is {config['model']['arch']!r}); nnU-Net cannot "
+                        "build MONAI's UNet")
+    if importlib.util.find_spec("nnunetv2") is None:
+        problems.append(f"finetune.engine = {_show(config['finetune']['engine'])}: nnunetv2 is not installed; "
+                        "pip install 'ctssl[nnunet]' (or -e '.[nnunet]' in a checkout)")
+    return problems
+
+
 def methods_in_use(config: dict, configured: Iterable[str] = ()) -> list[str]:
     """Registered methods some init trains, plus `configured` ones (those the user wrote a section for)."""
     used = {p[0] for p in map(parse_init, all_inits(config)) if p} | set(configured)
@@ -251,7 +273,7 @@ def _reference_problems(config: dict) -> list[str]:
     if not problems:
         problems += supervised_pool_problems(config)
     problem = head_warmup_problem(config["finetune"])
-    return problems + ([problem] if problem else [])
+    return problems + ([problem] if problem else []) + engine_problems(config)
 
 
 def unresolvable_inits(config: dict) -> list[str]:
@@ -295,10 +317,10 @@ def supervised_pool_problems(config: dict) -> list[str]:
 
 def _model_problems(config: dict, configured: Iterable[str]) -> list[str]:
     """What the network allows, on the resolved settings of fine-tuning and of every method in use."""
-    model, problems = config["model"], []
-    if len(model["strides"]) != len(model["channels"]) - 1:
-        return [f"model.strides = {model['strides']}: needs exactly one entry fewer than model.channels "
-                f"{model['channels']}"]
+    model = config["model"]
+    problems = _architecture_problems(model)
+    if problems:
+        return problems
     if model["norm"] == "group":
         widths = [*model["channels"], model["feature_channels"]]
         bad = [w for w in widths if w % model["norm_groups"]]
@@ -312,6 +334,31 @@ def _model_problems(config: dict, configured: Iterable[str]) -> list[str]:
                         "patches per batch")
     for method in methods_in_use(config, configured):
         problems += method_problems(config, method)
+    return problems
+
+
+def _architecture_problems(model: dict) -> list[str]:
+    """Shape of the per-stage lists for the chosen `model.arch`, and what that architecture cannot do."""
+    channels, strides = model["channels"], model["strides"]
+    if model["arch"] == "unet":
+        resenc_only = [k for k in ("kernel_sizes", "blocks_per_stage") if model[k] is not None]
+        if resenc_only:
+            return [f"model.{k} = {model[k]}: a setting of model.arch 'resenc' (this model is 'unet')"
+                    for k in resenc_only]
+        if len(strides) != len(channels) - 1:
+            return [f"model.strides = {strides}: needs exactly one entry fewer than model.channels {channels}"]
+        if not all(isinstance(s, int) for s in strides):
+            return [f"model.strides = {strides}: MONAI's UNet (model.arch 'unet') takes one int per down step"]
+        return []
+    problems = [f"model.{key} = {model[key]}: needs one entry per stage, {len(channels)} (as model.channels)"
+                for key in ("strides", "kernel_sizes", "blocks_per_stage")
+                if model[key] is not None and len(model[key]) != len(channels)]
+    if model["norm"] == "group":
+        problems.append("model.norm = 'group': not available with model.arch 'resenc' (dynamic-network-architectures "
+                        "builds its norm as norm_op(channels)); use 'instance' or 'batch'")
+    if importlib.util.find_spec("dynamic_network_architectures") is None:
+        problems.append("model.arch = 'resenc': needs dynamic-network-architectures, which is not installed; "
+                        "pip install 'ctssl[nnunet]' (or -e '.[nnunet]' in a checkout)")
     return problems
 
 

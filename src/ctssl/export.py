@@ -1,7 +1,8 @@
 """Pretrained weights in the shape other tools load: a MONAI Bundle.
 
 A bundle is a folder MONAI's own tooling reads (`monai.bundle`): `configs/inference.json` defines the network
-(`network_def`: the stock `monai.networks.nets.UNet` with the arguments recorded in model.json), `models/model.pt`
+(`network_def`: the stock network class - MONAI's UNet or nnU-Net's ResidualEncoderUNet - with the arguments
+recorded in model.json), `models/model.pt`
 holds its weights, `configs/metadata.json` says what goes in and comes out, and where the weights come from (the
 provenance ctssl records), `docs/README.md` says it in words. The exported weights are the run's `model.pt`,
 verified against the digest in model.json before anything is written.
@@ -14,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from ctssl.io import atomic_dir, file_digest, read_json, write_json
+from ctssl.models.spec import per_axis
 
 BUNDLE_VERSION = "0.1.0"
 
@@ -22,7 +24,7 @@ class ExportError(ValueError):
     """The run folder cannot be exported (missing or inconsistent files)."""
 
 
-def _run(run_dir: Path) -> dict:
+def run_metadata(run_dir: Path) -> dict:
     """model.json of a finished pretraining run, after checking model.pt against the digest it records."""
     meta_path, model_path = run_dir / "model.json", run_dir / "model.pt"
     for path in (meta_path, model_path):
@@ -41,7 +43,11 @@ def bundle_metadata(meta: dict) -> dict:
     from monai import __version__ as monai_version
 
     kwargs = meta["backbone"]["kwargs"]
-    stride = math.prod(kwargs["strides"])  # the patch must divide by the network's total stride
+    # The patch must divide by the network's total stride (per axis); MONAI's UNet: ints, ResEnc: [x, y, z].
+    stride = [math.prod(axis) for axis in zip(*(per_axis(s) for s in kwargs["strides"]), strict=True)]
+    in_channels = kwargs.get("in_channels", kwargs.get("input_channels"))  # the two classes' own names
+    out_channels = kwargs.get("out_channels", kwargs.get("num_classes"))
+    name = meta["backbone"]["class"].rsplit(".", 1)[-1]
     env = meta["environment"]
     return {
         "version": BUNDLE_VERSION,
@@ -51,21 +57,21 @@ def bundle_metadata(meta: dict) -> dict:
         "numpy_version": numpy.__version__,
         "required_packages_version": {},
         "task": f"self-supervised pretrained 3D CT backbone ({meta['method']} on pool {meta['pool']})",
-        "description": (f"MONAI UNet pretrained by ctssl with {meta['method']} for {meta['steps']} steps on "
+        "description": (f"{name} pretrained by ctssl with {meta['method']} for {meta['steps']} steps on "
                         f"{meta['pool_cases']} volumes of {', '.join(meta['pool_datasets'])}. It outputs "
-                        f"{kwargs['out_channels']} feature channels per voxel, not class scores: add a head and "
+                        f"{out_channels} feature channels per voxel, not class scores: add a head and "
                         "fine-tune for segmentation."),
         "authors": "ctssl",
         "copyright": "see the licences of the pretraining datasets",
         "network_data_format": {
             "inputs": {"image": {
-                "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": kwargs["in_channels"],
-                "spatial_shape": [f"{stride}*n"] * 3, "dtype": "float32", "value_range": [],
+                "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": in_channels,
+                "spatial_shape": [f"{s}*n" for s in stride], "dtype": "float32", "value_range": [],
                 "is_patch_data": True, "channel_def": {"0": "image (normalised as in ctssl's preprocessing)"}}},
             "outputs": {"pred": {
-                "type": "image", "format": "features", "num_channels": kwargs["out_channels"],
-                "spatial_shape": [f"{stride}*n"] * 3, "dtype": "float32", "value_range": [],
-                "is_patch_data": True, "channel_def": {str(i): f"feature {i}" for i in range(kwargs["out_channels"])}}},
+                "type": "image", "format": "features", "num_channels": out_channels,
+                "spatial_shape": [f"{s}*n" for s in stride], "dtype": "float32", "value_range": [],
+                "is_patch_data": True, "channel_def": {str(i): f"feature {i}" for i in range(out_channels)}}},
         },
         "ctssl": {key: meta[key] for key in ("method", "pool", "steps", "final_loss", "pool_datasets",
                                              "pool_groups", "model_sha256", "fingerprint", "code_version", "config")
@@ -75,14 +81,16 @@ def bundle_metadata(meta: dict) -> dict:
 
 def inference_config(meta: dict) -> dict:
     """configs/inference.json: the network, instantiable by monai.bundle.ConfigParser without ctssl."""
-    return {"network_def": {"_target_": meta["backbone"]["class"], **meta["backbone"]["kwargs"]},
-            "network": "$@network_def"}
+    spec = meta["backbone"]
+    kwargs = {key: (f"${value}" if key in spec.get("kwargs_requiring_import", []) and value else value)
+              for key, value in spec["kwargs"].items()}  # class paths as expressions (torch is in scope)
+    return {"network_def": {"_target_": spec["class"], **kwargs}, "network": "$@network_def"}
 
 
 def export_monai_bundle(run_dir: str | Path, out: str | Path) -> Path:
     """Write the MONAI Bundle of pretraining run `run_dir` to `out` (a new folder: an existing one is refused)."""
     run_dir, out = Path(run_dir), Path(out)
-    meta = _run(run_dir)
+    meta = run_metadata(run_dir)
     with atomic_dir(out) as tmp:
         (tmp / "models").mkdir()
         shutil.copyfile(run_dir / "model.pt", tmp / "models" / "model.pt")

@@ -3,7 +3,7 @@ import torch
 from monai.networks.nets import UNet
 
 from ctssl.config import complete_config
-from ctssl.models.backbone import SegmentationNet, backbone_kwargs, build_backbone
+from ctssl.models.backbone import SegmentationNet, backbone_spec, build_backbone
 from ctssl.models.weights import WeightLoadError, load_backbone_weights, read_state_dict
 
 MODEL = complete_config({"model": {"channels": [4, 8, 16], "strides": [2, 2], "feature_channels": 6,
@@ -59,7 +59,7 @@ def test_missing_keys_are_an_error(tmp_path):
 
 def test_backbone_file_loads_into_a_plain_monai_unet(tmp_path):
     path, source = _pretrained_file(tmp_path)
-    plain = UNet(**backbone_kwargs(MODEL))
+    plain = UNet(**backbone_spec(MODEL)["kwargs"])
     plain.load_state_dict(torch.load(path, weights_only=True), strict=True)
     x = torch.randn(1, 1, 16, 16, 16)
     source.eval()

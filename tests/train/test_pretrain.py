@@ -18,7 +18,7 @@ import yaml
 from monai.networks.nets import UNet
 
 from ctssl.config import complete_config
-from ctssl.models.backbone import SegmentationNet, backbone_kwargs
+from ctssl.models.backbone import SegmentationNet, backbone_spec
 from ctssl.models.weights import load_backbone_weights, read_state_dict
 from ctssl.train.checkpoint import save_checkpoint
 from ctssl.train.pretrain import run_pretrain
@@ -66,7 +66,7 @@ def test_short_run_learns_and_loads_for_finetuning(pool_csv, tmp_path, method, o
     net = SegmentationNet(MODEL, n_classes=3)
     report = load_backbone_weights(net.backbone, state)
     assert report["skipped"] == []  # model.pt is backbone only: no projector/target keys
-    plain = UNet(**backbone_kwargs(MODEL))
+    plain = UNet(**backbone_spec(MODEL)["kwargs"])
     plain.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
 
 

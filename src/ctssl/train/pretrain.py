@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ctssl.config import method_config
-from ctssl.io import file_digest, json_digest, save_torch, write_json
-from ctssl.models.backbone import backbone_kwargs
+from ctssl.io import file_digest, json_digest, read_json, save_torch, write_json
+from ctssl.models.backbone import backbone_spec
 from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.ssl import METHODS
 from ctssl.ssl.base import Sampler
@@ -84,6 +84,20 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=opt["lr"], weight_decay=opt["weight_decay"])
     return torch.optim.SGD(params, lr=opt["lr"], weight_decay=opt["weight_decay"], momentum=opt["momentum"],
                            nesterov=True)
+
+
+def pool_preprocessing(images: list[str]) -> dict | None:
+    """Spacing and normalisation the pool's volumes were preprocessed with (from their datasets' manifests), for
+    exports that must tell a downstream tool what the weights expect; None where no manifest is found."""
+    found = {}
+    for folder in sorted({Path(image).parent for image in images}):
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            return None
+        entry = read_json(manifest)
+        found[json_digest([entry["target_spacing"], entry["normalization"]])] = {
+            "target_spacing": entry["target_spacing"], "normalization": entry["normalization"]}
+    return next(iter(found.values())) if len(found) == 1 else None
 
 
 def run_fingerprint(method: str, model_cfg: dict, mcfg: dict, pool_csv: str | Path) -> str:
@@ -161,9 +175,10 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     save_torch(model_path, {k: v.detach().cpu() for k, v in net.backbone.state_dict().items()})
     meta = {
         "method": method, "pool": pool, "steps": steps, "final_loss": loss_value,
-        "backbone": {"class": "monai.networks.nets.UNet", "kwargs": backbone_kwargs(model_cfg)},
+        "backbone": backbone_spec(model_cfg),
         "model_sha256": file_digest(model_path), "pool_cases": len(images),
         "pool_datasets": pool_meta["datasets"], "pool_groups": pool_meta["groups"], "config": {"model": model_cfg, method: mcfg},
+        "preprocessing": pool_preprocessing(images),
         "fingerprint": fingerprint, "resumed_from_step": result.start or None, "device": str(device),
         "world_size": world.size, "nodes": world.nodes, "ranks": ranks,
         "seconds": result.seconds, "code_version": code_version(), "environment": environment(),
