@@ -1,6 +1,6 @@
 # Helpers shared by the rules: cross-key config checks, wildcard constraints, target lists, paths.
 # The config is resolved (validated, defaults filled) by the Snakefile: read every key directly.
-from ctssl.config import all_inits, inits_for, job_resources, parse_init, pretrain_section_for
+from ctssl.config import all_inits, engines, inits_for, job_resources, parse_init, pretrain_section_for
 from ctssl.splits import fraction_key
 from ctssl.ssl import REGISTRY
 
@@ -53,10 +53,16 @@ def cell_file(name, dataset="{dataset}", init="{init}", pct="{pct}", seed="{seed
     return f"{R}/finetune/{dataset}/{init}/frac{pct}/seed{seed}/{name}"
 
 
+def cell_name(init, engine):
+    """A cell's init folder: the init for ctssl's engine, init@nnunet for nnU-Net's (rule finetune_nnunet)."""
+    return init if engine == "ctssl" else f"{init}@{engine}"
+
+
 def metrics_targets():
     return [
-        cell_file("metrics.json", dataset, init, pct, seed)
+        cell_file("metrics.json", dataset, cell_name(init, engine), pct, seed)
         for dataset in DOWNSTREAM
+        for engine in engines(config)
         for init in inits_for(config, dataset)
         for pct in FRACTIONS
         for seed in SEEDS
@@ -119,5 +125,14 @@ def pool_preprocessed(wildcards):
 
 
 def finetune_params(wildcards):
-    """What a fine-tuning cell depends on besides its inputs."""
-    return {"model": config["model"], "finetune": config["finetune"], "device": config["device"], "amp": config["amp"]}
+    """What a ctssl fine-tuning cell depends on besides its inputs (not the engine choice or nnU-Net's settings,
+    so adding nnU-Net cells reruns none of ctssl's)."""
+    finetune = {k: v for k, v in config["finetune"].items() if k not in ("engine", "nnunet")}
+    return {"model": config["model"], "finetune": finetune, "device": config["device"], "amp": config["amp"]}
+
+
+def finetune_nnunet_params(wildcards):
+    """What an nnU-Net fine-tuning cell depends on: the network, patch, batch, overlap and nnU-Net's settings."""
+    keys = ("patch_size", "batch_size", "sw_overlap", "nnunet")
+    return {"model": config["model"], "finetune": {k: config["finetune"][k] for k in keys},
+            "device": config["device"]}

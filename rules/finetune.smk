@@ -1,4 +1,5 @@
 # One cell = (dataset, init, label fraction, seed): fine-tune, then score on the dataset's test cases.
+# finetune.engine picks who trains it: ctssl (rule finetune) and/or nnU-Net (rule finetune_nnunet, init@nnunet).
 
 
 rule finetune:
@@ -22,3 +23,26 @@ rule finetune:
         cfg=finetune_params,
     script:
         "../workflow_scripts/finetune.py"
+
+
+rule finetune_nnunet:
+    input:
+        preprocessed=f"{R}/preprocessed/{{dataset}}",
+        splits=f"{R}/splits/{{dataset}}.json",
+        weights=init_weights,
+    output:
+        metrics=cell_file("metrics.json", init="{init}@nnunet"),
+        work=directory(cell_file("nnunet", init="{init}@nnunet")),
+    log:
+        f"{R}/logs/finetune/{{dataset}}/{{init}}@nnunet/frac{{pct}}/seed{{seed}}.log",
+    benchmark:
+        f"{R}/benchmarks/finetune/{{dataset}}/{{init}}@nnunet/frac{{pct}}/seed{{seed}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: threads_for("finetune")
+    resources:
+        **job_resources(config, "finetune"),
+    params:
+        cfg=finetune_nnunet_params,
+    script:
+        "../workflow_scripts/finetune_nnunet.py"

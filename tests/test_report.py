@@ -112,3 +112,18 @@ def test_write_report_files(files, tmp_path):
 def test_no_cells_is_an_error():
     with pytest.raises(ValueError, match="no metrics.json"):
         collect([])
+
+
+def test_nnunet_rows_are_compared_with_nnunets_scratch(files, tmp_path):
+    """Cells of finetune.engine nnunet (init suffix @nnunet) form their own block, referenced to scratch@nnunet:
+    an nnU-Net init is never measured against ctssl's scratch."""
+    extra = [_cell(tmp_path, "liver", init, 10, s, 0.3 + 0.1 * s + gain, 0.2)
+             for init, gain in (("scratch@nnunet", 0.0), ("pgl-all@nnunet", -0.2)) for s in (0, 1)]
+    long, cells, _ = collect(files + extra)
+    table = summary_table(cells, long)
+    rows = table[table["fraction"] == 10]
+    assert list(rows["init"]) == ["scratch", "byol-all", "pgl-all", "scratch@nnunet", "pgl-all@nnunet"]
+    assert list(rows["engine"]) == ["ctssl"] * 3 + ["nnunet"] * 2
+    nnunet = rows.set_index("init").loc["pgl-all@nnunet"]
+    assert nnunet["delta_vs_scratch"] == pytest.approx(-10.0) and nnunet["n_pairs"] == 4  # vs scratch@nnunet
+    assert np.isnan(rows.set_index("init").loc["scratch@nnunet", "delta_vs_scratch"])

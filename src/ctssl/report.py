@@ -3,7 +3,8 @@
 Numbers: a cell's score is its mean foreground Dice (class means over test cases, NaN skipped, as nnU-Net). Tables
 show mean ± sd over seeds, the difference to `scratch` in Dice points, and a paired Wilcoxon signed-rank test of
 each init against scratch over (seed, test case) pairs, where a pair's values are the case's mean foreground Dice
-under the two inits. The best mean of each column is marked.
+under the two inits. The best mean of each column is marked. Cells fine-tuned by nnU-Net (init suffix '@nnunet',
+column `engine`) are compared with the same engine's scratch.
 """
 
 from __future__ import annotations
@@ -59,10 +60,26 @@ def collect(metrics_files: Iterable[str | Path], names: Mapping[str, str] | None
             pd.DataFrame(provenance).sort_values(["dataset", "init", "fraction", "seed"]))
 
 
+def engine_of(init: str) -> str:
+    """The fine-tuning engine named by a cell's init: 'pgl-all@nnunet' -> 'nnunet', 'pgl-all' -> 'ctssl'."""
+    return init.partition("@")[2] or "ctssl"
+
+
+def reference_for(init: str) -> str:
+    """The scratch row an init is compared with: the same engine's (scratch@nnunet for pgl-all@nnunet)."""
+    engine = engine_of(init)
+    return REFERENCE if engine == "ctssl" else f"{REFERENCE}@{engine}"
+
+
 def init_order(inits: Iterable[str]) -> list[str]:
-    """scratch first (the reference row), the rest alphabetically."""
+    """Per engine (ctssl first): scratch first (the reference row), the rest alphabetically."""
     inits = sorted(set(inits))
-    return ([REFERENCE] if REFERENCE in inits else []) + [i for i in inits if i != REFERENCE]
+    ordered = []
+    for engine in sorted({engine_of(i) for i in inits}, key=lambda e: (e != "ctssl", e)):
+        mine = [i for i in inits if engine_of(i) == engine]
+        ref = reference_for(mine[0])
+        ordered += ([ref] if ref in mine else []) + [i for i in mine if i != ref]
+    return ordered
 
 
 def case_scores(long: pd.DataFrame) -> pd.Series:
@@ -90,18 +107,20 @@ def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
     for (dataset, fraction), group in cells.groupby(["dataset", "fraction"]):
         means = group.groupby("init")["mean_fg_dice"].agg(["mean", "std", "count"])
         preprocessed = group.groupby("init")["mean_fg_dice_preprocessed"].mean()
-        ref = means["mean"].get(REFERENCE, np.nan)
         for init in init_order(group["init"]):
+            reference = reference_for(init)
+            ref = means["mean"].get(reference, np.nan)
             row = {"dataset": dataset, "fraction": fraction, "init": init,
                    "dice_mean": 100 * means.loc[init, "mean"], "dice_sd": 100 * np.nan_to_num(means.loc[init, "std"]),
                    "n_seeds": int(means.loc[init, "count"]),
                    "n_test_cases": int(group[group["init"] == init]["n_test"].max()),
                    "delta_vs_scratch": np.nan, "p_wilcoxon": np.nan, "n_pairs": 0,
                    "dice_preprocessed_mean": 100 * preprocessed.get(init, np.nan)}
-            if init != REFERENCE and not np.isnan(ref):
+            row["engine"] = engine_of(init)
+            if init != reference and not np.isnan(ref):
                 row["delta_vs_scratch"] = 100 * (means.loc[init, "mean"] - ref)
                 row["p_wilcoxon"], row["n_pairs"] = paired_wilcoxon(
-                    scores.loc[(dataset, init, fraction)], scores.loc[(dataset, REFERENCE, fraction)])
+                    scores.loc[(dataset, init, fraction)], scores.loc[(dataset, reference, fraction)])
             rows.append(row)
     return _mark_best(pd.DataFrame(rows), ["dataset", "fraction"])
 
@@ -189,7 +208,7 @@ def _counts(summary: pd.DataFrame, dataset: str) -> str:
     sub = summary[summary["dataset"] == dataset]
     seeds = sorted(sub["n_seeds"].unique())
     cases = sorted(sub["n_test_cases"].unique())
-    pairs = sorted(sub.loc[sub["init"] != REFERENCE, "n_pairs"].unique())
+    pairs = sorted(sub.loc[sub["init"].map(reference_for) != sub["init"], "n_pairs"].unique())
     return (f"n = {'/'.join(map(str, cases))} test cases × {'/'.join(map(str, seeds))} seeds"
             + (f" ({'/'.join(map(str, pairs))} pairs per test)" if pairs else ""))
 
@@ -197,7 +216,9 @@ def _counts(summary: pd.DataFrame, dataset: str) -> str:
 NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%) on each test case's original image grid "
         "(predicted probabilities resampled back, as nnU-Net exports), classes averaged over test cases with "
         "NaN skipped as in nnU-Net. Dice (prep. grid): the same mean scored on the preprocessed grid (RAS, target "
-        "spacing). Δ: difference of means to scratch, in Dice points. p: two-sided Wilcoxon "
+        "spacing). Rows ending in @nnunet were fine-tuned by nnU-Net's own trainer (finetune.engine nnunet) and "
+        "are compared with scratch@nnunet; the others by ctssl's and compared with scratch. "
+        "Δ: difference of means to scratch, in Dice points. p: two-sided Wilcoxon "
         "signed-rank test of the init against scratch, paired over (seed, test case), each pair's values being the "
         "case's mean foreground Dice. Best mean per column in bold. No correction for multiple comparisons.")
 

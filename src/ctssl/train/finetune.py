@@ -110,11 +110,18 @@ def optimizer_and_schedule(net: SegmentationNet, ft: dict) -> tuple[torch.optim.
 def evaluate_case(net: nn.Module, preprocessed_dir: Path, case: str, classes: dict[int, str], patch: list[int], *,
                   sw_batch_size: int, overlap: float, device: torch.device) -> tuple[dict, dict]:
     """Dice per class on the case's original grid (against the raw label file) and on the preprocessed grid."""
+    probs = predict_probabilities(net, np.load(preprocessed_dir / f"{case}.npy"), patch,
+                                  sw_batch_size=sw_batch_size, overlap=overlap, device=device)
+    return score_probabilities(probs, preprocessed_dir, case, classes)
+
+
+def score_probabilities(probs: torch.Tensor, preprocessed_dir: Path, case: str, classes: dict[int, str]
+                        ) -> tuple[dict, dict]:
+    """Dice of class probabilities (C, X, Y, Z) on the preprocessed grid: on the case's original grid (resampled
+    back, against the raw label file) and on the preprocessed grid. Every engine's predictions are scored here."""
     geometry = read_json(preprocessed_dir / f"{case}.json")
     if not geometry.get("source_label"):
         raise ValueError(f"{preprocessed_dir / case}.json: no source label to score the original grid against")
-    probs = predict_probabilities(net, np.load(preprocessed_dir / f"{case}.npy"), patch,
-                                  sw_batch_size=sw_batch_size, overlap=overlap, device=device)
     on_preprocessed = dice_per_class(probs.argmax(0).numpy().astype(np.uint8),
                                      np.load(preprocessed_dir / f"{case}_seg.npy"), classes)
     reference, _ = load_nifti(geometry["source_label"], dtype=np.uint8)

@@ -1,0 +1,118 @@
+"""One nnU-Net fine-tuning cell, run in its own process: `python -m ctssl.nnunet.cell SPEC.json`.
+
+Its own process because nnU-Net reads `nnUNet_raw`, `nnUNet_preprocessed` and `nnUNet_results` when it is first
+imported; each cell points them at folders of its own, so cells never collide on a cluster. Steps, all nnU-Net's
+own code: fingerprint, plan (nnU-Net's default planner), a plans copy with ctssl's architecture (and the cell's
+patch and batch size), preprocessing, training (`nnUNetTrainerCtssl`, with the exported weights loaded by nnU-Net's
+load_pretrained_weights for a pretrained init), and prediction of the test cases, whose class probabilities are
+written for ctssl to score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DATASET_ID = 1
+PLANS_NAME = "ctssl"
+
+
+def plan_and_preprocess(spec: dict) -> tuple[dict, list[int]]:
+    """nnU-Net's planning and preprocessing, with ctssl's network; returns the plans and the network's axes."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiments,
+        preprocess,
+    )
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    from ctssl.io import read_json, write_json
+    from ctssl.models.backbone import backbone_spec
+    from ctssl.nnunet.export import derived_plans, export_nnunet, network_axes, plans_architecture
+
+    extract_fingerprints([DATASET_ID], num_processes=1, show_progress_bar=False)
+    plan_experiments([DATASET_ID])
+    folder = Path(nnUNet_preprocessed) / spec["dataset_name"]
+    planned = read_json(folder / "nnUNetPlans.json")
+    axes = network_axes(planned["transpose_forward"])
+    if spec["pretrained_run"]:
+        export_nnunet(spec["pretrained_run"], Path(spec["work"]) / "weights", plans=folder / "nnUNetPlans.json",
+                      plans_name=PLANS_NAME)
+        plans = read_json(folder / f"{PLANS_NAME}.json")
+    else:
+        architecture = plans_architecture(backbone_spec(spec["model"]), axes)
+        plans, _ = derived_plans(planned, architecture, "3d_fullres", PLANS_NAME)
+    config = plans["configurations"]["3d_fullres"]
+    # Both engines train on the same patches and batches: ctssl's finetune.patch_size and batch_size.
+    config["patch_size"] = [int(spec["patch_size"][a]) for a in axes]
+    config["batch_size"] = int(spec["batch_size"])
+    write_json(folder / f"{PLANS_NAME}.json", plans)
+    preprocess([DATASET_ID], plans_identifier=PLANS_NAME, configurations=["3d_fullres"], num_processes=[1],
+               show_progress_bar=False)
+    return plans, axes
+
+
+def train(spec: dict, plans: dict):
+    import torch
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.utilities.file_path_utilities import load_json
+
+    from ctssl.nnunet.trainer import nnUNetTrainerCtssl
+    from ctssl.train.common import pick_device, seed_everything
+
+    # Augmentation in this process (nnU-Net's SingleThreadedAugmenter): seeded, so the cell is repeatable on CPU.
+    # Set here, not in the environment: nnU-Net's planner sizes its torch threads by the same variable.
+    os.environ["nnUNet_n_proc_DA"] = "0"  # noqa: SIM112 - nnU-Net's own name
+    seed_everything(int(spec["seed"]))
+    torch.set_num_threads(max(1, int(spec["threads"])))
+    dataset_json = load_json(str(Path(spec["raw"]) / "dataset.json"))
+    trainer_class = nnUNetTrainerCtssl.configured(spec["nnunet"])
+    # nnU-Net >= 2.8 takes the resume flag through the plans (as its get_trainer_from_args sets it).
+    trainer = trainer_class({**plans, "continue_training": False}, "3d_fullres", "all", dataset_json,
+                            device=pick_device(spec["device"]))
+    trainer.initialize()
+    if spec["pretrained_run"]:
+        load_pretrained_weights(trainer.network, str(Path(spec["work"]) / "weights" / "checkpoint_nnunet.pth"),
+                                verbose=True)
+    trainer.run_training()
+    return trainer
+
+
+def predict(spec: dict, trainer, axes: list[int]) -> None:
+    """Class probabilities of every test case on ctssl's preprocessed grid, back in ctssl's (x, y, z) order."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    trainer.set_deep_supervision_enabled(False)
+    predictor = nnUNetPredictor(tile_step_size=float(spec["tile_step_size"]), use_gaussian=True,
+                                use_mirroring=bool(spec["nnunet"]["mirroring"]),
+                                perform_everything_on_device=trainer.device.type == "cuda", device=trainer.device,
+                                allow_tqdm=False)
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager,
+                                    [trainer.network.state_dict()],
+                                    trainer.dataset_json, type(trainer).__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    out = Path(spec["probabilities"])
+    out.mkdir(parents=True, exist_ok=True)
+    for case in spec["test_cases"]:
+        image = np.load(case["image"]).astype(np.float32)
+        # As nnU-Net reads an (x, y, z)-stored NIfTI: axes reversed; it applies transpose_forward itself.
+        _, probs = predictor.predict_single_npy_array(image.transpose(2, 1, 0)[None],
+                                                      {"spacing": [float(s) for s in spec["spacing"][::-1]]},
+                                                      None, None, True)
+        np.save(out / f"{case['case']}.npy", np.asarray(probs, dtype=np.float32).transpose(0, 3, 2, 1))
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    plans, axes = plan_and_preprocess(spec)
+    trainer = train(spec, plans)
+    predict(spec, trainer, axes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,126 @@
+"""`finetune.engine: nnunet`: one cell fine-tuned by nnU-Net itself, scored by ctssl like every other cell.
+
+The cell writes an nnU-Net raw dataset of its labelled training cases (ctssl's preprocessed volumes: RAS, the
+target spacing, ctssl's normalisation, declared to nnU-Net as `noNorm` so the intensities the pretrained weights
+expect are kept), runs `ctssl.nnunet.cell` in a process whose nnUNet_raw / nnUNet_preprocessed / nnUNet_results
+are folders of the cell, and scores the returned test-case probabilities with ctssl's own Dice code on ctssl's
+test split, writing the same metrics.json as a ctssl cell (`engine: nnunet`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctssl.evaluate import summarize
+from ctssl.io import file_digest, read_json, save_nifti, write_json
+from ctssl.provenance import code_version, environment, scheduler_info
+from ctssl.splits import fraction_key, label_subset
+from ctssl.train.finetune import score_probabilities
+from ctssl.train.launch import python_env
+
+log = logging.getLogger(__name__)
+ENGINE_SUFFIX = "@nnunet"  # a cell's init name in paths and reports: scratch@nnunet, pgl-all@nnunet
+
+
+class NnunetCellError(RuntimeError):
+    """nnU-Net's part of a cell failed; the message names its log."""
+
+
+def write_raw_dataset(raw: Path, preprocessed_dir: Path, train_cases: list[str], manifest: dict) -> None:
+    """nnU-Net's raw layout (imagesTr/{case}_0000.nii.gz, labelsTr/{case}.nii.gz, dataset.json)."""
+    import nibabel as nib
+
+    for case in train_cases:
+        geometry = read_json(preprocessed_dir / f"{case}.json")
+        affine = np.asarray(geometry["affine"], dtype=np.float64)
+        image = np.load(preprocessed_dir / f"{case}.npy").astype(np.float32)
+        label = np.load(preprocessed_dir / f"{case}_seg.npy").astype(np.uint8)
+        save_nifti(raw / "imagesTr" / f"{case}_0000.nii.gz", nib.Nifti1Image(image, affine))
+        save_nifti(raw / "labelsTr" / f"{case}.nii.gz", nib.Nifti1Image(label, affine))
+    labels = {name: int(value) for value, name in manifest["labels"].items()}
+    write_json(raw / "dataset.json", {"channel_names": {"0": "noNorm"}, "labels": labels,
+                                      "numTraining": len(train_cases), "file_ending": ".nii.gz",
+                                      "name": manifest["dataset"], "description": "written by ctssl"})
+
+
+def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fraction: float, seed: int,
+                    init: str, pretrained_run: str | Path | None, cfg: dict, out_dir: str | Path,
+                    threads: int = 1) -> dict:
+    """Train one cell with nnU-Net, score it, write `metrics.json` into `out_dir`; returns the metrics."""
+    t_start = time.time()
+    preprocessed_dir, out_dir = Path(preprocessed_dir), Path(out_dir)
+    ft, model_cfg = cfg["finetune"], cfg["model"]
+    manifest = read_json(preprocessed_dir / "manifest.json")
+    if not manifest["labelled"]:
+        raise ValueError(f"{preprocessed_dir}: dataset has no labels; it can only be used for pretraining")
+    classes = {int(k): v for k, v in manifest["labels"].items()}
+    splits = read_json(splits_path)
+    train_cases = label_subset(splits["train"], fraction, seed, int(splits["split_seed"]))
+    test_cases = splits["test"]
+    work = (out_dir / "nnunet").resolve()
+    name = f"Dataset001_{manifest['dataset']}"
+    raw = work / "nnUNet_raw" / name
+    write_raw_dataset(raw, preprocessed_dir, train_cases, manifest)
+    spec = {"work": str(work), "raw": str(raw), "dataset_name": name, "model": model_cfg, "seed": seed,
+            "device": cfg["device"], "threads": threads, "nnunet": ft["nnunet"],
+            "patch_size": ft["patch_size"], "batch_size": ft["batch_size"], "tile_step_size": 1 - ft["sw_overlap"],
+            "spacing": manifest["target_spacing"],
+            "pretrained_run": str(Path(pretrained_run).resolve()) if pretrained_run else None,
+            "probabilities": str(work / "probabilities"),
+            "test_cases": [{"case": c, "image": str((preprocessed_dir / f"{c}.npy").resolve())} for c in test_cases]}
+    write_json(work / "spec.json", spec)
+    log.info("nnU-Net fine-tune %s %s frac%s seed%d in %s", manifest["dataset"], init, fraction_key(fraction), seed,
+             work)
+    env = {**python_env(), "nnUNet_raw": str(work / "nnUNet_raw"),
+           "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"), "nnUNet_results": str(work / "nnUNet_results"),
+           "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false",
+           "OMP_NUM_THREADS": str(threads)}
+    t_train = time.time()
+    with open(work / "nnunet.log", "w") as out:
+        done = subprocess.run([sys.executable, "-m", "ctssl.nnunet.cell", str(work / "spec.json")], env=env,
+                              stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode:
+        tail = (work / "nnunet.log").read_text().splitlines()[-15:]
+        raise NnunetCellError(f"nnU-Net failed (exit {done.returncode}); its log: {work / 'nnunet.log'}\n"
+                              + "\n".join(tail))
+    train_seconds = time.time() - t_train
+
+    t_eval = time.time()
+    per_case, per_case_preprocessed = {}, {}
+    for case in test_cases:
+        probs = torch.from_numpy(np.load(work / "probabilities" / f"{case}.npy"))
+        per_case[case], per_case_preprocessed[case] = score_probabilities(probs, preprocessed_dir, case, classes)
+        log.info("test %s (original grid): %s", case, {k: round(v, 4) for k, v in per_case[case].items()})
+    summary = summarize(per_case)
+    weights = None
+    if pretrained_run:
+        weights = Path(pretrained_run) / "model.pt"
+    metrics = {
+        "dataset": manifest["dataset"], "init": init + ENGINE_SUFFIX, "engine": "nnunet", "fraction": fraction,
+        "seed": seed, "classes": {str(k): v for k, v in classes.items() if k != 0},
+        "per_case": per_case, **summary,
+        "per_case_preprocessed": per_case_preprocessed,
+        "mean_foreground_dice_preprocessed": summarize(per_case_preprocessed)["mean_foreground_dice"],
+        "train_cases": list(train_cases), "test_cases": list(test_cases),
+        "evaluation_space": "original image grid (prediction probabilities resampled back, as nnU-Net); "
+                            "*_preprocessed: the preprocessed grid (RAS, target spacing)",
+        "init_weights": {"init": init, "path": str(weights) if weights else None,
+                         "sha256": file_digest(weights) if weights else None},
+        "timings_s": {"train": round(train_seconds, 2), "evaluate": round(time.time() - t_eval, 2),
+                      "total": round(time.time() - t_start, 2)},
+        "steps": int(ft["nnunet"]["epochs"]) * int(ft["nnunet"]["iterations_per_epoch"]),
+        "device": cfg["device"], "resumed_from_step": None, "config": copy.deepcopy(cfg),
+        "code_version": code_version(), "environment": environment(), "scheduler": scheduler_info(),
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    log.info("%s %s frac%s seed%d (nnU-Net): mean foreground Dice %.4f", manifest["dataset"], init,
+             fraction_key(fraction), seed, summary["mean_foreground_dice"])
+    return metrics

@@ -1,0 +1,16 @@
+"""Snakemake entry: fine-tune one (dataset, init, fraction, seed) cell with nnU-Net's own trainer, score it with
+ctssl's Dice code (ctssl.nnunet.engine)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the checkout's code, also in --sdm conda
+
+from ctssl.logutil import setup_logging  # noqa: E402
+from ctssl.nnunet.engine import run_nnunet_cell  # noqa: E402
+
+log = setup_logging(snakemake.log[0])
+w = snakemake.wildcards
+run_nnunet_cell(preprocessed_dir=snakemake.input.preprocessed, splits_path=snakemake.input.splits,
+                fraction=float(w.pct), seed=int(w.seed), init=w.init,
+                pretrained_run=Path(snakemake.input.weights[0]).parent if snakemake.input.weights else None,
+                cfg=snakemake.params.cfg, out_dir=Path(snakemake.output.metrics).parent, threads=snakemake.threads)
