@@ -87,6 +87,18 @@ def init_weights(wildcards):
     return [] if parsed is None else [f"{R}/pretrain/{parsed[0]}/{parsed[1]}/model.pt"]
 
 
+def nnunet_export_input(wildcards):
+    """The run to export for nnU-Net; refused while the DAG is built if nnU-Net could not build the network."""
+    if config["model"]["arch"] != "resenc":
+        raise ValueError(
+            f"{R}/export/nnunet/{wildcards.method}-{wildcards.pool}: model.arch is "
+            f"{config['model']['arch']!r}; nnU-Net builds only its own networks, so pretrain with "
+            "model.arch: resenc (or export a MONAI Bundle: results/export/monai_bundle/...)"
+        )
+    run = f"{R}/pretrain/{wildcards.method}/{wildcards.pool}"
+    return {"model": f"{run}/model.pt", "meta": f"{run}/model.json"}
+
+
 def pretrain_params(wildcards):
     """Only what this method's run depends on, so editing another method's settings retrains nothing here."""
     return {
@@ -134,5 +146,4 @@ def finetune_params(wildcards):
 def finetune_nnunet_params(wildcards):
     """What an nnU-Net fine-tuning cell depends on: the network, patch, batch, overlap and nnU-Net's settings."""
     keys = ("patch_size", "batch_size", "sw_overlap", "nnunet")
-    return {"model": config["model"], "finetune": {k: config["finetune"][k] for k in keys},
-            "device": config["device"]}
+    return {"model": config["model"], "finetune": {k: config["finetune"][k] for k in keys}, "device": config["device"]}

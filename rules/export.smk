@@ -26,8 +26,7 @@ rule export_monai_bundle:
 
 rule export_nnunet:
     input:
-        model=f"{R}/pretrain/{{method}}/{{pool}}/model.pt",
-        meta=f"{R}/pretrain/{{method}}/{{pool}}/model.json",
+        unpack(nnunet_export_input),
     output:
         export=directory(f"{R}/export/nnunet/{{method}}-{{pool}}"),
     log:

@@ -133,3 +133,23 @@ def test_refusals(run_dir, tmp_path, liver_preprocessed):
     run_pretrain(pool_csv=_pool(liver_preprocessed, tmp_path), method="genesis", pool="all", cfg=cfg, out_dir=unet)
     with pytest.raises(ExportError, match="nnU-Net cannot build; pretrain with model.arch: resenc"):
         export_nnunet(unet, tmp_path / "c")
+
+
+def test_a_resenc_run_exports_as_a_monai_bundle_too(run_dir, tmp_path):
+    from monai.bundle import ConfigParser
+
+    from ctssl.export import export_monai_bundle
+
+    bundle = export_monai_bundle(run_dir, tmp_path / "bundle")
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == ["4*n", "4*n", "2*n"]
+    assert metadata["description"].startswith("ResidualEncoderUNet pretrained by ctssl")
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    net = parser.get_parsed_content("network")  # class paths as expressions, no ctssl import
+    net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    ours = build_backbone(complete_config({"model": MODEL})["model"])
+    ours.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    x = torch.randn(1, 1, 16, 16, 8)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), ours.eval()(x))
