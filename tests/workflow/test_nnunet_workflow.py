@@ -69,6 +69,16 @@ def test_both_engines_side_by_side_in_the_report(workspace):
     assert not (res / "finetune/liver/scratch@nnunet/frac100/seed0/nnunet/weights").exists()
 
 
+def test_an_nnunet_cell_is_repeatable_on_cpu(workspace):
+    """nnU-Net's augmentation runs in the cell's process, seeded by the cell: a rerun gives the same Dice."""
+    target = "results/finetune/liver/scratch@nnunet/frac100/seed0/metrics.json"
+    before = json.loads((workspace / target).read_text())
+    run = snakemake(workspace, target, "--forcerun", target)
+    assert run.returncode == 0, run.stderr[-3000:]
+    after = json.loads((workspace / target).read_text())
+    assert after["per_case"] == before["per_case"] and after["timings_s"] != before["timings_s"]  # really rerun
+
+
 def test_nnunet_export_on_request_and_nnunet_refused_for_the_monai_unet(workspace, tmp_path):
     run = snakemake(workspace, "results/export/nnunet/pgl-all")
     assert run.returncode == 0, run.stderr[-3000:]
