@@ -124,6 +124,10 @@ def test_refusals(run_dir, tmp_path, liver_preprocessed):
     with pytest.raises(FileExistsError, match="ctssl_pgl-all.json already exists"):
         export_nnunet(run_dir, tmp_path / "a", plans=plans_path)
     assert (tmp_path / "ctssl_pgl-all.json").read_text() == "{}" and not (tmp_path / "a").exists()
+    (tmp_path / "dataset.json").write_text('{"labels": {}}')
+    with pytest.raises(ExportError, match=r"dataset.json: not an nnU-Net plans file \(no transpose_forward or"):
+        export_nnunet(run_dir, tmp_path / "d", plans=tmp_path / "dataset.json")
+    assert not (tmp_path / "d").exists()
     with pytest.raises(ExportError, match="no configuration '2d'"):
         export_nnunet(run_dir, tmp_path / "b", plans=plans_path, configuration="2d", plans_name="x")
     unet = tmp_path / "unet"

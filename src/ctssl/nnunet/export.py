@@ -118,7 +118,7 @@ def export_nnunet(run_dir: str | Path, out: str | Path, plans: str | Path | None
     if meta["backbone"]["class"] != RESENC_CLASS:
         raise ExportError(f"{run_dir}: pretrained with {meta['backbone']['class']}, which nnU-Net cannot build; "
                           "pretrain with model.arch: resenc for nnU-Net (or use ctssl export-bundle for MONAI)")
-    target = read_json(plans) if plans else None
+    target = _target_plans(Path(plans)) if plans else None
     axes = network_axes(target["transpose_forward"] if target else None)
     architecture = plans_architecture(meta["backbone"], axes)
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
@@ -143,6 +143,19 @@ def export_nnunet(run_dir: str | Path, out: str | Path, plans: str | Path | None
     if plans_out is not None:
         write_json(plans_out, derived)
     return out
+
+
+def _target_plans(path: Path) -> dict:
+    """An nnU-Net plans file, or an ExportError that names it and says what is wrong."""
+    try:
+        plans = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{path}: cannot read it as an nnU-Net plans file ({type(exc).__name__}: {exc})") from None
+    missing = [key for key in ("transpose_forward", "configurations") if not isinstance(plans, dict) or key not in plans]
+    if missing:
+        raise ExportError(f"{path}: not an nnU-Net plans file (no {' or '.join(missing)}); give the nnUNetPlans.json "
+                          "that nnUNetv2_plan_and_preprocess wrote for your dataset")
+    return plans
 
 
 def _normalisation(meta: dict) -> str:
