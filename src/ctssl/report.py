@@ -324,11 +324,12 @@ def _colours(inits: Iterable[str]) -> dict[str, str]:
 
 
 def _curve_panel(ax, frame: pd.DataFrame, colours: dict[str, str], title: str) -> None:
-    """Dice (%) vs labelled fraction on a log axis, one line per init, error bars = sd over seeds."""
+    """Dice (%) vs labelled fraction on a log axis, one line per init (dashed: fine-tuned by nnU-Net), error bars =
+    sd over seeds."""
     for init in init_order(frame["init"]):
         sub = frame[frame["init"] == init].sort_values("fraction")
         ax.errorbar(sub["fraction"], sub["dice_mean"], yerr=sub["dice_sd"], marker="o", capsize=3, label=init,
-                    color=colours[init])
+                    color=colours[init], linestyle="-" if engine_of(init) == "ctssl" else "--")  # nnU-Net dashed
     ax.set_xscale("log")
     fractions = sorted(frame["fraction"].unique())
     ax.set_xticks(fractions, [f"{fraction_key(f)}%" for f in fractions])
