@@ -106,7 +106,18 @@ def predict(spec: dict, trainer, axes: list[int]) -> None:
         np.save(out / f"{case['case']}.npy", np.asarray(probs, dtype=np.float32).transpose(0, 3, 2, 1))
 
 
+def die_with_parent() -> None:
+    """Be killed when the ctssl process that started this cell dies (set here, after exec, not in a pre-exec hook:
+    the parent may run threads); exit at once if it is already gone."""
+    from ctssl.train.launch import die_with_parent as set_parent_death_signal
+
+    set_parent_death_signal()
+    if "CTSSL_PARENT_PID" in os.environ and os.getppid() != int(os.environ["CTSSL_PARENT_PID"]):
+        sys.exit("ctssl.nnunet.cell: the ctssl process that started this cell is gone")
+
+
 def main(argv: list[str]) -> int:
+    die_with_parent()
     spec = json.loads(Path(argv[0]).read_text())
     plans, axes = plan_and_preprocess(spec)
     trainer = train(spec, plans)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -85,8 +86,11 @@ def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fr
            "OMP_NUM_THREADS": str(threads)}
     t_train = time.time()
     with open(work / "nnunet.log", "w") as out:
-        done = subprocess.run([sys.executable, "-m", "ctssl.nnunet.cell", str(work / "spec.json")], env=env,
-                              stdout=out, stderr=subprocess.STDOUT, check=False)
+        # The cell dies with this process (`ctssl.nnunet.cell` watches CTSSL_PARENT_PID), so a job cancelled or
+        # preempted on a cluster leaves no nnU-Net training behind.
+        done = subprocess.run([sys.executable, "-m", "ctssl.nnunet.cell", str(work / "spec.json")],
+                              env={**env, "CTSSL_PARENT_PID": str(os.getpid())}, stdout=out,
+                              stderr=subprocess.STDOUT, check=False)
     if done.returncode:
         tail = (work / "nnunet.log").read_text().splitlines()[-15:]
         raise NnunetCellError(f"nnU-Net failed (exit {done.returncode}); its log: {work / 'nnunet.log'}\n"

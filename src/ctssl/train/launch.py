@@ -129,14 +129,15 @@ def srun_command(layout: Layout, spec: Path, threads: int, device: str) -> list[
     return [*cmd, *rank_command(spec)]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: be killed if the launcher dies (Linux), so no rank outlives a killed job."""
+def die_with_parent() -> None:
+    """Be killed (SIGKILL) when the parent process dies (Linux): called in a child before exec, or first thing
+    after it, so no rank or nnU-Net cell outlives a killed job."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads started yet
+    return subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)  # noqa: PLW1509 - no threads started yet
 
 
 def describe_exit(code: int) -> str:
