@@ -71,21 +71,23 @@ def test_spec_is_nnunet_plans_format_and_matches_the_network():
     assert kwargs["norm_op"] == "torch.nn.modules.instancenorm.InstanceNorm3d"
 
 
-@pytest.mark.parametrize("method", ["pgl", "byol", "hssl", "genesis"])
+@pytest.mark.parametrize("method", ["pgl", "byol", "hssl", "genesis", "supervised"])
 def test_every_method_trains_the_resenc_backbone(method):
     own = {"pgl": {"grid_size": 4, "projector_hidden": 16, "projector_out": 8, "feature_level": "decoder1"},
            "byol": {"projector_hidden": 16, "projector_out": 8},
            "hssl": {"projector_hidden": 16, "projector_out": 8, "levels": ["bottleneck", "decoder1", "output"]},
-           "genesis": {}}[method]
+           "genesis": {}, "supervised": {}}[method]
     settings = settings_for(method, {"views": {"scale": [1.1, 1.3], "min_overlap": 0.2}, "batch_size": 2,
                                      **own}, MODEL)
     patch = [32, 24, 8]
-    pool_meta = {"datasets": ["a", "b"], "groups": ["g"]}
+    pool_meta = {"datasets": ["a", "b"], "groups": ["g"], "n_classes": {"a": 3, "b": 3}}
     torch.manual_seed(0)
     net = METHODS[method](MODEL, settings, patch, pool_meta)
     sampler = METHODS[method].view_sampler(settings, patch)
     rng = np.random.default_rng(0)
-    samples = [sampler(rng.random((40, 32, 12)).astype(np.float32), rng) for _ in range(2)]
+    volume = rng.random((40, 32, 12)).astype(np.float32)
+    label = (volume > 0.7).astype(np.uint8) + (volume > 0.9)  # classes 0-2, for the supervised control
+    samples = [sampler(volume, rng, label) if method == "supervised" else sampler(volume, rng) for _ in range(2)]
     batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
     batch.update(dataset_id=torch.tensor([0, 1]), group_id=torch.tensor([0, 0]))
     loss, _ = net.loss(batch)

@@ -47,9 +47,9 @@ def test_killing_the_job_kills_its_nnunet_cell(liver_preprocessed, tmp_path):
                             f"run_nnunet_cell\nrun_nnunet_cell(**json.loads({json.dumps(json.dumps(args))}))"])
     log = tmp_path / "cell" / "nnunet" / "nnunet.log"
     deadline = time.time() + 240
-    while not (log.exists() and "Epoch 0" in log.read_text()):  # nnU-Net is training
-        assert job.poll() is None and time.time() < deadline, "the cell never started training"
-        time.sleep(1)
+    while not (log.exists() and "Dataset001_liver" in log.read_text()):  # nnU-Net's fingerprinting has begun
+        assert job.poll() is None and time.time() < deadline, "the cell never started"
+        time.sleep(0.2)
     cell = int(subprocess.run(["pgrep", "-P", str(job.pid), "-f", "ctssl.nnunet.cell"], capture_output=True,
                               text=True, check=True).stdout.split()[0])
     job.send_signal(signal.SIGTERM)  # what SLURM sends a cancelled job
