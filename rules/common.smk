@@ -1,6 +1,14 @@
 # Helpers shared by the rules: cross-key config checks, wildcard constraints, target lists, paths.
 # The config is resolved (validated, defaults filled) by the Snakefile: read every key directly.
-from ctssl.config import all_inits, engines, inits_for, job_resources, parse_init, pretrain_section_for
+from ctssl.config import (
+    all_inits,
+    engines,
+    inits_for,
+    job_resources,
+    nnunet_arch_problem,
+    parse_init,
+    pretrain_section_for,
+)
 from ctssl.splits import fraction_key
 from ctssl.ssl import REGISTRY
 
@@ -89,12 +97,9 @@ def init_weights(wildcards):
 
 def nnunet_export_input(wildcards):
     """The run to export for nnU-Net; refused while the DAG is built if nnU-Net could not build the network."""
-    if config["model"]["arch"] != "resenc":
-        raise ValueError(
-            f"{R}/export/nnunet/{wildcards.method}-{wildcards.pool}: model.arch is "
-            f"{config['model']['arch']!r}; nnU-Net builds only its own networks, so pretrain with "
-            "model.arch: resenc (or export a MONAI Bundle: results/export/monai_bundle/...)"
-        )
+    problem = nnunet_arch_problem(config["model"])
+    if problem:
+        raise ValueError(f"{R}/export/nnunet/{wildcards.method}-{wildcards.pool}: {problem}")
     run = f"{R}/pretrain/{wildcards.method}/{wildcards.pool}"
     return {"model": f"{run}/model.pt", "meta": f"{run}/model.json"}
 

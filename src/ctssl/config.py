@@ -213,15 +213,22 @@ def engines(config: dict) -> list[str]:
     return [engine] if isinstance(engine, str) else list(engine)
 
 
+def nnunet_arch_problem(model: dict) -> str | None:
+    """Why nnU-Net cannot take this network (fine-tuning or export), None if it can."""
+    if model["arch"] == "resenc":
+        return None
+    return (f"nnU-Net takes model.arch 'resenc' only (this model is {model['arch']!r}); it cannot build MONAI's "
+            "UNet (a MONAI Bundle can: results/export/monai_bundle/...)")
+
+
 def engine_problems(config: dict) -> list[str]:
     """nnU-Net fine-tunes only a network it can build (ResEnc) and needs its extra installed."""
     if "nnunet" not in engines(config):
         return []
     problems = []
-    if config["model"]["arch"] != "resenc":
-        problems.append(f"finetune.engine = {_show(config['finetune']['engine'])}: nnU-Net fine-tunes "
-                        f"model.arch 'resenc' only (this model is {config['model']['arch']!r}); nnU-Net cannot "
-                        "build MONAI's UNet")
+    arch = nnunet_arch_problem(config["model"])
+    if arch:
+        problems.append(f"finetune.engine = {_show(config['finetune']['engine'])}: {arch}")
     if importlib.util.find_spec("nnunetv2") is None:
         problems.append(f"finetune.engine = {_show(config['finetune']['engine'])}: nnunetv2 is not installed; "
                         "pip install 'ctssl[nnunet]' (or -e '.[nnunet]' in a checkout)")

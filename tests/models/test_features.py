@@ -1,4 +1,7 @@
-"""Truncated U-Net passes: a coarse decoder level equals the full pass's tap and never runs the finer stages."""
+"""Truncated U-Net passes (MONAI UNet and nnU-Net's ResEnc): a coarse decoder level equals the full pass's tap
+and never runs the finer stages."""
+
+import importlib.util
 
 import pytest
 import torch
@@ -16,21 +19,34 @@ def test_levels_and_widths_follow_the_model_config():
     assert tap_widths(MODEL) == {"bottleneck": 32, "decoder0": 8, "decoder1": 4, "output": 6}
 
 
-@pytest.mark.parametrize(("level", "shape"), [("decoder0", (8, 6, 4)), ("decoder1", (16, 12, 8)),
-                                             ("output", (32, 24, 16))])
-def test_forward_to_equals_the_full_pass_tap_and_skips_finer_up_layers(level, shape):
+# nnU-Net's ResidualEncoderUNet, with an anisotropic last step (z not down-sampled).
+RESENC = complete_config({"model": {"arch": "resenc", "channels": [4, 8, 16, 32], "strides": [1, 2, 2, [2, 2, 1]],
+                                     "blocks_per_stage": [1, 2, 1, 1], "feature_channels": 6}})["model"]
+needs_dna = pytest.mark.skipif(importlib.util.find_spec("dynamic_network_architectures") is None,
+                               reason="model.arch resenc needs pip install '.[nnunet]'")
+CASES = [(MODEL, (32, 24, 16), "decoder0", (8, 6, 4)), (MODEL, (32, 24, 16), "decoder1", (16, 12, 8)),
+         (MODEL, (32, 24, 16), "output", (32, 24, 16))] + [
+    pytest.param(RESENC, (32, 24, 8), level, shape, marks=needs_dna)
+    for level, shape in [("decoder0", (8, 6, 2)), ("decoder1", (16, 12, 4)), ("decoder2", (32, 24, 8)),
+                         ("output", (32, 24, 8))]]
+
+
+@pytest.mark.parametrize(("model", "size", "level", "shape"), CASES)
+def test_forward_to_equals_the_full_pass_tap_and_skips_finer_stages(model, size, level, shape):
     torch.manual_seed(0)
-    unet = build_backbone(MODEL).eval()
-    x = torch.randn(2, 1, 32, 24, 16)
-    taps = forward_with_taps(unet, x)
+    net = build_backbone(model).eval()
+    x = torch.randn(2, 1, *size)
+    taps = forward_with_taps(net, x)
+    assert torch.equal(taps["output"], net(x))  # the walk computes the network's own forward
     calls: list[int] = []
-    ups = decoder_layers(unet)  # coarsest first
-    hooks = [up.register_forward_hook(lambda _m, _i, _o, k=k: calls.append(k)) for k, up in enumerate(ups)]
+    stages = decoder_layers(net)  # coarsest first
+    hooks = [stage.register_forward_hook(lambda _m, _i, _o, k=k: calls.append(k)) for k, stage in enumerate(stages)]
     try:
-        out = forward_to(unet, x, level)
+        out = forward_to(net, x, level)
     finally:
         for hook in hooks:
             hook.remove()
     assert torch.equal(out, taps[level])
-    assert out.shape[1:] == (tap_widths(MODEL)[level], *shape)
-    assert calls == list(range(feature_levels(MODEL).index(level) + 1))  # finer stages never ran
+    assert out.shape[1:] == (tap_widths(model)[level], *shape)
+    # Finer stages never ran (ResEnc's 'output' is its last stage plus a 1x1x1 conv, so all stages run).
+    assert calls == list(range(min(feature_levels(model).index(level) + 1, len(stages))))

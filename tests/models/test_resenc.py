@@ -1,7 +1,7 @@
 """model.arch 'resenc': nnU-Net's ResidualEncoderUNet as ctssl's backbone, walked like the MONAI UNet.
 
-Levels, widths and strides follow the config (per-axis strides included); truncated passes equal the full pass's
-taps and never run finer stages; every method computes a loss whose gradient reaches the backbone; the config
+Levels, widths and strides follow the config (per-axis strides included; truncated passes are tested with the
+UNet's in test_features.py); every method computes a loss whose gradient reaches the backbone; the config
 refuses what the architecture cannot do, at resolve time.
 """
 
@@ -17,7 +17,7 @@ pytest.importorskip("dynamic_network_architectures")
 from ctssl.config import complete_config, resolve_config, settings_for  # noqa: E402
 from ctssl.errors import ConfigError  # noqa: E402
 from ctssl.models.backbone import SegmentationNet, backbone_spec, build_backbone  # noqa: E402
-from ctssl.models.features import decoder_layers, encode, feature_levels, forward_to, forward_with_taps  # noqa: E402
+from ctssl.models.features import encode, feature_levels  # noqa: E402
 from ctssl.models.spec import tap_widths, total_stride  # noqa: E402
 from ctssl.ssl import METHODS  # noqa: E402
 
@@ -36,29 +36,7 @@ def test_levels_widths_and_strides_follow_the_config():
     assert type(net).__name__ == "ResidualEncoderUNet"
     assert [len(stage.blocks) for stage in net.encoder.stages] == [1, 2, 1, 1]
     assert net.decoder.seg_layers[-1].out_channels == 6
-
-
-@pytest.mark.parametrize(("level", "shape"), [("decoder0", (8, 6, 2)), ("decoder1", (16, 12, 4)),
-                                             ("decoder2", (32, 24, 8)), ("output", (32, 24, 8))])
-def test_forward_to_equals_the_full_pass_tap_and_skips_finer_stages(level, shape):
-    torch.manual_seed(0)
-    net = build_backbone(MODEL).eval()
-    x = torch.randn(*X_SHAPE)
-    taps = forward_with_taps(net, x)
-    assert torch.equal(taps["output"], net(x))  # the walk is the network's own forward
-    calls: list[int] = []
-    hooks = [stage.register_forward_hook(lambda _m, _i, _o, k=k: calls.append(k))
-             for k, stage in enumerate(decoder_layers(net))]
-    try:
-        out = forward_to(net, x, level)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert torch.equal(out, taps[level])
-    assert out.shape[1:] == (tap_widths(MODEL)[level], *shape)
-    stages_run = min(feature_levels(MODEL).index(level) + 1, len(decoder_layers(net)))
-    assert calls == list(range(stages_run))
-    assert encode(net, x)[-1].shape == (2, 32, 4, 3, 2)  # the bottleneck
+    assert encode(net, torch.randn(*X_SHAPE))[-1].shape == (2, 32, 4, 3, 2)  # the bottleneck, stride [8, 8, 4]
 
 
 def test_spec_is_nnunet_plans_format_and_matches_the_network():

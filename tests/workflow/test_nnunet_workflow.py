@@ -91,4 +91,4 @@ def test_nnunet_export_on_request_and_nnunet_refused_for_the_monai_unet(workspac
     (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
     dry = snakemake(tmp_path, "-n", config=tmp_path / "wrong.yaml")
     assert dry.returncode != 0
-    assert """finetune.engine = ["ctssl", "nnunet"]: nnU-Net fine-tunes model.arch 'resenc' only""" in dry.stdout + dry.stderr
+    assert """finetune.engine = ["ctssl", "nnunet"]: nnU-Net takes model.arch 'resenc' only""" in dry.stdout + dry.stderr

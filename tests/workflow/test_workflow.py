@@ -112,7 +112,7 @@ def test_a_monai_bundle_is_exported_on_request_only(workspace):
     dry = snakemake(workspace, "-n")
     assert "Nothing to be done" in dry.stdout + dry.stderr  # not part of the default targets
     nnunet = snakemake(workspace, "-n", "results/export/nnunet/pgl-all")  # the MONAI UNet: refused at -n
-    assert nnunet.returncode != 0 and "model.arch is 'unet'; nnU-Net builds only its own networks" in nnunet.stdout
+    assert nnunet.returncode != 0 and "pgl-all: nnU-Net takes model.arch 'resenc' only" in nnunet.stdout
 
 
 def job_counts(output: str) -> dict[str, int]:

@@ -21,8 +21,8 @@ DATASET_ID = 1
 PLANS_NAME = "ctssl"
 
 
-def plan_and_preprocess(spec: dict) -> tuple[dict, list[int]]:
-    """nnU-Net's planning and preprocessing, with ctssl's network; returns the plans and the network's axes."""
+def plan_and_preprocess(spec: dict) -> dict:
+    """nnU-Net's planning and preprocessing, with ctssl's network; returns the plans."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprints,
         plan_experiments,
@@ -53,14 +53,14 @@ def plan_and_preprocess(spec: dict) -> tuple[dict, list[int]]:
     write_json(folder / f"{PLANS_NAME}.json", plans)
     preprocess([DATASET_ID], plans_identifier=PLANS_NAME, configurations=["3d_fullres"], num_processes=[1],
                show_progress_bar=False)
-    return plans, axes
+    return plans
 
 
 def train(spec: dict, plans: dict):
     import torch
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-    from nnunetv2.utilities.file_path_utilities import load_json
 
+    from ctssl.io import read_json
     from ctssl.nnunet.trainer import nnUNetTrainerCtssl
     from ctssl.train.common import pick_device, seed_everything
 
@@ -69,7 +69,7 @@ def train(spec: dict, plans: dict):
     os.environ["nnUNet_n_proc_DA"] = "0"  # noqa: SIM112 - nnU-Net's own name
     seed_everything(int(spec["seed"]))
     torch.set_num_threads(max(1, int(spec["threads"])))
-    dataset_json = load_json(str(Path(spec["raw"]) / "dataset.json"))
+    dataset_json = read_json(Path(spec["raw"]) / "dataset.json")
     trainer_class = nnUNetTrainerCtssl.configured(spec["nnunet"])
     # nnU-Net >= 2.8 takes the resume flag through the plans (as its get_trainer_from_args sets it).
     trainer = trainer_class({**plans, "continue_training": False}, "3d_fullres", "all", dataset_json,
@@ -82,9 +82,12 @@ def train(spec: dict, plans: dict):
     return trainer
 
 
-def predict(spec: dict, trainer, axes: list[int]) -> None:
-    """Class probabilities of every test case on ctssl's preprocessed grid, back in ctssl's (x, y, z) order."""
+def predict(spec: dict, trainer) -> None:
+    """Class probabilities of every test case on ctssl's preprocessed grid, back in ctssl's (x, y, z) order, and
+    the device they were computed on."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from ctssl.io import write_json
 
     trainer.set_deep_supervision_enabled(False)
     predictor = nnUNetPredictor(tile_step_size=float(spec["tile_step_size"]), use_gaussian=True,
@@ -104,6 +107,7 @@ def predict(spec: dict, trainer, axes: list[int]) -> None:
                                                       {"spacing": [float(s) for s in spec["spacing"][::-1]]},
                                                       None, None, True)
         np.save(out / f"{case['case']}.npy", np.asarray(probs, dtype=np.float32).transpose(0, 3, 2, 1))
+    write_json(out / "device.json", {"device": str(trainer.device)})
 
 
 def die_with_parent() -> None:
@@ -119,9 +123,8 @@ def die_with_parent() -> None:
 def main(argv: list[str]) -> int:
     die_with_parent()
     spec = json.loads(Path(argv[0]).read_text())
-    plans, axes = plan_and_preprocess(spec)
-    trainer = train(spec, plans)
-    predict(spec, trainer, axes)
+    trainer = train(spec, plan_and_preprocess(spec))
+    predict(spec, trainer)
     return 0
 
 

@@ -9,7 +9,6 @@ test split, writing the same metrics.json as a ctssl cell (`engine: nnunet`).
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import subprocess
@@ -20,11 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctssl.evaluate import summarize
 from ctssl.io import file_digest, read_json, save_nifti, write_json
-from ctssl.provenance import code_version, environment, scheduler_info
-from ctssl.splits import fraction_key, label_subset
-from ctssl.train.finetune import score_probabilities
+from ctssl.splits import fraction_key
+from ctssl.train.finetune import Cell
 from ctssl.train.launch import python_env
 
 log = logging.getLogger(__name__)
@@ -58,25 +55,20 @@ def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fr
     """Train one cell with nnU-Net, score it, write `metrics.json` into `out_dir`; returns the metrics."""
     t_start = time.time()
     preprocessed_dir, out_dir = Path(preprocessed_dir), Path(out_dir)
-    ft, model_cfg = cfg["finetune"], cfg["model"]
+    ft = cfg["finetune"]
+    cell = Cell.load(preprocessed_dir, splits_path, fraction, seed)
     manifest = read_json(preprocessed_dir / "manifest.json")
-    if not manifest["labelled"]:
-        raise ValueError(f"{preprocessed_dir}: dataset has no labels; it can only be used for pretraining")
-    classes = {int(k): v for k, v in manifest["labels"].items()}
-    splits = read_json(splits_path)
-    train_cases = label_subset(splits["train"], fraction, seed, int(splits["split_seed"]))
-    test_cases = splits["test"]
     work = (out_dir / "nnunet").resolve()
     name = f"Dataset001_{manifest['dataset']}"
     raw = work / "nnUNet_raw" / name
-    write_raw_dataset(raw, preprocessed_dir, train_cases, manifest)
-    spec = {"work": str(work), "raw": str(raw), "dataset_name": name, "model": model_cfg, "seed": seed,
+    write_raw_dataset(raw, preprocessed_dir, cell.train_cases, manifest)
+    spec = {"work": str(work), "raw": str(raw), "dataset_name": name, "model": cfg["model"], "seed": seed,
             "device": cfg["device"], "threads": threads, "nnunet": ft["nnunet"],
             "patch_size": ft["patch_size"], "batch_size": ft["batch_size"], "tile_step_size": 1 - ft["sw_overlap"],
             "spacing": manifest["target_spacing"],
             "pretrained_run": str(Path(pretrained_run).resolve()) if pretrained_run else None,
             "probabilities": str(work / "probabilities"),
-            "test_cases": [{"case": c, "image": str((preprocessed_dir / f"{c}.npy").resolve())} for c in test_cases]}
+            "test_cases": [{"case": c, "image": str((preprocessed_dir / f"{c}.npy").resolve())} for c in cell.test_cases]}
     write_json(work / "spec.json", spec)
     log.info("nnU-Net fine-tune %s %s frac%s seed%d in %s", manifest["dataset"], init, fraction_key(fraction), seed,
              work)
@@ -98,33 +90,18 @@ def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fr
     train_seconds = time.time() - t_train
 
     t_eval = time.time()
-    per_case, per_case_preprocessed = {}, {}
-    for case in test_cases:
-        probs = torch.from_numpy(np.load(work / "probabilities" / f"{case}.npy"))
-        per_case[case], per_case_preprocessed[case] = score_probabilities(probs, preprocessed_dir, case, classes)
-        log.info("test %s (original grid): %s", case, {k: round(v, 4) for k, v in per_case[case].items()})
-    summary = summarize(per_case)
-    weights = None
-    if pretrained_run:
-        weights = Path(pretrained_run) / "model.pt"
-    metrics = {
-        "dataset": manifest["dataset"], "init": init + ENGINE_SUFFIX, "engine": "nnunet", "fraction": fraction,
-        "seed": seed, "classes": {str(k): v for k, v in classes.items() if k != 0},
-        "per_case": per_case, **summary,
-        "per_case_preprocessed": per_case_preprocessed,
-        "mean_foreground_dice_preprocessed": summarize(per_case_preprocessed)["mean_foreground_dice"],
-        "train_cases": list(train_cases), "test_cases": list(test_cases),
-        "evaluation_space": "original image grid (prediction probabilities resampled back, as nnU-Net); "
-                            "*_preprocessed: the preprocessed grid (RAS, target spacing)",
-        "init_weights": {"init": init, "path": str(weights) if weights else None,
-                         "sha256": file_digest(weights) if weights else None},
-        "timings_s": {"train": round(train_seconds, 2), "evaluate": round(time.time() - t_eval, 2),
-                      "total": round(time.time() - t_start, 2)},
-        "steps": int(ft["nnunet"]["epochs"]) * int(ft["nnunet"]["iterations_per_epoch"]),
-        "device": cfg["device"], "resumed_from_step": None, "config": copy.deepcopy(cfg),
-        "code_version": code_version(), "environment": environment(), "scheduler": scheduler_info(),
-    }
+    scores = cell.score(preprocessed_dir,
+                        lambda case: torch.from_numpy(np.load(work / "probabilities" / f"{case}.npy")))
+    weights = Path(pretrained_run) / "model.pt" if pretrained_run else None
+    metrics = cell.metrics(
+        init=init + ENGINE_SUFFIX, fraction=fraction, seed=seed, scores=scores, cfg=cfg, engine="nnunet",
+        init_weights={"init": init, "path": str(weights) if weights else None,
+                      "sha256": file_digest(weights) if weights else None},
+        timings_s={"train": round(train_seconds, 2), "evaluate": round(time.time() - t_eval, 2),
+                   "total": round(time.time() - t_start, 2)},
+        steps=int(ft["nnunet"]["epochs"]) * int(ft["nnunet"]["iterations_per_epoch"]),
+        device=read_json(work / "probabilities" / "device.json")["device"], resumed_from_step=None)
     write_json(out_dir / "metrics.json", metrics)
     log.info("%s %s frac%s seed%d (nnU-Net): mean foreground Dice %.4f", manifest["dataset"], init,
-             fraction_key(fraction), seed, summary["mean_foreground_dice"])
+             fraction_key(fraction), seed, scores["mean_foreground_dice"])
     return metrics

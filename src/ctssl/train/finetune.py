@@ -6,6 +6,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,12 +108,48 @@ def optimizer_and_schedule(net: SegmentationNet, ft: dict) -> tuple[torch.optim.
     return optimizer, scheduler, backbone_params + head_params
 
 
-def evaluate_case(net: nn.Module, preprocessed_dir: Path, case: str, classes: dict[int, str], patch: list[int], *,
-                  sw_batch_size: int, overlap: float, device: torch.device) -> tuple[dict, dict]:
-    """Dice per class on the case's original grid (against the raw label file) and on the preprocessed grid."""
-    probs = predict_probabilities(net, np.load(preprocessed_dir / f"{case}.npy"), patch,
-                                  sw_batch_size=sw_batch_size, overlap=overlap, device=device)
-    return score_probabilities(probs, preprocessed_dir, case, classes)
+@dataclass(frozen=True)
+class Cell:
+    """What one fine-tuning cell trains on and is scored on, whichever engine trains it."""
+
+    dataset: str
+    classes: dict[int, str]
+    train_cases: list[str]
+    test_cases: list[str]
+
+    @classmethod
+    def load(cls, preprocessed_dir: Path, splits_path: str | Path, fraction: float, seed: int) -> Cell:
+        """The dataset's classes, this (fraction, seed)'s labelled training cases and the fixed test cases."""
+        manifest = read_json(preprocessed_dir / "manifest.json")
+        if not manifest["labelled"]:
+            raise ValueError(f"{preprocessed_dir}: dataset has no labels; it can only be used for pretraining")
+        splits = read_json(splits_path)
+        return cls(dataset=manifest["dataset"], classes={int(k): v for k, v in manifest["labels"].items()},
+                   train_cases=label_subset(splits["train"], fraction, seed, int(splits["split_seed"])),
+                   test_cases=list(splits["test"]))
+
+    def score(self, preprocessed_dir: Path, probabilities: Callable[[str], torch.Tensor]) -> dict:
+        """Dice of every test case from `probabilities(case)` (C, X, Y, Z on the preprocessed grid): the scores
+        part of metrics.json, identical for every engine."""
+        per_case, per_case_preprocessed = {}, {}
+        for case in self.test_cases:
+            per_case[case], per_case_preprocessed[case] = score_probabilities(
+                probabilities(case), preprocessed_dir, case, self.classes)
+            log.info("test %s (original grid): %s", case, {k: round(v, 4) for k, v in per_case[case].items()})
+        return {"per_case": per_case, **summarize(per_case), "per_case_preprocessed": per_case_preprocessed,
+                "mean_foreground_dice_preprocessed": summarize(per_case_preprocessed)["mean_foreground_dice"]}
+
+    def metrics(self, *, init: str, fraction: float, seed: int, scores: dict, cfg: dict, **run: object) -> dict:
+        """metrics.json: the cell, its scores, the config and provenance, plus the engine's `run` facts."""
+        return {
+            "dataset": self.dataset, "init": init, "fraction": fraction, "seed": seed,
+            "classes": {str(k): v for k, v in self.classes.items() if k != 0},
+            **scores, "train_cases": list(self.train_cases), "test_cases": list(self.test_cases),
+            "evaluation_space": "original image grid (prediction probabilities resampled back, as nnU-Net); "
+                                "*_preprocessed: the preprocessed grid (RAS, target spacing)",
+            **run, "config": copy.deepcopy(cfg), "code_version": code_version(), "environment": environment(),
+            "scheduler": scheduler_info(),
+        }
 
 
 def score_probabilities(probs: torch.Tensor, preprocessed_dir: Path, case: str, classes: dict[int, str]
@@ -143,18 +180,12 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     seed_everything(seed)
     ft, model_cfg = cfg["finetune"], cfg["model"]
     patch = [int(p) for p in ft["patch_size"]]  # checked against the network at start-up (ctssl.config)
-    manifest = read_json(preprocessed_dir / "manifest.json")
-    if not manifest["labelled"]:
-        raise ValueError(f"{preprocessed_dir}: dataset has no labels; it can only be used for pretraining")
-    classes = {int(k): v for k, v in manifest["labels"].items()}
-    splits = read_json(splits_path)
-    train_cases = label_subset(splits["train"], fraction, seed, int(splits["split_seed"]))
-    test_cases = splits["test"]
+    cell = Cell.load(preprocessed_dir, splits_path, fraction, seed)
     device = pick_device(cfg["device"])
-    log.info("fine-tune %s %s frac%s seed%d on %s", manifest["dataset"], init, fraction_key(fraction), seed,
+    log.info("fine-tune %s %s frac%s seed%d on %s", cell.dataset, init, fraction_key(fraction), seed,
              scheduler_info())
 
-    net = SegmentationNet(model_cfg, n_classes=len(classes)).to(device)
+    net = SegmentationNet(model_cfg, n_classes=len(cell.classes)).to(device)
     weights_info: dict = {"init": init, "path": None}
     if init_weights is not None:
         state = read_state_dict(init_weights)
@@ -162,7 +193,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
         weights_info.update(path=str(init_weights), sha256=file_digest(init_weights),
                             loaded=len(report["loaded"]), skipped=report["skipped"])
 
-    draw = CasePatches([load_case(preprocessed_dir, c) for c in train_cases], training_transforms(patch, ft))
+    draw = CasePatches([load_case(preprocessed_dir, c) for c in cell.train_cases], training_transforms(patch, ft))
     steps, batch_size, workers = int(ft["steps"]), int(ft["batch_size"]), int(ft["num_workers"])
 
     def batches(start: int) -> DataLoader:
@@ -179,7 +210,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
 
     optimizer, scheduler, params = optimizer_and_schedule(net, ft)
     fingerprint = json_digest({"cfg": {"finetune": ft, "model": model_cfg}, "init": init, "fraction": fraction,
-                               "seed": seed, "train_cases": list(train_cases), "weights": weights_info.get("sha256")})
+                               "seed": seed, "train_cases": list(cell.train_cases), "weights": weights_info.get("sha256")})
     task = Task(name=f"finetune {init} frac{fraction_key(fraction)} seed{seed}", steps=steps,
                 batch_size=batch_size * int(ft["patches_per_case"]), loss=loss, batches=batches,
                 on_step=None if on_step is None else (lambda step: on_step(step, net)))
@@ -189,31 +220,16 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     value, start, train_seconds = result.final_loss, result.start, result.seconds
 
     t_eval = time.time()
-    per_case, per_case_preprocessed = {}, {}
-    for case in test_cases:
-        per_case[case], per_case_preprocessed[case] = evaluate_case(
-            net, preprocessed_dir, case, classes, patch, sw_batch_size=int(ft["sw_batch_size"]),
-            overlap=float(ft["sw_overlap"]), device=device)
-        log.info("test %s (original grid): %s", case, {k: round(v, 4) for k, v in per_case[case].items()})
-    summary = summarize(per_case)
-    metrics = {
-        "dataset": manifest["dataset"], "init": init, "fraction": fraction, "seed": seed,
-        "classes": {str(k): v for k, v in classes.items() if k != 0},
-        "per_case": per_case, **summary,
-        "per_case_preprocessed": per_case_preprocessed,
-        "mean_foreground_dice_preprocessed": summarize(per_case_preprocessed)["mean_foreground_dice"],
-        "train_cases": list(train_cases), "test_cases": list(test_cases),
-        "evaluation_space": "original image grid (prediction probabilities resampled back, as nnU-Net); "
-                            "*_preprocessed: the preprocessed grid (RAS, target spacing)",
-        "init_weights": weights_info,
-        "timings_s": {"train": round(train_seconds, 2), "evaluate": round(time.time() - t_eval, 2),
-                      "total": round(time.time() - t_start, 2)},
-        "steps": steps, "final_loss": value, "device": str(device), "resumed_from_step": start or None,
-        "config": copy.deepcopy(cfg), "code_version": code_version(), "environment": environment(),
-        "scheduler": scheduler_info(),
-    }
+    scores = cell.score(preprocessed_dir, lambda case: predict_probabilities(
+        net, np.load(preprocessed_dir / f"{case}.npy"), patch, sw_batch_size=int(ft["sw_batch_size"]),
+        overlap=float(ft["sw_overlap"]), device=device))
+    metrics = cell.metrics(
+        init=init, fraction=fraction, seed=seed, scores=scores, cfg=cfg, init_weights=weights_info,
+        timings_s={"train": round(train_seconds, 2), "evaluate": round(time.time() - t_eval, 2),
+                   "total": round(time.time() - t_start, 2)},
+        steps=steps, final_loss=value, device=str(device), resumed_from_step=start or None)
     write_json(out_dir / "metrics.json", metrics)
     discard_checkpoint(out_dir / CHECKPOINT)
-    log.info("%s %s frac%s seed%d: mean foreground Dice %.4f", manifest["dataset"], init, fraction_key(fraction),
-             seed, summary["mean_foreground_dice"])
+    log.info("%s %s frac%s seed%d: mean foreground Dice %.4f", cell.dataset, init, fraction_key(fraction),
+             seed, scores["mean_foreground_dice"])
     return metrics
