@@ -7,10 +7,13 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the checkou
 
 from ctssl.logutil import setup_logging  # noqa: E402
 from ctssl.nnunet.engine import run_nnunet_cell  # noqa: E402
+from ctssl.train.checkpoint import run_interruptible  # noqa: E402
 
 log = setup_logging(snakemake.log[0])
 w = snakemake.wildcards
-run_nnunet_cell(preprocessed_dir=snakemake.input.preprocessed, splits_path=snakemake.input.splits,
-                fraction=float(w.pct), seed=int(w.seed), init=w.init,
-                pretrained_run=Path(snakemake.input.weights[0]).parent if snakemake.input.weights else None,
-                cfg=snakemake.params.cfg, out_dir=Path(snakemake.output.metrics).parent, threads=snakemake.threads)
+sys.exit(run_interruptible(
+    lambda: run_nnunet_cell(preprocessed_dir=snakemake.input.preprocessed, splits_path=snakemake.input.splits,
+                            fraction=float(w.pct), seed=int(w.seed), init=w.init,
+                            pretrained_run=Path(snakemake.input.weights[0]).parent if snakemake.input.weights
+                            else None, cfg=snakemake.params.cfg, out_dir=Path(snakemake.output.metrics).parent,
+                            threads=snakemake.threads), log))

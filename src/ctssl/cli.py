@@ -108,6 +108,18 @@ def _dicom2nifti(args: argparse.Namespace) -> int:
     return status
 
 
+def _rehash(args: argparse.Namespace) -> int:
+    from ctssl.integrity import IntegrityError, rehash_run
+
+    setup_logging(None)
+    digests, status = _refused(lambda: rehash_run(args.run_dir), (IntegrityError,))
+    if not status:
+        previous, new = digests
+        print(f"{args.run_dir}/model.json: model_sha256 {previous} -> {new}" if previous != new
+              else f"{args.run_dir}/model.json: model_sha256 {new} already matches model.pt; nothing changed")
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctssl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--configuration", default="3d_fullres", help="the plans configuration to take the weights")
     n.add_argument("--plans-name", default=None, help="name of the new plans file (default ctssl_METHOD-POOL)")
     n.set_defaults(func=_export_nnunet)
+    r = sub.add_parser("rehash", help="after replacing a pretraining run's model.pt on purpose: record its new sha256 "
+                                      "in model.json (the old one is kept under 'rehashed')")
+    r.add_argument("run_dir", help="a pretraining run folder, e.g. results/pretrain/pgl/all")
+    r.set_defaults(func=_rehash)
     s = sub.add_parser("synthesize", help="write a synthetic CT dataset in MSD layout")
     s.add_argument("out")
     s.add_argument("--name", required=True)

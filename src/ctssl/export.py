@@ -14,7 +14,8 @@ import math
 import shutil
 from pathlib import Path
 
-from ctssl.io import atomic_dir, file_digest, read_json, write_json
+from ctssl.integrity import IntegrityError, verify_weights
+from ctssl.io import atomic_dir, read_json, write_json
 from ctssl.models.spec import per_axis
 
 BUNDLE_VERSION = "0.1.0"
@@ -30,11 +31,11 @@ def run_metadata(run_dir: Path) -> dict:
     for path in (meta_path, model_path):
         if not path.is_file():
             raise ExportError(f"{path}: not found; export a finished pretraining run (results/pretrain/METHOD/POOL)")
-    meta = read_json(meta_path)
-    if file_digest(model_path) != meta["model_sha256"]:
-        raise ExportError(f"{model_path}: its sha256 is not the one {meta_path} records; the weights were changed "
-                          "after training, so their provenance is unknown")
-    return meta
+    try:
+        verify_weights(model_path)
+    except IntegrityError as exc:
+        raise ExportError(str(exc)) from None
+    return read_json(meta_path)
 
 
 def bundle_metadata(meta: dict) -> dict:

@@ -43,10 +43,25 @@ def atomic_path(target: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Pat
     _as_if_created(tmp_path, 0o666)
     try:
         yield tmp_path
+        _flush_to_disk(tmp_path)
         os.replace(tmp_path, target)
+        _flush_to_disk(target.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync a file's data (before the rename that publishes it) or a directory's entries (after it): without it a
+    power cut or a full node can leave a renamed file whose tail never reached the disk, i.e. a truncated checkpoint
+    that looks complete."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and directories on some platforms) do not support fsync
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ def test_cell_outputs_and_determinism(prepared, tmp_path):
     for key in ("mean_per_class", "mean_foreground_dice", "config", "code_version", "timings_s", "init_weights"):
         assert key in metrics
     log = (tmp_path / "a" / "train_log.csv").read_text().splitlines()
-    assert log[0] == "step,loss,lr,samples_per_s,elapsed_s,parts" and len(log) == 1 + CFG["finetune"]["steps"]
+    assert log[0] == "step,loss,lr,samples_per_s,elapsed_s,wait_s,compute_s,parts" and len(log) == 1 + CFG["finetune"]["steps"]
     # same config on CPU -> same numbers
     assert a["final_loss"] == b["final_loss"]
     assert a["per_case"] == b["per_case"]
@@ -179,12 +179,14 @@ def test_head_warmup_must_leave_steps_for_the_backbone():
 
 def test_several_patches_per_case_make_one_flat_batch(prepared):
     """paper.yaml samples 2 patches per case: MONAI's collate must flatten them into batch x patches samples."""
+    from ctssl.integrity import PreprocessedFolder
     from ctssl.train.finetune import CasePatches, load_case, training_transforms
     from ctssl.train.loop import IndexedSamples
 
     pre, _, splits = prepared
     ft = {**CFG["finetune"], "patches_per_case": 2}
-    draw = CasePatches([load_case(pre, c) for c in splits["train"]], training_transforms([16, 16, 16], ft))
+    folder = PreprocessedFolder(pre)
+    draw = CasePatches([load_case(folder, c) for c in splits["train"]], training_transforms([16, 16, 16], ft))
     from monai.data import DataLoader
 
     batch = next(iter(DataLoader(IndexedSamples(draw, 0, 0, 4), batch_size=2)))

@@ -60,3 +60,73 @@ def test_hooks_see_every_step_and_after_step_values_are_logged(tmp_path):
     result = run_loop(task, net, optimizer, scheduler, params, SETTINGS, tmp_path, "fp", torch.device("cpu"))
     assert seen == [1, 2, 3, 4] and result.start == 0 and math.isfinite(result.final_loss)
     assert '"tau": 0.4' in (tmp_path / "train_log.csv").read_text().splitlines()[-1].replace('""', '"')
+
+
+def _toy_run(tmp_path, steps: int, checkpoint_every: int = 0, batches=None, log_every: int = 100):
+    net, params, optimizer, scheduler, default_batches = _setup(steps)
+    task = Task(name="toy", steps=steps, batch_size=2, loss=lambda b: (net(b["x"]).pow(2).mean(), {}),
+                batches=batches or default_batches, loader_setting="toy.num_workers (now 0)")
+    settings = LoopSettings(grad_clip=1.0, use_amp=False, log_every=log_every, checkpoint_every=checkpoint_every)
+    result = run_loop(task, net, optimizer, scheduler, params, settings, tmp_path, "fp", torch.device("cpu"))
+    return result, net
+
+
+def _interrupted_run(tmp_path, steps: int, stop_after: int, checkpoint_every: int):
+    """A run whose batch stream ends after `stop_after` steps, as a killed job: its checkpoints stay."""
+    _, _, _, _, batches = _setup(steps)
+    with pytest.raises(RuntimeError, match="the batch stream ended"):
+        _toy_run(tmp_path, steps, checkpoint_every,
+                 batches=lambda start: list(batches(start))[:stop_after - start])
+
+
+def test_a_truncated_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous_one(tmp_path, caplog):
+    reference, ref_net = _toy_run(tmp_path / "ref", 8)
+    run = tmp_path / "run"
+    _interrupted_run(run, 8, stop_after=5, checkpoint_every=2)  # checkpoints at steps 2 and 4
+    ckpt = run / "checkpoints"
+    assert torch.load(ckpt / "previous.pt", weights_only=False)["step"] == 2
+    last = ckpt / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a full disk cut its tail
+    with caplog.at_level("INFO"):
+        result, net = _toy_run(run, 8)
+    aside = list(ckpt.glob("last.pt.bad-*"))
+    assert len(aside) == 1 and aside[0].stat().st_size > 0  # kept, not deleted
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ctssl.train.checkpoint" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "set aside as last.pt.bad-" in warnings[0] and "unreadable" in warnings[0]
+    assert result.start == 2 and "resuming from step 2" in caplog.text
+    # The resumed run is the uninterrupted one, exactly (CPU).
+    assert torch.equal(net.weight, ref_net.weight) and result.final_loss == reference.final_loss
+
+
+def test_an_unreadable_checkpoint_with_no_previous_one_starts_from_step_zero(tmp_path, caplog):
+    reference, ref_net = _toy_run(tmp_path / "ref", 4)
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "last.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with caplog.at_level("INFO"):
+        result, net = _toy_run(tmp_path / "run", 4)
+    assert result.start == 0 and torch.equal(net.weight, ref_net.weight)
+    assert len(list(ckpt.glob("last.pt.bad-*"))) == 1 and "unreadable" in caplog.text
+    # A second rerun finds nothing left to trip over (no crash loop).
+    assert _toy_run(tmp_path / "run", 4)[0].start == 0
+
+
+def test_train_log_has_wait_and_compute_columns_and_a_loader_bound_run_is_named_once(tmp_path, caplog):
+    import csv
+    import time
+
+    _, _, _, _, batches = _setup(6)
+
+    def slow_batches(start):
+        for batch in batches(start):
+            time.sleep(0.05)  # a loader far slower than the step
+            yield batch
+
+    with caplog.at_level("WARNING"):
+        result, _ = _toy_run(tmp_path, 6, batches=slow_batches, log_every=2)
+    rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
+    assert all(float(r["wait_s"]) >= 0.05 and float(r["compute_s"]) >= 0 for r in rows)
+    assert result.loader_wait_fraction > 0.8
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # one per run, not one per interval
+    assert "toy.num_workers (now 0)" in warnings[0] and "waited for batches" in warnings[0]

@@ -121,7 +121,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(pool_csv, tmp_path, sig,
 def test_checkpoint_of_another_config_is_kept_aside(pool_csv, tmp_path):
     save_checkpoint(tmp_path / "checkpoints" / "last.pt", 4, "fingerprint-of-other-settings", {}, [])
     run_pretrain(pool_csv=pool_csv, method="pgl", pool="all", cfg=_cfg(steps=6), out_dir=tmp_path)
-    stale = list((tmp_path / "checkpoints").glob("stale-*.pt"))
+    stale = list((tmp_path / "checkpoints").glob("last.pt.bad-*"))
     assert len(stale) == 1 and torch.load(stale[0], weights_only=False)["step"] == 4
     assert [s for s, _ in _losses(tmp_path)] == list(range(1, 7))
     assert not (tmp_path / "checkpoints" / "last.pt").exists()

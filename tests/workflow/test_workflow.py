@@ -224,6 +224,72 @@ def test_wrong_settings_stop_at_startup_naming_the_key(tmp_path, mutate, expecte
         assert text in out, out[-3000:]
 
 
+PGL_CELL = "results/finetune/liver/pgl-all/frac50/seed0/metrics.json"
+
+
+def cell_log(workspace: Path, init: str) -> str:
+    return (workspace / f"results/logs/finetune/liver/{init}/frac50/seed0.log").read_text()
+
+
+def test_damaged_pretrained_weights_stop_the_cell_naming_both_digests(workspace):
+    """Two bytes flipped in a pretraining run's model.pt: the cell that loads it refuses before training, naming
+    the file, both digests and the remedies; the weights are left as they are."""
+    weights = workspace / "results/pretrain/pgl/all/model.pt"
+    recorded = json.loads(weights.with_name("model.json").read_text())["model_sha256"]
+    original, stat = weights.read_bytes(), weights.stat()
+    damaged = bytearray(original)
+    for offset in (len(damaged) // 2, len(damaged) // 2 + 1):
+        damaged[offset] ^= 0xFF
+    weights.write_bytes(bytes(damaged))
+    try:
+        run = snakemake(workspace, "-f", PGL_CELL)
+        log = cell_log(workspace, "pgl-all")
+        assert run.returncode != 0
+        assert f"sha256 {hashlib.sha256(damaged).hexdigest()} is not the {recorded}" in log, log
+        assert "results/pretrain/pgl/all/model.pt" in log and "ctssl rehash results/pretrain/pgl/all" in log
+        assert "backbone tensors" not in log and "Traceback" not in log  # nothing loaded; one clear line
+        assert weights.read_bytes() == bytes(damaged)  # the user's file untouched
+        assert not (workspace / PGL_CELL).exists()  # no cell scored with other weights
+    finally:
+        weights.write_bytes(original)
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_truncated_checkpoint_is_set_aside_and_the_cell_trains_from_step_zero(workspace):
+    """A cell's checkpoints/last.pt cut short (a full disk): the rerun sets it aside, says why in one line, trains
+    from step 0 and gives the uninterrupted result; a second rerun has nothing to trip over."""
+    metrics = workspace / CELL
+    before = json.loads(metrics.read_text())
+    ckpt = metrics.parent / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(exist_ok=True)
+    torch.save({"step": 2, "fingerprint": "x", "model": torch.zeros(4096)}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 2])
+    run = snakemake(workspace, "-f", CELL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in cell_log(workspace, "scratch").splitlines() if "set aside" in line]
+    assert len(lines) == 1 and "unreadable" in lines[0] and "last.pt.bad-" in lines[0], lines
+    aside = list(ckpt.parent.glob("last.pt.bad-*"))
+    assert len(aside) == 1 and aside[0].stat().st_size > 0  # kept for the user, never deleted
+    after = json.loads(metrics.read_text())
+    assert after["resumed_from_step"] is None and after["per_case"] == before["per_case"]
+    assert not ckpt.exists()
+
+
+def test_a_deleted_preprocessed_file_names_the_file_and_the_rebuild_command_that_works(workspace):
+    test_case = json.loads((workspace / "results/splits/liver.json").read_text())["test"][0]
+    missing = workspace / f"results/preprocessed/liver/{test_case}.npy"
+    missing.unlink()
+    run = snakemake(workspace, "-f", CELL)
+    log = cell_log(workspace, "scratch")
+    assert run.returncode != 0 and "Traceback" not in log
+    assert f"results/preprocessed/liver/{test_case}.npy: missing from the preprocessed folder" in log, log
+    hint = "snakemake --cores N -f results/preprocessed/liver"
+    assert hint in log
+    rebuild = snakemake(workspace, "-f", "results/preprocessed/liver")  # the command the message gives
+    assert rebuild.returncode == 0 and missing.exists(), rebuild.stderr[-3000:]
+    assert job_counts(rebuild.stdout + rebuild.stderr) == {"preprocess": 1, "total": 1}
+
+
 def test_truncated_raw_image_fails_cleanly(workspace):
     """Last: corrupts the workspace. The preprocess job fails, names the file and leaves no output dir."""
     image = workspace / "results/raw/liver/imagesTr/liver_001.nii.gz"

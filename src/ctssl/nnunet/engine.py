@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctssl.io import file_digest, read_json, save_nifti, write_json
+from ctssl.integrity import PreprocessedFolder, verify_weights
+from ctssl.io import read_json, save_nifti, write_json
 from ctssl.splits import fraction_key
 from ctssl.train.finetune import Cell
 from ctssl.train.launch import python_env
@@ -32,15 +33,16 @@ class NnunetCellError(RuntimeError):
     """nnU-Net's part of a cell failed; the message names its log."""
 
 
-def write_raw_dataset(raw: Path, preprocessed_dir: Path, train_cases: list[str], manifest: dict) -> None:
+def write_raw_dataset(raw: Path, folder: PreprocessedFolder, train_cases: list[str]) -> None:
     """nnU-Net's raw layout (imagesTr/{case}_0000.nii.gz, labelsTr/{case}.nii.gz, dataset.json)."""
     import nibabel as nib
 
+    manifest = folder.manifest
     for case in train_cases:
-        geometry = read_json(preprocessed_dir / f"{case}.json")
+        geometry = folder.json(f"{case}.json")
         affine = np.asarray(geometry["affine"], dtype=np.float64)
-        image = np.load(preprocessed_dir / f"{case}.npy").astype(np.float32)
-        label = np.load(preprocessed_dir / f"{case}_seg.npy").astype(np.uint8)
+        image = folder.load(f"{case}.npy").astype(np.float32)
+        label = folder.load(f"{case}_seg.npy").astype(np.uint8)
         save_nifti(raw / "imagesTr" / f"{case}_0000.nii.gz", nib.Nifti1Image(image, affine))
         save_nifti(raw / "labelsTr" / f"{case}.nii.gz", nib.Nifti1Image(label, affine))
     labels = {name: int(value) for value, name in manifest["labels"].items()}
@@ -57,18 +59,20 @@ def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fr
     preprocessed_dir, out_dir = Path(preprocessed_dir), Path(out_dir)
     ft = cfg["finetune"]
     cell = Cell.load(preprocessed_dir, splits_path, fraction, seed)
-    manifest = read_json(preprocessed_dir / "manifest.json")
+    manifest = cell.folder.manifest
+    weights = Path(pretrained_run) / "model.pt" if pretrained_run else None
+    weights_sha256 = verify_weights(weights) if weights else None  # before nnU-Net loads them
     work = (out_dir / "nnunet").resolve()
     name = f"Dataset001_{manifest['dataset']}"
     raw = work / "nnUNet_raw" / name
-    write_raw_dataset(raw, preprocessed_dir, cell.train_cases, manifest)
+    write_raw_dataset(raw, cell.folder, cell.train_cases)
     spec = {"work": str(work), "raw": str(raw), "dataset_name": name, "model": cfg["model"], "seed": seed,
             "device": cfg["device"], "threads": threads, "nnunet": ft["nnunet"],
             "patch_size": ft["patch_size"], "batch_size": ft["batch_size"], "tile_step_size": 1 - ft["sw_overlap"],
             "spacing": manifest["target_spacing"],
             "pretrained_run": str(Path(pretrained_run).resolve()) if pretrained_run else None,
             "probabilities": str(work / "probabilities"),
-            "test_cases": [{"case": c, "image": str((preprocessed_dir / f"{c}.npy").resolve())} for c in cell.test_cases]}
+            "test_cases": [{"case": c, "image": str(cell.folder.path(f"{c}.npy").resolve())} for c in cell.test_cases]}
     write_json(work / "spec.json", spec)
     log.info("nnU-Net fine-tune %s %s frac%s seed%d in %s", manifest["dataset"], init, fraction_key(fraction), seed,
              work)
@@ -90,13 +94,11 @@ def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fr
     train_seconds = time.time() - t_train
 
     t_eval = time.time()
-    scores = cell.score(preprocessed_dir,
-                        lambda case: torch.from_numpy(np.load(work / "probabilities" / f"{case}.npy")))
-    weights = Path(pretrained_run) / "model.pt" if pretrained_run else None
+    scores = cell.score(lambda case: torch.from_numpy(np.load(work / "probabilities" / f"{case}.npy")))
     metrics = cell.metrics(
         init=init + ENGINE_SUFFIX, fraction=fraction, seed=seed, scores=scores, cfg=cfg, engine="nnunet",
         init_weights={"init": init, "path": str(weights) if weights else None,
-                      "sha256": file_digest(weights) if weights else None},
+                      "sha256": weights_sha256},
         timings_s={"train": round(train_seconds, 2), "evaluate": round(time.time() - t_eval, 2),
                    "total": round(time.time() - t_start, 2)},
         steps=int(ft["nnunet"]["epochs"]) * int(ft["nnunet"]["iterations_per_epoch"]),

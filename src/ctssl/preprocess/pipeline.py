@@ -12,6 +12,7 @@ import numpy as np
 from ctssl.data.msd import Case, MSDDataset, read_msd_dataset
 from ctssl.data.nifti import check_same_grid, load_label, load_nifti
 from ctssl.errors import InputDataError
+from ctssl.integrity import file_records
 from ctssl.io import atomic_dir, write_json
 from ctssl.preprocess.normalize import normalize, sample_foreground, zscore_statistics
 from ctssl.preprocess.resample import resample_labels, resample_volume
@@ -131,7 +132,7 @@ def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, name: str, cfg:
     processes (the rule's threads). A case's files do not depend on the number of workers.
 
     Layout: `{case}.npy` (float32 image), `{case}_seg.npy` (uint8 labels, if labelled), `{case}.json` (geometry),
-    and `manifest.json` (classes, cases, normalization and its statistics).
+    and `manifest.json` (classes, cases, normalization and its statistics, each file's size and sha256).
     """
     dataset = read_msd_dataset(raw_dir)
     stats = dataset_statistics(dataset, cfg, set(exclude_from_stats), seed)
@@ -144,5 +145,7 @@ def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, name: str, cfg:
             "labelled": dataset.labelled, "target_spacing": cfg["target_spacing"],
             "normalization": cfg["normalization"], "statistics": stats,
             "statistics_excluded_cases": sorted(exclude_from_stats), "cases": cases,
+            # Size and sha256 of every file, checked by the runs that read them (ctssl.integrity).
+            "files": file_records(tmp),
         })
     return Path(out_dir)

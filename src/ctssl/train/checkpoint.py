@@ -3,21 +3,25 @@
 On a preemptible cluster a job is told to stop (SLURM: SIGUSR1 some minutes before the time limit, SIGTERM at it).
 The loops finish the current step, write a checkpoint with everything needed to continue (weights, optimizer,
 schedule, RNG states, step), and exit with EX_TEMPFAIL (75); rerunning the same job resumes from that checkpoint.
-A checkpoint carries a fingerprint of the run's settings, so a changed config never resumes a stale run.
+A checkpoint carries a fingerprint of the run's settings, so a changed config never resumes a stale run; a damaged
+or foreign one is set aside (`last.pt.bad-<time>`) and the run resumes from the checkpoint before it, or from step 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ctssl.io import save_torch
+from ctssl.errors import InputDataError
+from ctssl.io import atomic_path
 from ctssl.train.distributed import SINGLE, World, barrier
 
 log = logging.getLogger(__name__)
@@ -71,34 +75,73 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+PREVIOUS = "previous.pt"  # the checkpoint before last.pt, kept so a damaged last.pt costs one interval, not the run
+
+
 def save_checkpoint(path: Path, step: int, fingerprint: str, modules: dict, log_rows: list[dict]) -> None:
     """`modules`: name -> object with state_dict() (network, optimizer, scheduler, scaler); `log_rows`: the
-    training log so far (CsvLog.rows)."""
-    save_torch(path, {"step": step, "fingerprint": fingerprint, "rng": rng_state(), "log_rows": list(log_rows),
-                      **{name: obj.state_dict() for name, obj in modules.items()}})
+    training log so far (CsvLog.rows). The new checkpoint is written and flushed to disk beside `path`; only then
+    does the current one become previous.pt and the new one `path`, so at every instant one complete checkpoint
+    exists."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: stable zip record names (ctssl.io)
+        torch.save({"step": step, "fingerprint": fingerprint, "rng": rng_state(), "log_rows": list(log_rows),
+                    **{name: obj.state_dict() for name, obj in modules.items()}}, fh)
+        fh.close()
+        if path.exists():
+            os.replace(path, path.with_name(PREVIOUS))
+
+
+def _problem(ckpt: object, fingerprint: str, modules: dict) -> str | None:
+    """Why a loaded checkpoint cannot resume this run, or None."""
+    if not isinstance(ckpt, dict):
+        return f"not a ctssl checkpoint (a {type(ckpt).__name__})"
+    if ckpt.get("fingerprint") != fingerprint:
+        return (f"made with other settings (fingerprint {str(ckpt.get('fingerprint'))[:12]}, this run "
+                f"{fingerprint[:12]})")
+    missing = [key for key in ("step", "rng", "log_rows", *modules) if key not in ckpt]
+    return f"incomplete (no {', '.join(missing)})" if missing else None
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename a checkpoint that cannot be used to `NAME.bad-<time>` (never deleted: the user may want it)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.bad-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.bad-{stamp}-{n}")
+    path.rename(target)
+    log.warning("checkpoint %s set aside as %s: %s", path, target.name, reason)
+    return target
 
 
 def load_checkpoint(path: Path, fingerprint: str, modules: dict, device: torch.device,
-                    keep_stale_aside: bool = True) -> tuple[int, list[dict]]:
-    """Restore `modules` and the RNG states from `path` if it belongs to this run; returns (step to resume from,
-    log rows up to it), or (0, []) to start afresh. A checkpoint of other settings is kept aside as stale-*.pt,
-    never deleted (by rank 0 only, `keep_stale_aside`: the other ranks just start afresh too)."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:  # none, or rank 0 just moved a stale one aside
-        return 0, []
-    if ckpt.get("fingerprint") != fingerprint:
-        if keep_stale_aside:
-            stale = path.with_name(f"stale-{str(ckpt.get('fingerprint', 'unknown'))[:12]}.pt")
-            path.rename(stale)
-            log.warning("checkpoint %s was made with other settings; kept as %s, starting afresh", path, stale)
-        return 0, []
-    for name, obj in modules.items():
-        obj.load_state_dict(ckpt[name])
-    set_rng_state(ckpt["rng"])
-    step = int(ckpt["step"])
-    log.info("resuming from step %d (%s)", step, path)
-    return step, [row for row in ckpt["log_rows"] if int(row["step"]) <= step]
+                    keep_aside: bool = True) -> tuple[int, list[dict]]:
+    """Restore `modules` and the RNG states from `path`, or else from previous.pt beside it; returns (step to
+    resume from, log rows up to it), or (0, []) to start afresh.
+
+    A checkpoint that is unreadable (truncated by a full disk, damaged), incomplete, or made with other settings is
+    set aside as `*.bad-<time>` with a one-line warning saying why, so a rerun never crashes on it again and never
+    resumes a different run. Only rank 0 renames (`keep_aside`); the other ranks reach the same verdict."""
+    for candidate in (path, path.with_name(PREVIOUS)):
+        try:
+            ckpt = torch.load(candidate, map_location=device, weights_only=False)
+        except FileNotFoundError:  # none, or rank 0 just set it aside
+            continue
+        except Exception as exc:  # torch raises a zoo of types for a damaged file
+            reason = f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        else:
+            reason = _problem(ckpt, fingerprint, modules)
+            if reason is None:
+                for name, obj in modules.items():
+                    obj.load_state_dict(ckpt[name])
+                set_rng_state(ckpt["rng"])
+                step = int(ckpt["step"])
+                log.info("resuming from step %d (%s)", step, candidate)
+                return step, [row for row in ckpt["log_rows"] if int(row["step"]) <= step]
+        if keep_aside:
+            set_aside(candidate, reason)
+    return 0, []
 
 
 def checkpoint_after_step(flag: SignalFlag, stop: bool, step: int, total: int, every: int, path: Path,
@@ -119,17 +162,22 @@ def checkpoint_after_step(flag: SignalFlag, stop: bool, step: int, total: int, e
 
 def discard_checkpoint(path: Path) -> None:
     """A finished run keeps no checkpoint: a forced rerun (`snakemake -f`, or new code under the same settings) must
-    train again, not 'resume' at the last step and rewrite the old weights. Stale checkpoints beside it stay."""
+    train again, not 'resume' at the last step and rewrite the old weights. Checkpoints set aside stay."""
     path.unlink(missing_ok=True)
+    path.with_name(PREVIOUS).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         path.parent.rmdir()
 
 
 def run_interruptible(run, log: logging.Logger) -> int:
-    """Exit status of `run()`: 0, or EXIT_INTERRUPTED after a checkpoint-on-signal (logged, not a traceback)."""
+    """Exit status of `run()`: 0, EXIT_INTERRUPTED after a checkpoint-on-signal, or 1 for bad or damaged input
+    (each logged as its one-line message, not a traceback: the message names the file and the remedy)."""
     try:
         run()
     except TrainingInterrupted as exc:
         log.error("%s", exc)
         return EXIT_INTERRUPTED
+    except InputDataError as exc:
+        log.error("%s", exc)
+        return 1
     return 0

@@ -27,7 +27,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from ctssl.config import head_warmup_problem
 from ctssl.data.nifti import load_nifti
 from ctssl.evaluate import dice_per_class, predict_probabilities, summarize
-from ctssl.io import file_digest, json_digest, read_json, write_json
+from ctssl.integrity import PreprocessedFolder, verify_weights
+from ctssl.io import json_digest, read_json, write_json
 from ctssl.models.backbone import SegmentationNet
 from ctssl.models.weights import load_backbone_weights, read_state_dict
 from ctssl.preprocess.spatial import to_original_grid
@@ -40,10 +41,10 @@ from ctssl.train.loop import CHECKPOINT, IndexedSamples, LoopSettings, Task, run
 log = logging.getLogger(__name__)
 
 
-def load_case(preprocessed_dir: Path, case: str) -> dict[str, np.ndarray]:
-    """A preprocessed case as a MONAI dict sample with a channel axis."""
-    image = np.load(preprocessed_dir / f"{case}.npy")
-    label = np.load(preprocessed_dir / f"{case}_seg.npy")
+def load_case(folder: PreprocessedFolder, case: str) -> dict[str, np.ndarray]:
+    """A preprocessed case (checked against its folder's manifest) as a MONAI dict sample with a channel axis."""
+    image = folder.load(f"{case}.npy")
+    label = folder.load(f"{case}_seg.npy")
     return {"image": image[None], "label": label[None], "case": case}
 
 
@@ -116,25 +117,27 @@ class Cell:
     classes: dict[int, str]
     train_cases: list[str]
     test_cases: list[str]
+    folder: PreprocessedFolder  # every file a cell reads, checked against the folder's manifest
 
     @classmethod
     def load(cls, preprocessed_dir: Path, splits_path: str | Path, fraction: float, seed: int) -> Cell:
         """The dataset's classes, this (fraction, seed)'s labelled training cases and the fixed test cases."""
-        manifest = read_json(preprocessed_dir / "manifest.json")
+        folder = PreprocessedFolder(preprocessed_dir)
+        manifest = folder.manifest
         if not manifest["labelled"]:
             raise ValueError(f"{preprocessed_dir}: dataset has no labels; it can only be used for pretraining")
         splits = read_json(splits_path)
         return cls(dataset=manifest["dataset"], classes={int(k): v for k, v in manifest["labels"].items()},
                    train_cases=label_subset(splits["train"], fraction, seed, int(splits["split_seed"])),
-                   test_cases=list(splits["test"]))
+                   test_cases=list(splits["test"]), folder=folder)
 
-    def score(self, preprocessed_dir: Path, probabilities: Callable[[str], torch.Tensor]) -> dict:
+    def score(self, probabilities: Callable[[str], torch.Tensor]) -> dict:
         """Dice of every test case from `probabilities(case)` (C, X, Y, Z on the preprocessed grid): the scores
         part of metrics.json, identical for every engine."""
         per_case, per_case_preprocessed = {}, {}
         for case in self.test_cases:
             per_case[case], per_case_preprocessed[case] = score_probabilities(
-                probabilities(case), preprocessed_dir, case, self.classes)
+                probabilities(case), self.folder, case, self.classes)
             log.info("test %s (original grid): %s", case, {k: round(v, 4) for k, v in per_case[case].items()})
         return {"per_case": per_case, **summarize(per_case), "per_case_preprocessed": per_case_preprocessed,
                 "mean_foreground_dice_preprocessed": summarize(per_case_preprocessed)["mean_foreground_dice"]}
@@ -152,15 +155,15 @@ class Cell:
         }
 
 
-def score_probabilities(probs: torch.Tensor, preprocessed_dir: Path, case: str, classes: dict[int, str]
+def score_probabilities(probs: torch.Tensor, folder: PreprocessedFolder, case: str, classes: dict[int, str]
                         ) -> tuple[dict, dict]:
     """Dice of class probabilities (C, X, Y, Z) on the preprocessed grid: on the case's original grid (resampled
     back, against the raw label file) and on the preprocessed grid. Every engine's predictions are scored here."""
-    geometry = read_json(preprocessed_dir / f"{case}.json")
+    geometry = folder.json(f"{case}.json")
     if not geometry.get("source_label"):
-        raise ValueError(f"{preprocessed_dir / case}.json: no source label to score the original grid against")
-    on_preprocessed = dice_per_class(probs.argmax(0).numpy().astype(np.uint8),
-                                     np.load(preprocessed_dir / f"{case}_seg.npy"), classes)
+        raise ValueError(f"{folder.folder / case}.json: no source label to score the original grid against")
+    on_preprocessed = dice_per_class(probs.argmax(0).numpy().astype(np.uint8), folder.load(f"{case}_seg.npy"),
+                                     classes)
     reference, _ = load_nifti(geometry["source_label"], dtype=np.uint8)
     on_original = dice_per_class(to_original_grid(probs, geometry), reference, classes)
     return on_original, on_preprocessed
@@ -188,12 +191,13 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     net = SegmentationNet(model_cfg, n_classes=len(cell.classes)).to(device)
     weights_info: dict = {"init": init, "path": None}
     if init_weights is not None:
+        digest = verify_weights(init_weights)  # before anything is read from it
         state = read_state_dict(init_weights)
         report = load_backbone_weights(net.backbone, state, source=str(init_weights))
-        weights_info.update(path=str(init_weights), sha256=file_digest(init_weights),
+        weights_info.update(path=str(init_weights), sha256=digest,
                             loaded=len(report["loaded"]), skipped=report["skipped"])
 
-    draw = CasePatches([load_case(preprocessed_dir, c) for c in cell.train_cases], training_transforms(patch, ft))
+    draw = CasePatches([load_case(cell.folder, c) for c in cell.train_cases], training_transforms(patch, ft))
     steps, batch_size, workers = int(ft["steps"]), int(ft["batch_size"]), int(ft["num_workers"])
 
     def batches(start: int) -> DataLoader:
@@ -213,21 +217,23 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
                                "seed": seed, "train_cases": list(cell.train_cases), "weights": weights_info.get("sha256")})
     task = Task(name=f"finetune {init} frac{fraction_key(fraction)} seed{seed}", steps=steps,
                 batch_size=batch_size * int(ft["patches_per_case"]), loss=loss, batches=batches,
-                on_step=None if on_step is None else (lambda step: on_step(step, net)))
+                on_step=None if on_step is None else (lambda step: on_step(step, net)),
+                loader_setting=f"finetune.num_workers (now {workers})")
     settings = LoopSettings(grad_clip=float(ft["grad_clip"]), use_amp=device.type == "cuda" and bool(cfg["amp"]),
                             log_every=int(ft["log_every"]), checkpoint_every=int(ft["checkpoint_every"]))
     result = run_loop(task, net, optimizer, scheduler, params, settings, out_dir, fingerprint, device)
     value, start, train_seconds = result.final_loss, result.start, result.seconds
 
     t_eval = time.time()
-    scores = cell.score(preprocessed_dir, lambda case: predict_probabilities(
-        net, np.load(preprocessed_dir / f"{case}.npy"), patch, sw_batch_size=int(ft["sw_batch_size"]),
+    scores = cell.score(lambda case: predict_probabilities(
+        net, cell.folder.load(f"{case}.npy"), patch, sw_batch_size=int(ft["sw_batch_size"]),
         overlap=float(ft["sw_overlap"]), device=device))
     metrics = cell.metrics(
         init=init, fraction=fraction, seed=seed, scores=scores, cfg=cfg, init_weights=weights_info,
         timings_s={"train": round(train_seconds, 2), "evaluate": round(time.time() - t_eval, 2),
                    "total": round(time.time() - t_start, 2)},
-        steps=steps, final_loss=value, device=str(device), resumed_from_step=start or None)
+        steps=steps, final_loss=value, device=str(device), resumed_from_step=start or None,
+        loader_wait_fraction=result.loader_wait_fraction)
     write_json(out_dir / "metrics.json", metrics)
     discard_checkpoint(out_dir / CHECKPOINT)
     log.info("%s %s frac%s seed%d: mean foreground Dice %.4f", cell.dataset, init, fraction_key(fraction),

@@ -30,7 +30,8 @@ from ctssl.train.distributed import SINGLE, World, agree
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/last.pt"
-LOG_FIELDS = ["step", "loss", "lr", "samples_per_s", "elapsed_s", "parts"]
+LOG_FIELDS = ["step", "loss", "lr", "samples_per_s", "elapsed_s", "wait_s", "compute_s", "parts"]
+LOADER_BOUND = 0.2  # warn when the loop waits for batches more than this fraction of an interval's wall time
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -87,6 +88,7 @@ class Task:
     batches: Callable[[int], Iterable[Batch]]   # batches from step `start` (0-based) to the end
     after_step: Callable[[int], dict[str, float]] = field(default=lambda step: {})  # e.g. EMA update; logged
     on_step: Callable[[int], None] | None = None  # observers (learning curves); must not consume training RNG
+    loader_setting: str = "num_workers"  # the setting that adds loader workers, named in the loader-bound warning
 
 
 @dataclass
@@ -102,6 +104,40 @@ class LoopResult:
     start: int              # the step this run resumed from (0: from scratch)
     final_loss: float
     seconds: float
+    loader_wait_fraction: float  # time waiting for batches / (waiting + computing), this run's steps
+
+
+class LoaderWatch:
+    """Time spent waiting for the next batch vs. computing the step, per logged interval: when waiting exceeds
+    LOADER_BOUND of an interval, one warning (per run) names the loader setting and the measured fraction. The
+    first step of a run is left out of the intervals: it includes starting the loader's workers."""
+
+    def __init__(self, setting: str):
+        self.setting, self.warned = setting, False
+        self.interval = [0.0, 0.0]  # wait, compute
+        self.total = [0.0, 0.0]
+        self.first = True
+
+    def add(self, wait: float, compute: float) -> None:
+        if self.first:
+            self.first = False
+            return
+        for acc in (self.interval, self.total):
+            acc[0] += wait
+            acc[1] += compute
+
+    @staticmethod
+    def fraction(acc: list[float]) -> float:
+        return acc[0] / (acc[0] + acc[1]) if acc[0] + acc[1] > 0 else 0.0
+
+    def end_interval(self, name: str, step: int) -> None:
+        fraction = self.fraction(self.interval)
+        if fraction > LOADER_BOUND and not self.warned:
+            self.warned = True
+            log.warning("%s: the loop waited for batches %.0f%% of the time up to step %d (data loading is the "
+                        "bottleneck); raise %s if the machine has idle cores (train_log.csv: wait_s vs compute_s)",
+                        name, 100 * fraction, step, self.setting)
+        self.interval = [0.0, 0.0]
 
 
 def optimizer_step(loss_fn: LossFn, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -133,34 +169,44 @@ def run_loop(task: Task, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for fp16 users
     ckpt_path = out_dir / CHECKPOINT
     state = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    start, log_rows = load_checkpoint(ckpt_path, fingerprint, state, device, keep_stale_aside=world.is_main)
+    start, log_rows = load_checkpoint(ckpt_path, fingerprint, state, device, keep_aside=world.is_main)
     csv_log = CsvLog(out_dir / "train_log.csv" if world.is_main else None, LOG_FIELDS, rows=log_rows)
     net.train()
     t0, value, step = time.time(), float("nan"), start
+    watch = LoaderWatch(task.loader_setting)
+    batches = iter(task.batches(start))
     with SignalFlag() as flag, tqdm(total=task.steps, initial=start, desc=task.name,
                                     disable=None if world.is_main else True) as bar:
-        for batch in task.batches(start):
-            t_step = time.time()
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            t_step = time.perf_counter()
             loss, parts = optimizer_step(task.loss, _to(batch, device), optimizer, scaler, params,
                                          settings.grad_clip, settings.use_amp)
             step += 1
+            # agree() reads the loss value, which waits for the device: compute_s includes the GPU's time.
             value, parts, stop = agree(world, loss, parts, flag.received is not None)
+            wait_s, compute_s = t_step - t_wait, time.perf_counter() - t_step
+            watch.add(wait_s, compute_s)
             if not math.isfinite(value):
                 csv_log.close()
                 raise FloatingPointError(f"{task.name}: loss is {value} at step {step}/{task.steps} (parts: "
                                          f"{json.dumps(parts)}); lower the learning rate or check the inputs")
             scheduler.step()
             parts = {**parts, **task.after_step(step)}
-            rate = task.batch_size / max(time.time() - t_step, 1e-9)
+            rate = task.batch_size / max(compute_s, 1e-9)
             lr = scheduler.get_last_lr()[0]
             csv_log.write(step=step, loss=f"{value:.6f}", lr=f"{lr:.6g}", samples_per_s=f"{rate:.2f}",
-                          elapsed_s=f"{time.time() - t0:.2f}",
+                          elapsed_s=f"{time.time() - t0:.2f}", wait_s=f"{wait_s:.4f}", compute_s=f"{compute_s:.4f}",
                           parts=json.dumps({k: round(v, 6) for k, v in parts.items()}))
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:.1f}")
             if step % settings.log_every == 0 or step == task.steps:
                 log.info("step %d/%d loss %.4f lr %.3g %.1f samples/s %s", step, task.steps, value, lr, rate,
                          " ".join(f"{k} {v:.4g}" for k, v in parts.items()))
+                watch.end_interval(task.name, step)
             checkpoint_after_step(flag, stop, step, task.steps, settings.checkpoint_every, ckpt_path, fingerprint,
                                   state, csv_log, world)
             if task.on_step is not None:
@@ -168,4 +214,5 @@ def run_loop(task: Task, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
     csv_log.close()
     if step != task.steps:
         raise RuntimeError(f"{task.name}: the batch stream ended at step {step} of {task.steps}")
-    return LoopResult(start=start, final_loss=value, seconds=round(time.time() - t0, 2))
+    return LoopResult(start=start, final_loss=value, seconds=round(time.time() - t0, 2),
+                      loader_wait_fraction=round(watch.fraction(watch.total), 4))

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ctssl.config import method_config
+from ctssl.integrity import PreprocessedFolder
 from ctssl.io import file_digest, json_digest, read_json, save_torch, write_json
 from ctssl.models.backbone import backbone_spec
 from ctssl.provenance import code_version, environment, scheduler_info
@@ -37,11 +38,16 @@ class PoolSampler:
         self.labels = labels  # label maps, given only for methods that declare `uses_labels` (supervised)
         self.dataset_ids, self.group_ids = dataset_ids, group_ids
         self._cache: dict[tuple[int, bool], np.ndarray] = {}
+        self._folders: dict[Path, PreprocessedFolder] = {}
 
     def volume(self, k: int, label: bool = False) -> np.ndarray:
         key = (k, label)
         if key not in self._cache:  # memory-mapped: the page cache, not every worker, holds the data
-            self._cache[key] = np.load(self.labels[k] if label else self.images[k], mmap_mode="r")
+            path = Path(self.labels[k] if label else self.images[k])
+            if path.parent not in self._folders:
+                self._folders[path.parent] = PreprocessedFolder(path.parent)
+            # Checked against its folder's manifest on first read (size and sha256), as every run's inputs.
+            self._cache[key] = self._folders[path.parent].load(path.name, mmap_mode="r")
         return self._cache[key]
 
     def __call__(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -160,7 +166,8 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
                           pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
 
     task = Task(name=f"pretrain {method}-{pool}", steps=steps, batch_size=batch_size, loss=model,
-                batches=batches, after_step=lambda step: {"tau": net.update_targets(step, steps)})
+                batches=batches, after_step=lambda step: {"tau": net.update_targets(step, steps)},
+                loader_setting=f"pretrain.num_workers (now {workers})")
     settings = LoopSettings(grad_clip=float(mcfg["grad_clip"]), use_amp=device.type == "cuda" and bool(cfg["amp"]),
                             log_every=int(mcfg["log_every"]), checkpoint_every=int(mcfg["checkpoint_every"]))
     fingerprint = run_fingerprint(method, model_cfg, mcfg, pool_csv)
@@ -180,6 +187,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
         "pool_datasets": pool_meta["datasets"], "pool_groups": pool_meta["groups"], "config": {"model": model_cfg, method: mcfg},
         "preprocessing": pool_preprocessing(images),
         "fingerprint": fingerprint, "resumed_from_step": result.start or None, "device": str(device),
+        "loader_wait_fraction": result.loader_wait_fraction,
         "world_size": world.size, "nodes": world.nodes, "ranks": ranks,
         "seconds": result.seconds, "code_version": code_version(), "environment": environment(),
         "scheduler": scheduler_info(),
