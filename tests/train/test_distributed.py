@@ -7,8 +7,10 @@ and every gradient of one process to 1e-10 (test below). In float32 two ranks su
 process, so results differ by rounding, which training amplifies: HSSL most, because it batch-normalises pooled
 features that vary little between views (small variance, large 1/std) and divides by a 0.2 temperature. Measured on
 the demo's model and settings after 4 SGD steps: loss within 1.3e-5, weights within 4e-5 (HSSL) and 1e-5 (BYOL,
-PGL). Hence atol 1e-4 on both; an actual error is far outside it (per-rank instead of global BatchNorm: the HSSL
-loss differs by 0.6 within 4 steps). Weights are compared under SGD: under AdamW, which divides each gradient by its
+PGL) on the machine this was first measured on; on an AMD EPYC CI machine (2026-11) the same test gave losses
+1.7e-4 apart and weights over 1e-4 apart in some runs and not in others (the two processes' thread timing changes
+the rounding). Hence atol 1e-3 on both; an actual error is still far outside it (per-rank instead of global
+BatchNorm: the HSSL loss differs by 0.6 within 4 steps). Weights are compared under SGD: under AdamW, which divides each gradient by its
 own running size, a parameter whose true gradient is zero (a conv bias in front of instance norm) moves by +-lr on
 rounding noise alone, in one process as in two, and weights would differ by up to lr x steps.
 """
@@ -39,7 +41,7 @@ from ctssl.train.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = yaml.safe_load((ROOT / "config.yaml").read_text())
-LOSS_ATOL, WEIGHT_ATOL = 1e-4, 1e-4
+LOSS_ATOL, WEIGHT_ATOL = 1e-3, 1e-3
 
 
 def test_the_shards_of_a_step_are_exactly_that_steps_samples():
