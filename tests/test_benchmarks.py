@@ -1,5 +1,6 @@
 """The benchmark scripts run and print every figure they promise (their numbers are never asserted here)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -39,3 +40,25 @@ def test_pretrain_scaling_benchmark_prints_rates_and_efficiency_per_world_size()
     assert [r[0] for r in rows] == ["1", "2"], out
     assert float(rows[0][3]) == 1.0 and all(float(r[2]) > 0 for r in rows), out
     assert "device cpu" in out
+
+
+def test_gpu_check_quick_on_cpu_prints_every_method_variant_loader_and_dag(tmp_path):
+    """The CI mode of benchmarks/gpu_check.py: every row it promises, the loader table and the DAG's dry run."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--device", "cpu", "--quick",
+                          "--threads", "2", "--json", str(tmp_path / "check.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    assert re.search(r"measured float32 matmul peak: [\d.e+-]+ TFLOP/s", out), out
+    rows = re.findall(r"^(\w+) +(eager|channels_last_3d|compile) +([\d.]+) +([\d.]+) +nan +([\d.]+) +([\d.]+)%$",
+                      out, re.M)
+    methods = ("pgl", "byol", "hssl", "genesis", "supervised", "finetune")
+    assert {(r[0], r[1]) for r in rows} == {(m, v) for m in methods for v in ("eager", "channels_last_3d")} | {
+        ("finetune", "compile")}, out
+    assert len(re.findall(r"^\w+ +compile +skipped \(--quick compiles fine-tuning only\)$", out, re.M)) == 5, out
+    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
+    assert re.search(r"^ +1 workers: +[\d.]+ pairs/s", out, re.M) and re.search(r"^ +2 workers:", out, re.M)
+    assert "the configured pretrain.num_workers is 8" in out
+    assert re.search(r"tiny DAG on cpu .*dry run: OK in \d+ s, \d+ jobs", out), out
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["dag"]["ok"] and report["dag"]["jobs"] > 10 and len(report["rows"]) == 18
