@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ctssl.report import collect, paired_wilcoxon, per_class_table, summary_table, write_report
+from ctssl.report import bootstrap_ci, collect, holm, paired_wilcoxon, per_class_table, summary_table, write_report
 
 
 def _cell(tmp_path, dataset, init, fraction, seed, liver, tumour, weights=None):
@@ -94,9 +94,11 @@ def test_write_report_files(files, tmp_path):
     assert {"delta_vs_scratch", "p_wilcoxon", "n_pairs", "best", "n_seeds", "n_test_cases"} <= set(summary.columns)
     md = re.sub(r" +", " ", out["table_md"].read_text())
     # original-grid Dice is the main column; the preprocessed-grid mean (here 1 point higher) sits beside it
-    assert "| pgl-all | **45.0 ± 3.5** | +10.0 | 0.125 | 46.0 | **45.0 ± 3.5** |" in md
+    assert "| pgl-all | **45.0 ± 3.5** | +10.0 | [+10.0, +20.0] | 0.125 | 0.250 | 46.0 | **45.0 ± 3.5** |" in md
     assert summary.loc[summary["init"] == "pgl-all", "dice_preprocessed_mean"].round(3).tolist() == [46.0, 46.0]
-    assert "| scratch | 35.0 ± 3.5 | – | – |" in md and "| byol-all | 35.0 ± 3.5 | +0.0 | 1.000 |" in md
+    assert "| scratch | 35.0 ± 3.5 | – | – | – | – |" in md
+    assert "| byol-all | 35.0 ± 3.5 | +0.0 | [+0.0, +0.0] | 1.000 | 1.000 |" in md
+    assert "p Holm: p corrected by Holm's step-down method across the inits of the same table" in md
     assert "n = 2 test cases × 2 seeds (4 pairs per test)" in md
     assert "# Dice per class" in md and "# Provenance" in md and "ffffffffffffffff" in md
     tex = out["table_tex"].read_text()
@@ -127,3 +129,41 @@ def test_nnunet_rows_are_compared_with_nnunets_scratch(files, tmp_path):
     nnunet = rows.set_index("init").loc["pgl-all@nnunet"]
     assert nnunet["delta_vs_scratch"] == pytest.approx(-10.0) and nnunet["n_pairs"] == 4  # vs scratch@nnunet
     assert np.isnan(rows.set_index("init").loc["scratch@nnunet", "delta_vs_scratch"])
+
+
+def test_holm_on_hand_computed_examples():
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04); back in input order
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    np.testing.assert_allclose(holm([np.nan, 0.02, 0.5]), [np.nan, 0.04, 0.5])  # NaN is not in the family
+    np.testing.assert_allclose(holm([0.6, 0.7]), [1.0, 1.0])  # capped at 1
+    np.testing.assert_allclose(holm([0.2]), [0.2])
+
+
+def test_bootstrap_interval_on_hand_computed_examples():
+    # Two pairs with differences 0 and 2: resampled means are 0, 1, 2 with probability 1/4, 1/2, 1/4, so the
+    # 2.5 % and 97.5 % points are exactly 0 and 2.
+    assert bootstrap_ci(np.array([[0.0], [2.0]]), np.zeros((2, 1))) == (0.0, 2.0)
+    # Every pair differs by the same amount: the interval is that amount.
+    low, high = bootstrap_ci(np.full((5, 2), 0.7), np.full((5, 2), 0.4))
+    assert low == pytest.approx(0.3) and high == pytest.approx(0.3)
+    # Δ is the mean over classes of the class means, a class absent (NaN) in a pair skipped as in the table:
+    # liver +0.2 in both pairs, tumour +0.0 where present -> Δ = 0.1, except in the resamples that hold only the
+    # second pair (probability 1/4), which have no tumour: Δ = liver's +0.2. So the interval is [0.1, 0.2].
+    mine = np.array([[0.7, 0.2], [0.6, np.nan]])
+    ref = np.array([[0.5, 0.2], [0.4, np.nan]])
+    assert bootstrap_ci(mine, ref) == pytest.approx((0.1, 0.2))
+    assert all(np.isnan(bootstrap_ci(np.empty((0, 1)), np.empty((0, 1)))))
+    assert bootstrap_ci(np.array([[0.0], [2.0]]), np.zeros((2, 1)), seed=3) == (0.0, 2.0)  # seed-independent here
+
+
+def test_summary_gives_each_delta_a_bootstrap_interval_and_holm_p(files):
+    long, cells, _ = collect(files)
+    table = summary_table(cells, long).set_index(["fraction", "init"])
+    pgl, byol = table.loc[(10, "pgl-all")], table.loc[(10, "byol-all")]
+    # liver +20 points in every (seed, case) pair, tumour equal where present (case c1): Δ = +10, except in the
+    # resamples of the 4 pairs that hold c2 only (1/16 > 2.5 %), which have no tumour: Δ = +20.
+    assert (pgl["ci_low"], pgl["ci_high"]) == pytest.approx((10.0, 20.0))
+    assert (byol["ci_low"], byol["ci_high"]) == pytest.approx((0.0, 0.0))
+    # the family at 10 %: pgl 0.125, byol 1.0 -> Holm: 2 x 0.125 = 0.25, max(0.25, 1.0) = 1.0
+    assert pgl["p_holm"] == pytest.approx(0.25) and byol["p_holm"] == pytest.approx(1.0)
+    assert np.isnan(table.loc[(10, "scratch"), "p_holm"]) and np.isnan(table.loc[(10, "scratch"), "ci_low"])

@@ -10,6 +10,7 @@ column `engine`) are compared with the same engine's scratch.
 from __future__ import annotations
 
 import html
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -100,9 +101,50 @@ def paired_wilcoxon(a: pd.Series, b: pd.Series) -> tuple[float, int]:
     return float(wilcoxon(pairs["a"], pairs["b"], zero_method="wilcox", alternative="two-sided").pvalue), n
 
 
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # fixed: the same cells always give the same interval
+
+
+def bootstrap_ci(mine: np.ndarray, reference: np.ndarray, level: float = 0.95,
+                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of Δ, the difference in mean foreground Dice, over paired (seed, test case)
+    units: `mine` and `reference` are (pairs, classes) Dice arrays (NaN: class absent from both prediction and
+    reference, skipped as in the table); each resample draws pairs with replacement and computes Δ as the table
+    does, the mean over classes of each class's mean. (NaN, NaN) without pairs."""
+    mine, reference = np.asarray(mine, dtype=float), np.asarray(reference, dtype=float)
+    if len(mine) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(resamples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample in which a class is NaN throughout
+        for start in range(0, resamples, 1000):  # chunks: a paper grid has thousands of pairs
+            stop = min(resamples, start + 1000)
+            idx = rng.integers(0, len(mine), size=(stop - start, len(mine)))
+            deltas[start:stop] = (np.nanmean(np.nanmean(mine[idx], axis=1), axis=1)
+                                  - np.nanmean(np.nanmean(reference[idx], axis=1), axis=1))
+    tail = (1 - level) / 2
+    low, high = np.nanquantile(deltas, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def holm(pvalues: Iterable[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error), in the input order; NaN stays NaN and is not counted
+    in the family. Written here because scipy has no Holm correction and statsmodels is not a dependency."""
+    p = np.asarray(list(pvalues), dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    present = np.flatnonzero(~np.isnan(p))
+    running = 0.0
+    for rank, i in enumerate(present[np.argsort(p[present], kind="stable")]):
+        running = max(running, min(1.0, (len(present) - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, fraction, init): mean/sd over seeds (Dice %), Δ vs scratch, Wilcoxon p, n, best."""
     scores = case_scores(long)
+    class_dice = long.set_index(["dataset", "init", "fraction", "seed", "case", "class"])["dice"].unstack("class")
     rows = []
     for (dataset, fraction), group in cells.groupby(["dataset", "fraction"]):
         means = group.groupby("init")["mean_fg_dice"].agg(["mean", "std", "count"])
@@ -114,15 +156,23 @@ def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
                    "dice_mean": 100 * means.loc[init, "mean"], "dice_sd": 100 * np.nan_to_num(means.loc[init, "std"]),
                    "n_seeds": int(means.loc[init, "count"]),
                    "n_test_cases": int(group[group["init"] == init]["n_test"].max()),
-                   "delta_vs_scratch": np.nan, "p_wilcoxon": np.nan, "n_pairs": 0,
+                   "delta_vs_scratch": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_wilcoxon": np.nan,
+                   "p_holm": np.nan, "n_pairs": 0,
                    "dice_preprocessed_mean": 100 * preprocessed.get(init, np.nan)}
             row["engine"] = engine_of(init)
             if init != reference and not np.isnan(ref):
                 row["delta_vs_scratch"] = 100 * (means.loc[init, "mean"] - ref)
                 row["p_wilcoxon"], row["n_pairs"] = paired_wilcoxon(
                     scores.loc[(dataset, init, fraction)], scores.loc[(dataset, reference, fraction)])
+                mine, theirs = class_dice.loc[(dataset, init, fraction)], class_dice.loc[(dataset, reference, fraction)]
+                shared = mine.index.intersection(theirs.index)
+                row["ci_low"], row["ci_high"] = (100 * v for v in bootstrap_ci(mine.loc[shared].to_numpy(),
+                                                                              theirs.loc[shared].to_numpy()))
             rows.append(row)
-    return _mark_best(pd.DataFrame(rows), ["dataset", "fraction"])
+    table = pd.DataFrame(rows)
+    # Holm across the inits of one table (dataset x fraction): the family of comparisons a reader scans at once.
+    table["p_holm"] = table.groupby(["dataset", "fraction"])["p_wilcoxon"].transform(lambda p: holm(p))
+    return _mark_best(table, ["dataset", "fraction"])
 
 
 def per_class_table(long: pd.DataFrame) -> pd.DataFrame:
@@ -182,10 +232,17 @@ def dataset_block(summary: pd.DataFrame, dataset: str, bold: Callable[[str], str
         out[f"{label} Dice"] = [_dice(f.loc[i, "dice_mean"], f.loc[i, "dice_sd"], f.loc[i, "best"], bold)
                                 if i in f.index else "–" for i in out.index]
         out[f"{label} Δ"] = [_signed(f.loc[i, "delta_vs_scratch"]) if i in f.index else "–" for i in out.index]
+        out[f"{label} 95% CI"] = [_interval(f.loc[i, "ci_low"], f.loc[i, "ci_high"]) if i in f.index else "–"
+                                  for i in out.index]
         out[f"{label} p"] = [_p(f.loc[i, "p_wilcoxon"]) if i in f.index else "–" for i in out.index]
+        out[f"{label} p Holm"] = [_p(f.loc[i, "p_holm"]) if i in f.index else "–" for i in out.index]
         out[f"{label} Dice (prep. grid)"] = [_number(f.loc[i, "dice_preprocessed_mean"]) if i in f.index else "–"
                                              for i in out.index]
     return out
+
+
+def _interval(low: float, high: float) -> str:
+    return "–" if np.isnan(low) else f"[{low:+.1f}, {high:+.1f}]"
 
 
 def _number(x: float) -> str:
@@ -218,9 +275,12 @@ NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%) on e
         "NaN skipped as in nnU-Net. Dice (prep. grid): the same mean scored on the preprocessed grid (RAS, target "
         "spacing). Rows ending in @nnunet were fine-tuned by nnU-Net's own trainer (finetune.engine nnunet) and "
         "are compared with scratch@nnunet; the others by ctssl's and compared with scratch. "
-        "Δ: difference of means to scratch, in Dice points. p: two-sided Wilcoxon "
+        "Δ: difference of means to scratch, in Dice points. 95% CI: percentile bootstrap interval of Δ (10,000 "
+        "resamples of the (seed, test case) pairs with replacement, Δ recomputed from each, fixed seed). "
+        "p: two-sided Wilcoxon "
         "signed-rank test of the init against scratch, paired over (seed, test case), each pair's values being the "
-        "case's mean foreground Dice. Best mean per column in bold. No correction for multiple comparisons.")
+        "case's mean foreground Dice. p Holm: p corrected by Holm's step-down method across the inits of the same "
+        "table (dataset and fraction). Best mean per column in bold.")
 
 
 def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame, note: str = "") -> str:
