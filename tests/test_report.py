@@ -7,7 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ctssl.report import bootstrap_ci, collect, holm, paired_wilcoxon, per_class_table, summary_table, write_report
+from ctssl.report import (
+    bootstrap_ci,
+    collect,
+    holm,
+    paired_wilcoxon,
+    per_class_table,
+    summary_table,
+    write_report,
+)
 
 
 def _cell(tmp_path, dataset, init, fraction, seed, liver, tumour, weights=None):
