@@ -2,7 +2,7 @@
 it need, and does every rule of the workflow run on this device?
 
 Usage:
-  python benchmarks/gpu_check.py                          # configs/paper.yaml on the GPU (about 8 minutes)
+  python benchmarks/gpu_check.py                          # configs/paper.yaml on the GPU (meant for <= 8 min)
   python benchmarks/gpu_check.py --device cpu --quick     # small sizes on the CPU (CI runs this: it never rots)
   python benchmarks/gpu_check.py --json gpu_check.json    # the figures as JSON too
 

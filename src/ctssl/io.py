@@ -104,13 +104,17 @@ def save_nifti(path: str | os.PathLike, image: Any) -> None:
         nib.save(image, tmp)
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> None:
+def save_torch(path: str | os.PathLike, obj: Any, previous: str | os.PathLike | None = None) -> None:
     """torch.save, atomically, through a file handle: given a path, torch names the zip's records after the
-    (temporary) file name, so identical weights would get different checksums."""
+    (temporary) file name, so identical weights would get different checksums. `previous`: once the new file is
+    complete, an existing `path` is moved there before the new one takes its place (checkpoint rotation)."""
     import torch
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+        if previous is not None and Path(path).exists():
+            os.replace(path, previous)
 
 
 def json_digest(obj: Any) -> str:

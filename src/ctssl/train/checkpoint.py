@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import signal
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from ctssl.errors import InputDataError
-from ctssl.io import atomic_path
+from ctssl.io import save_torch
 from ctssl.train.distributed import SINGLE, World, barrier
 
 log = logging.getLogger(__name__)
@@ -83,12 +82,8 @@ def save_checkpoint(path: Path, step: int, fingerprint: str, modules: dict, log_
     training log so far (CsvLog.rows). The new checkpoint is written and flushed to disk beside `path`; only then
     does the current one become previous.pt and the new one `path`, so at every instant one complete checkpoint
     exists."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: stable zip record names (ctssl.io)
-        torch.save({"step": step, "fingerprint": fingerprint, "rng": rng_state(), "log_rows": list(log_rows),
-                    **{name: obj.state_dict() for name, obj in modules.items()}}, fh)
-        fh.close()
-        if path.exists():
-            os.replace(path, path.with_name(PREVIOUS))
+    save_torch(path, {"step": step, "fingerprint": fingerprint, "rng": rng_state(), "log_rows": list(log_rows),
+                      **{name: obj.state_dict() for name, obj in modules.items()}}, previous=path.with_name(PREVIOUS))
 
 
 def _problem(ckpt: object, fingerprint: str, modules: dict) -> str | None:
