@@ -246,7 +246,7 @@ def is_labelled(dataset_cfg: dict) -> bool:
     if kind == "synthetic":
         return dataset_cfg["profile"] not in UNLABELLED_PROFILES
     if kind == "folder":
-        return bool(dataset_cfg.get("labels_dir")) or any(c.get("label") for c in dataset_cfg.get("cases", {}).values())
+        return bool(dataset_cfg.get("labels_dir") or dataset_cfg.get("nnunet_raw")) or any(c.get("label") for c in dataset_cfg.get("cases", {}).values())
     return True
 
 

@@ -106,7 +106,7 @@ def test_folder_kind_from_an_images_and_a_labels_folder(realct, tmp_path):
     dataset = read_msd_dataset(prepare_raw("mine", cfg, tmp_path / "raw", tmp_path / "dl"))
     assert [(c.case_id, c.label is not None) for c in dataset.cases] == [("a", True), ("b", False)]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputDataError, match="needs `cases` or an `images_dir`"):
+    with pytest.raises(InputDataError, match="needs `cases`, `nnunet_raw` or an `images_dir` with image files"):
         prepare_raw("none", {"kind": "folder", "images_dir": str(tmp_path / "empty")}, tmp_path / "r2", tmp_path / "dl")
     with pytest.raises(InputDataError, match="is not a folder"):
         prepare_raw("none", {"kind": "folder", "images_dir": str(tmp_path / "nope")}, tmp_path / "r3", tmp_path / "dl")

@@ -1,7 +1,8 @@
 """The one validation path for CT images and label maps, whatever the dataset kind (synthetic, msd, kits19, manual,
-folder): every message names the file and says what is wrong with it.
+folder) and file format (NIfTI; NRRD and MetaImage through `ctssl.data.images`): every message names the file and
+says what is wrong with it.
 
-Checks: readable (exists, not empty, a NIfTI that decompresses to the end), 3D (a 4D image is named as such), finite
+Checks: readable (exists, not empty, a file that decompresses to the end), 3D (a 4D image is named as such), finite
 voxels, a real orientation (a qform or sform, positive spacing; otherwise refused unless the dataset opts in to an
 assumed geometry), and for labels: integer values (checked before any cast), declared values, and the image's grid
 (shape and affine; the message shows the origin shift or both affines).
@@ -19,6 +20,8 @@ import numpy as np
 from ctssl.errors import InputDataError
 
 AFFINE_TOLERANCE_MM = 1e-3
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # read with SimpleITK (3D Slicer, grand-challenge.org)
 
 
 def shown(path: str | Path) -> str:
@@ -28,11 +31,17 @@ def shown(path: str | Path) -> str:
 
 
 def _read(path: Path) -> nib.Nifti1Image:
+    """A NIfTI file as nibabel reads it; NRRD and MetaImage files as an in-memory NIfTI (`ctssl.data.images`), so
+    every format goes through the same checks below."""
     path = Path(path)
     if not path.exists():
         raise InputDataError(f"{shown(path)}: file not found")
     if path.stat().st_size == 0:
         raise InputDataError(f"{shown(path)}: empty file (0 bytes)")
+    if path.name.lower().endswith(ITK_SUFFIXES):
+        from ctssl.data.images import read_itk
+
+        return read_itk(path)
     try:
         return nib.load(str(path))
     except (nib.filebasedimages.ImageFileError, ValueError) as exc:
@@ -72,7 +81,7 @@ def assumed_affine(assume: dict) -> np.ndarray:
 def _stored_header(path: Path, img: nib.Nifti1Image):
     """The header as stored: nibabel's loader silently 'fixes' a zero pixdim to 1 mm (with only a warning), which
     is exactly the guess that must not pass unnoticed."""
-    if not isinstance(img, nib.Nifti1Image):
+    if not isinstance(img, nib.Nifti1Image) or not str(path).lower().endswith((".nii", ".nii.gz")):
         return img.header
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as fh:

@@ -2,14 +2,16 @@
 
 Kinds: `synthetic` (the embedded demo), `msd` (a Decathlon task, downloaded and verified), `kits19` (per-case
 downloads), `manual` (BTCV: a login-protected archive the user fetched, imported from a path) and `folder` (the
-user's own NIfTI files or DICOM series, optionally relabelled). Source NIfTI files are linked, not copied, so a
-rebuilt `raw/` never touches them.
+user's own NIfTI, NRRD or MetaImage files or DICOM series, optionally relabelled, or an nnU-Net raw dataset folder).
+Source NIfTI files are linked, not copied, so a rebuilt `raw/` never touches them; other formats are written as
+NIfTI copies after the same checks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -24,10 +26,11 @@ from ctssl.data.download import (
     fetch,
     install_msd_task,
 )
+from ctssl.data.images import IMAGE_SUFFIXES, case_id
 from ctssl.data.nifti import AFFINE_TOLERANCE_MM, check_same_grid, geometry_problems, load_label, load_nifti
 from ctssl.data.synthetic import write_msd_dataset
 from ctssl.errors import InputDataError
-from ctssl.io import atomic_dir, file_digest, save_nifti, write_json
+from ctssl.io import atomic_dir, file_digest, read_json, save_nifti, write_json
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +73,76 @@ def _label_on_image_grid(label: np.ndarray, label_affine: np.ndarray, label_path
     raise AssertionError("unreachable: check_same_grid refuses what does not match")
 
 
+NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _label_file(labels_dir: Path | None, case: str) -> Path | None:
+    """`labels_dir/{case}` with any supported image suffix, if there is one."""
+    if labels_dir is None:
+        return None
+    return next((labels_dir / f"{case}{suffix}" for suffix in IMAGE_SUFFIXES
+                 if (labels_dir / f"{case}{suffix}").exists()), None)
+
+
 def folder_cases(cfg: dict) -> dict[str, dict[str, str]]:
-    """Explicit `cases`, or every `{id}.nii[.gz]` / DICOM sub-folder of `images_dir`, labelled by
-    `labels_dir/{id}.nii[.gz]` when that file exists."""
+    """Explicit `cases`, or every image file (NIfTI, NRRD, MetaImage) / DICOM sub-folder of `images_dir`, labelled
+    by `labels_dir/{id}.{any suffix}` when that file exists. nnU-Net's names pair too: image `{id}_0000.nii.gz`
+    with label `{id}.nii.gz` (single channel: a second channel `{id}_0001` is refused, ctssl reads one CT)."""
     cases = dict(cfg.get("cases") or {})
     if cfg.get("images_dir"):
         images_dir, labels_dir = Path(cfg["images_dir"]), Path(cfg["labels_dir"]) if cfg.get("labels_dir") else None
         if not images_dir.is_dir():
             raise InputDataError(f"images_dir {images_dir} is not a folder")
-        for entry in sorted(images_dir.iterdir()):
-            case = entry.name.removesuffix(".gz").removesuffix(".nii")
-            if not (entry.is_dir() or entry.name.endswith((".nii", ".nii.gz"))) or case in cases:
+        entries = [e for e in sorted(images_dir.iterdir()) if e.is_dir() or e.name.lower().endswith(IMAGE_SUFFIXES)]
+        names = {case_id(e) for e in entries}
+        for entry in entries:
+            case = case_id(entry)
+            channel = NNUNET_CHANNEL.match(case)
+            if channel and (cfg.get("nnunet_raw") or _label_file(labels_dir, channel["case"]) is not None
+                            or f"{channel['case']}_0000" in names):
+                if channel["channel"] != "0000":
+                    raise InputDataError(f"{entry}: channel {channel['channel']} of case {channel['case']!r}; ctssl "
+                                         "reads single-channel CT (one {case}_0000 image per case)")
+                case = channel["case"]
+            if case in cases:
                 continue
             spec = {"image": str(entry)}
-            for suffix in (".nii.gz", ".nii"):
-                if labels_dir is not None and (labels_dir / f"{case}{suffix}").exists():
-                    spec["label"] = str(labels_dir / f"{case}{suffix}")
+            label = _label_file(labels_dir, case)
+            if label is not None:
+                spec["label"] = str(label)
             cases[case] = spec
     if not cases:
-        raise InputDataError("a folder dataset needs `cases` or an `images_dir` with .nii/.nii.gz files or DICOM folders")
+        raise InputDataError("a folder dataset needs `cases`, `nnunet_raw` or an `images_dir` with image files "
+                             f"({', '.join(IMAGE_SUFFIXES)}) or DICOM folders")
     return cases
+
+
+def nnunet_raw_dataset(folder: Path, name: str, configured: dict[int, str]) -> tuple[dict, dict[int, str]]:
+    """An nnU-Net v2 raw dataset folder (dataset.json, imagesTr/{id}_0000{ending}, labelsTr/{id}{ending}) as the
+    folder kind's images_dir/labels_dir and its classes (dataset.json `labels`: name -> value)."""
+    where = f"datasets.{name}.nnunet_raw"
+    meta_path = folder / "dataset.json"
+    if not meta_path.is_file():
+        raise InputDataError(f"{where}: {meta_path} not found; an nnU-Net raw dataset folder holds dataset.json, "
+                             "imagesTr/ and labelsTr/")
+    meta = read_json(meta_path)
+    channels = meta.get("channel_names") or meta.get("modality") or {}
+    if len(channels) != 1:
+        raise InputDataError(f"{meta_path}: {len(channels)} channels ({channels}); ctssl reads single-channel CT")
+    if not isinstance(meta.get("labels"), dict):
+        raise InputDataError(f"{meta_path}: no `labels` mapping (name -> value), as nnU-Net v2's dataset.json has")
+    labels = {}
+    for label_name, value in meta["labels"].items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputDataError(f"{meta_path}: label {label_name!r} is {value!r}, a region (a list of values) or not "
+                                 "an integer; ctssl reads one integer value per class")
+        labels[value] = label_name
+    if 0 not in labels:
+        raise InputDataError(f"{meta_path}: labels must include the background as 0 (found {labels})")
+    if configured != {0: "background"} and configured != labels:
+        raise InputDataError(f"datasets.{name}.labels {configured} differ from {meta_path}'s labels {labels}; "
+                             "drop the config's labels (dataset.json's are used) or make them agree")
+    return {"images_dir": str(folder / "imagesTr"), "labels_dir": str(folder / "labelsTr")}, labels
 
 
 def _folder_image(source: Path, where: str, target: Path, assume: dict | None) -> tuple[tuple, np.ndarray, Path]:
@@ -116,6 +169,9 @@ def import_folder(out_dir: Path, name: str, cfg: dict, require_labels: bool = Fa
     for every case, except cases marked unlabelled (`cases.<id>.unlabelled` or the dataset's `unlabelled` list),
     which stay out of its test split."""
     labels = {int(k): v for k, v in cfg["labels"].items()}
+    if cfg.get("nnunet_raw"):
+        folders, labels = nnunet_raw_dataset(Path(cfg["nnunet_raw"]), name, labels)
+        cfg = {**cfg, **folders}
     mapping = {int(k): int(v) for k, v in cfg["label_map"].items()}
     assume = cfg.get("assume_geometry")  # absent: no opt-in, a file without geometry is refused
     marked = set(cfg["unlabelled"])

@@ -1,0 +1,116 @@
+"""Every image format ctssl reads, behind one door: NIfTI (nibabel), NRRD and MetaImage (SimpleITK: 3D Slicer saves
+NRRD, grand-challenge.org ships `.mha`), and DICOM series folders (`ctssl.data.dicom`).
+
+NRRD and MetaImage files become in-memory NIfTI images, so they pass exactly the checks of `ctssl.data.nifti` (3D,
+finite voxels, integer and declared label values, one grid for image and label) with the same messages. ITK
+describes space in LPS (x to the patient's left, y to the back); NIfTI affines are RAS, so the first two rows of
+ITK's direction x spacing matrix and origin change sign. Written by hand because SimpleITK gives the pieces
+(direction, spacing, origin) but no affine, and nibabel reads neither format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ctssl.data.nifti import ITK_SUFFIXES, NIFTI_SUFFIXES, load_label, load_nifti, shown
+from ctssl.errors import InputDataError
+from ctssl.io import save_nifti
+
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).is_file() and Path(path).name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def case_id(path: str | Path) -> str:
+    """A file's name without its image suffix (`case.nii.gz`, `case.mha` -> `case`); a folder's name as it is."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def itk_affine(direction: np.ndarray, spacing: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """The RAS voxel-to-world affine of an ITK image (direction: 3x3, columns = axis directions in LPS)."""
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
+    affine[:3, 3] = LPS_TO_RAS @ origin
+    return affine
+
+
+def read_itk(path: Path) -> nib.Nifti1Image:
+    """An NRRD / MetaImage file as an in-memory NIfTI with its RAS affine (qform and sform set: a real geometry).
+    A 4D or multi-component file keeps its extra axis last, so the NIfTI checks refuse it by name."""
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputDataError(f"{shown(path)}: cannot read it as NRRD/MetaImage (truncated or corrupt file?): "
+                             f"{reason}") from None
+    dim = image.GetDimension()
+    if dim not in (3, 4):
+        raise InputDataError(f"{shown(path)}: a {dim}D image (size {list(image.GetSize())}); ctssl needs a 3D CT volume")
+    array = sitk.GetArrayFromImage(image)  # (z, y, x[, components]) or (t, z, y, x)
+    if dim == 4:
+        array = np.moveaxis(array, 0, -1)  # time last: (z, y, x, t)
+    array = np.moveaxis(array, (0, 1, 2), (2, 1, 0))  # ITK's x fastest -> ctssl's (x, y, z[, extra])
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]
+    affine = itk_affine(direction, np.asarray(image.GetSpacing()[:3], float), np.asarray(image.GetOrigin()[:3], float))
+    nifti = nib.Nifti1Image(array, affine)
+    nifti.header.set_qform(affine, code=1)
+    nifti.header.set_sform(affine, code=1)
+    return nifti
+
+
+def _dicom_series(folder: Path) -> nib.Nifti1Image:
+    from ctssl.data.dicom import convert_series, find_series
+
+    series = find_series(folder)
+    if len(series) != 1:
+        raise InputDataError(f"{folder}: holds {len(series)} DICOM series; point at one series")
+    return convert_series(next(iter(series.values())), where=str(folder))
+
+
+def read_image(path: str | Path, dtype: type | None = np.float32, assume: dict | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """A checked 3D image of any supported format, or a DICOM series folder, as (array, RAS affine)."""
+    path = Path(path)
+    if path.is_dir():
+        image = _dicom_series(path)
+        data = np.asanyarray(image.dataobj)
+        return (data if dtype is None else data.astype(dtype, copy=False)), image.affine.astype(np.float64)
+    if not path.name.lower().endswith(IMAGE_SUFFIXES) and path.exists():
+        raise InputDataError(f"{shown(path)}: not a supported image ({', '.join(IMAGE_SUFFIXES)}, or a DICOM folder)")
+    return load_nifti(path, dtype=dtype, assume=assume)
+
+
+def read_label(path: str | Path, declared: set[int] | None = None, mapping: dict[int, int] | None = None,
+               assume: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A checked label map of any supported file format as (uint8 array, RAS affine); see `nifti.load_label`."""
+    return load_label(path, declared=declared, mapping=mapping, assume=assume)
+
+
+def convert_to_nifti(sources: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """`ctssl convert`: each NIfTI / NRRD / MetaImage file or DICOM series folder to `out_dir/{case}.nii.gz`, checked
+    as a dataset's images are. Every output name is checked before anything is written: an existing file, or two
+    sources with one name, are refused; each file appears complete or not at all."""
+    out_dir = Path(out_dir)
+    targets = [out_dir / f"{case_id(s)}.nii.gz" for s in sources]
+    clashes = sorted({str(t) for t in targets if targets.count(t) > 1})
+    if clashes:
+        raise InputDataError(f"two sources would be written to {', '.join(clashes)}; convert them separately")
+    existing = [str(t) for t in targets if t.exists()]
+    if existing:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); refusing to overwrite")
+    for source, target in zip(sources, targets, strict=True):
+        data, affine = read_image(source, dtype=None)
+        save_nifti(target, nib.Nifti1Image(data, affine))
+    return targets
