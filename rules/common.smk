@@ -77,6 +77,26 @@ def metrics_targets():
     ]
 
 
+def kept_model_outputs():
+    """model.pt + model.json of a ctssl cell, unless finetune.save_model is off (big grids)."""
+    if not config["finetune"]["save_model"]:
+        return {}
+    return {"model": cell_file("model.pt"), "model_card": cell_file("model.json")}
+
+
+def report_inputs():
+    """Every cell's metrics and kept predictions (overlays), and the training logs of the pretraining runs the
+    inits come from (pretraining curves)."""
+    metrics = metrics_targets()
+    inits = {init for dataset in DOWNSTREAM for init in inits_for(config, dataset)}
+    runs = sorted(parsed for parsed in map(parse_init, inits) if parsed)
+    return {
+        "metrics": metrics,
+        "predictions": [m.removesuffix("metrics.json") + "predictions" for m in metrics],
+        "pretrain_logs": [f"{R}/pretrain/{method}/{pool}/train_log.csv" for method, pool in runs],
+    }
+
+
 def pool_targets():
     return expand(f"{R}/pools/{{pool}}.csv", pool=pools())
 
@@ -150,5 +170,5 @@ def finetune_params(wildcards):
 
 def finetune_nnunet_params(wildcards):
     """What an nnU-Net fine-tuning cell depends on: the network, patch, batch, overlap and nnU-Net's settings."""
-    keys = ("patch_size", "batch_size", "sw_overlap", "nnunet")
+    keys = ("patch_size", "batch_size", "sw_overlap", "save_probabilities", "nnunet")
     return {"model": config["model"], "finetune": {k: config["finetune"][k] for k in keys}, "device": config["device"]}

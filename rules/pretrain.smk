@@ -10,6 +10,7 @@ rule pretrain:
     output:
         model=f"{R}/pretrain/{{method}}/{{pool}}/model.pt",
         meta=f"{R}/pretrain/{{method}}/{{pool}}/model.json",
+        train_log=f"{R}/pretrain/{{method}}/{{pool}}/train_log.csv",
     log:
         f"{R}/logs/pretrain/{{method}}/{{pool}}.log",
     benchmark:

@@ -1,12 +1,23 @@
-# Paper-shaped tables (md, csv, tex, html), figures and provenance from every cell's metrics.json. The outputs
+# Paper-shaped tables (md, csv, tex, html), figures and provenance from every cell's metrics.json; overlays of
+# one test case per dataset from the cells' kept predictions; loss curves from the runs' train_log.csv. The outputs
 # flagged with report() make up `snakemake --report report.html`, with the captions in report/ (the HTML table page
 # rather than the CSVs, which Snakemake's report cannot display inline).
 
 
 rule report:
     input:
-        metrics_targets(),
+        **report_inputs(),
+        raw=expand(f"{R}/raw/{{dataset}}", dataset=DOWNSTREAM),
     output:
+        **{
+            f"overlays_{dataset}": report(
+                f"{R}/report/overlays_{dataset}.png",
+                caption="../report/overlays.rst",
+                category="Segmentations",
+                labels={"dataset": dataset},
+            )
+            for dataset in DOWNSTREAM
+        },
         table_html=report(
             f"{R}/report/dice_table.html",
             caption="../report/dice_table.rst",
@@ -30,6 +41,18 @@ rule report:
             caption="../report/per_class.rst",
             category="Figures",
             labels={"figure": "Dice per class"},
+        ),
+        pretraining_png=report(
+            f"{R}/report/pretraining_curves.png",
+            caption="../report/pretraining_curves.rst",
+            category="Figures",
+            labels={"figure": "pretraining losses"},
+        ),
+        finetuning_png=report(
+            f"{R}/report/finetuning_curves.png",
+            caption="../report/finetuning_curves.rst",
+            category="Figures",
+            labels={"figure": "fine-tuning losses"},
         ),
     log:
         f"{R}/logs/report/report.log",

@@ -182,10 +182,14 @@ def _config_keys() -> set[str]:
 NOT_CONFIG = {("report.py", "init"), ("report.py", "path"), ("report.py", "steps"), ("report.py", "device"),
               ("msd.py", "name"), ("sources.py", "url"), ("sources.py", "md5"), ("hssl.py", "datasets"),
               ("msd.py", "unlabelled"), ("sources.py", "unlabelled"), ("sources.py", "assume_geometry"), ("pools.py", "label"), ("pools.py", "labelled"), ("msd.py", "label"),
-              ("sources.py", "label"), ("sources.py", "labels_dir"), ("sources.py", "images_dir"),
+              ("sources.py", "label"), ("sources.py", "labels_dir"), ("sources.py", "images_dir"), ("sources.py", "nnunet_raw"),
               ("sources.py", "path"), ("sources.py", "cases"), ("msd.py", "group"), ("config.py", "label"),
               ("config.py", "labels_dir"), ("config.py", "cases"), ("config.py", "gpu"), ("supervised.py", "n_classes"),
-              ("finetune.py", "source_label"), ("spatial.py", "case")}
+              ("finetune.py", "source_label"), ("spatial.py", "case"),
+              # a cell's metrics.json (engine), a fine-tuned model's model.json (its recorded preprocessing), an
+              # nnU-Net raw folder's dataset.json (labels)
+              ("sources.py", "labels"),
+              ("figures.py", "engine"), ("predict.py", "engine"), ("predict.py", "image_order")}
 
 
 def test_no_second_default_in_the_code():

@@ -8,4 +8,6 @@ from ctssl.logutil import setup_logging  # noqa: E402
 from ctssl.report import write_report  # noqa: E402
 
 setup_logging(snakemake.log[0])
-write_report(snakemake.input, dict(snakemake.output.items()), snakemake.params.note)
+write_report(snakemake.input.metrics, dict(snakemake.output.items()), snakemake.params.note,
+             pretrain_logs=snakemake.input.pretrain_logs,
+             raw_dirs={Path(raw).name: raw for raw in snakemake.input.raw})

@@ -108,6 +108,17 @@ def _dicom2nifti(args: argparse.Namespace) -> int:
     return status
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from ctssl.data.images import convert_to_nifti
+    from ctssl.errors import InputDataError
+
+    setup_logging(None)
+    written, status = _refused(lambda: convert_to_nifti(args.sources, args.out_dir), (InputDataError, FileExistsError))
+    for path in written or []:
+        print(path)
+    return status
+
+
 def _rehash(args: argparse.Namespace) -> int:
     from ctssl.integrity import IntegrityError, rehash_run
 
@@ -117,6 +128,18 @@ def _rehash(args: argparse.Namespace) -> int:
         previous, new = digests
         print(f"{args.run_dir}/model.json: model_sha256 {previous} -> {new}" if previous != new
               else f"{args.run_dir}/model.json: model_sha256 {new} already matches model.pt; nothing changed")
+    return status
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ctssl.errors import InputDataError
+    from ctssl.predict import predict_files
+
+    setup_logging(None)
+    written, status = _refused(lambda: predict_files(args.cell_dir, args.images, args.out, args.device),
+                               (InputDataError, FileExistsError))  # IntegrityError is one
+    for path in written or []:
+        print(path)
     return status
 
 
@@ -155,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
                                       "in model.json (the old one is kept under 'rehashed')")
     r.add_argument("run_dir", help="a pretraining run folder, e.g. results/pretrain/pgl/all")
     r.set_defaults(func=_rehash)
+    q = sub.add_parser("predict", help="segment scans with a fine-tuned cell's model: label maps on each scan's own grid")
+    q.add_argument("cell_dir", help="a fine-tuning cell, e.g. results/finetune/liver/pgl-all/frac10/seed0")
+    q.add_argument("images", nargs="+", help="scans: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd files or DICOM series folders")
+    q.add_argument("-o", "--out", required=True, help="output folder: one {case}.nii.gz per scan (existing files "
+                                                       "are refused, never overwritten)")
+    q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    q.set_defaults(func=_predict)
     s = sub.add_parser("synthesize", help="write a synthetic CT dataset in MSD layout")
     s.add_argument("out")
     s.add_argument("--name", required=True)
@@ -166,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("dicom_dir")
     d.add_argument("out_dir")
     d.set_defaults(func=_dicom2nifti)
+    v = sub.add_parser("convert", help="convert NIfTI/NRRD/MetaImage files or DICOM series folders to OUT_DIR/{case}"
+                                       ".nii.gz, with the checks a dataset's images get")
+    v.add_argument("sources", nargs="+", help=".nii(.gz), .nrrd, .nhdr, .mha, .mhd files or DICOM series folders")
+    v.add_argument("out_dir", help="output folder (an existing file is refused, never overwritten)")
+    v.set_defaults(func=_convert)
     args = parser.parse_args(argv)
     return args.func(args)
 

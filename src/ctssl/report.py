@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
+from ctssl.figures import finetuning_curves, overlay_cells, overlay_figure, pretraining_curves, save_figure  # noqa: E402
 from ctssl.io import atomic_path, json_digest, read_json  # noqa: E402
 from ctssl.splits import fraction_key  # noqa: E402
 
@@ -401,13 +402,6 @@ def _curve_panel(ax, frame: pd.DataFrame, colours: dict[str, str], title: str) -
     ax.legend(fontsize=8)
 
 
-def _save(fig, path: str | Path) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
 def label_efficiency_plot(summary: pd.DataFrame, path: str | Path) -> None:
     """One panel per dataset: mean foreground Dice vs labelled fraction."""
     datasets = sorted(summary["dataset"].unique())
@@ -416,7 +410,7 @@ def label_efficiency_plot(summary: pd.DataFrame, path: str | Path) -> None:
     for ax, dataset in zip(axes[0], datasets, strict=True):
         _curve_panel(ax, summary[summary["dataset"] == dataset], colours, dataset)
         ax.set_ylabel("mean foreground Dice (%)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def per_class_plot(per_class: pd.DataFrame, path: str | Path) -> None:
@@ -436,12 +430,16 @@ def per_class_plot(per_class: pd.DataFrame, path: str | Path) -> None:
             sub = per_class[(per_class["dataset"] == dataset) & (per_class["class"] == cls)]
             _curve_panel(ax, sub, colours, f"{dataset}: {cls}")
             ax.set_ylabel("Dice (%)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path], note: str = "") -> None:
+def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path], note: str = "",
+                 pretrain_logs: Iterable[str | Path] = (), raw_dirs: Mapping[str, str | Path] | None = None) -> None:
     """All report files; `out` maps: table_csv, table_md, table_tex, table_html, per_case_csv, per_class_csv,
-    provenance_csv, efficiency_png, per_class_png. `note` (config `report_note`) heads the Markdown/HTML tables."""
+    provenance_csv, efficiency_png, per_class_png, pretraining_png, finetuning_png, and overlays_{dataset} for
+    each dataset of `raw_dirs` (dataset -> its raw MSD folder, where the CT and ground truth are read). `note`
+    (config `report_note`) heads the Markdown/HTML tables. `pretrain_logs`: the pretraining runs' train_log.csv."""
+    metrics_files = [str(p) for p in metrics_files]
     long, cells, provenance = collect(metrics_files)
     summary = summary_table(cells, long)
     per_class = per_class_table(long)
@@ -458,3 +456,13 @@ def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path]
         tmp.write_text(html_report(summary, per_class, provenance, note))
     label_efficiency_plot(summary, out["efficiency_png"])
     per_class_plot(per_class, out["per_class_png"])
+    if "pretraining_png" in out:
+        pretraining_curves(pretrain_logs, out["pretraining_png"])
+    if "finetuning_png" in out:
+        finetuning_curves(metrics_files, out["finetuning_png"], _colours(summary["init"]))
+    for dataset, raw_dir in (raw_dirs or {}).items():
+        from ctssl.data.msd import read_msd_dataset
+
+        case, drawn, classes = overlay_cells(metrics_files, dataset)
+        source = {c.case_id: c for c in read_msd_dataset(raw_dir).cases}[case]
+        overlay_figure(drawn, source.image, source.label, case, classes, out[f"overlays_{dataset}"], dataset)

@@ -94,7 +94,8 @@ def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fr
     train_seconds = time.time() - t_train
 
     t_eval = time.time()
-    scores = cell.score(lambda case: torch.from_numpy(np.load(work / "probabilities" / f"{case}.npy")))
+    scores = cell.score(lambda case: torch.from_numpy(np.load(work / "probabilities" / f"{case}.npy")),
+                        out_dir / "predictions", bool(ft["save_probabilities"]))
     metrics = cell.metrics(
         init=init + ENGINE_SUFFIX, fraction=fraction, seed=seed, scores=scores, cfg=cfg, engine="nnunet",
         init_weights={"init": init, "path": str(weights) if weights else None,

@@ -37,12 +37,13 @@ def load_checked_case(case: Case, dataset: MSDDataset, require_label: bool = Fal
     return image, label, affine
 
 
-def preprocess_case(case: Case, dataset: MSDDataset, cfg: dict, stats: dict | None, require_label: bool = False
-                    ) -> dict:
-    """Returns arrays and geometry of one case in the canonical, resampled, normalized space."""
-    image, label, affine = load_checked_case(case, dataset, require_label)
+def preprocess_arrays(image: np.ndarray, affine: np.ndarray, cfg: dict, stats: dict | None,
+                      label: np.ndarray | None = None, case: str = "") -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """A checked image (HU) and optional label on its own grid -> (image, label, geometry) in the canonical,
+    resampled, normalized space. The one preprocessing path: datasets (`preprocess_case`) and `ctssl predict`
+    (new scans, with a fine-tuned cell's recorded settings) both go through it, so they agree voxel for voxel."""
     spacing = cfg["target_spacing"]
-    original = {"shape": list(image.shape), "affine": affine.tolist(),
+    original = {"shape": list(image.shape), "affine": np.asarray(affine).tolist(),
                 "spacing": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
                 "orientation": orientation_code(affine)}
     # Normalize before resampling (as nnU-Net does): clipping first keeps out-of-window values such as -3024
@@ -55,12 +56,20 @@ def preprocess_case(case: Case, dataset: MSDDataset, cfg: dict, stats: dict | No
         label_canon, _ = reorient(label, affine, CANONICAL)
         seg, seg_affine = resample_labels(label_canon, canon_affine, spacing, cfg["label_resampling"])
         if seg.shape != image.shape or not np.allclose(seg_affine, new_affine, atol=1e-4):
-            raise AssertionError(f"{case.case_id}: image and label resampled onto different grids")
+            raise AssertionError(f"{case}: image and label resampled onto different grids")
+    geometry = {"original": original, "shape": list(image.shape), "affine": new_affine.tolist(),
+                "spacing": list(map(float, spacing)), "orientation": CANONICAL}
+    return image.astype(np.float32), seg, geometry
+
+
+def preprocess_case(case: Case, dataset: MSDDataset, cfg: dict, stats: dict | None, require_label: bool = False
+                    ) -> dict:
+    """Returns arrays and geometry of one case in the canonical, resampled, normalized space."""
+    image, label, affine = load_checked_case(case, dataset, require_label)
+    image, seg, geometry = preprocess_arrays(image, affine, cfg, stats, label, case.case_id)
     geometry = {"case": case.case_id, "source_image": str(case.image),
-                "source_label": str(case.label) if case.label else None, "original": original,
-                "shape": list(image.shape), "affine": new_affine.tolist(), "spacing": list(map(float, spacing)),
-                "orientation": CANONICAL}
-    return {"image": image.astype(np.float32), "label": seg, "geometry": geometry}
+                "source_label": str(case.label) if case.label else None, **geometry}
+    return {"image": image, "label": seg, "geometry": geometry}
 
 
 def dataset_statistics(dataset: MSDDataset, cfg: dict, exclude: set[str], seed: int) -> dict | None:
@@ -143,7 +152,7 @@ def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, name: str, cfg:
         write_json(tmp / "manifest.json", {
             "dataset": name, "group": group, "labels": {str(k): v for k, v in dataset.labels.items()},
             "labelled": dataset.labelled, "target_spacing": cfg["target_spacing"],
-            "normalization": cfg["normalization"], "statistics": stats,
+            "normalization": cfg["normalization"], "statistics": stats, "image_order": cfg["image_order"],
             "statistics_excluded_cases": sorted(exclude_from_stats), "cases": cases,
             # Size and sha256 of every file, checked by the runs that read them (ctssl.integrity).
             "files": file_records(tmp),

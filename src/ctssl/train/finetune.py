@@ -31,6 +31,7 @@ from ctssl.integrity import PreprocessedFolder, verify_weights
 from ctssl.io import json_digest, read_json, write_json
 from ctssl.models.backbone import SegmentationNet
 from ctssl.models.weights import load_backbone_weights, read_state_dict
+from ctssl.predict import FinetunedModel, save_probabilities, write_label_map
 from ctssl.preprocess.spatial import to_original_grid
 from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.splits import fraction_key, label_subset
@@ -131,13 +132,23 @@ class Cell:
                    train_cases=label_subset(splits["train"], fraction, seed, int(splits["split_seed"])),
                    test_cases=list(splits["test"]), folder=folder)
 
-    def score(self, probabilities: Callable[[str], torch.Tensor]) -> dict:
+    def score(self, probabilities: Callable[[str], torch.Tensor], predictions: Path | None = None,
+              keep_probabilities: bool = False) -> dict:
         """Dice of every test case from `probabilities(case)` (C, X, Y, Z on the preprocessed grid): the scores
-        part of metrics.json, identical for every engine."""
+        part of metrics.json, identical for every engine. `predictions`: each case's label map on its original
+        grid is written there as `{case}.nii.gz` (the very array that is scored), and with `keep_probabilities`
+        its probabilities as `{case}_probabilities.npz`."""
         per_case, per_case_preprocessed = {}, {}
         for case in self.test_cases:
-            per_case[case], per_case_preprocessed[case] = score_probabilities(
-                probabilities(case), self.folder, case, self.classes)
+            probs = probabilities(case)
+            label, per_case_preprocessed[case] = predict_and_score_preprocessed(probs, self.folder, case, self.classes)
+            geometry = self.folder.json(f"{case}.json")
+            if predictions is not None:
+                write_label_map(label, geometry["original"]["affine"], predictions / f"{case}.nii.gz",
+                                like=geometry["source_image"])
+                if keep_probabilities:
+                    save_probabilities(probs, geometry, predictions / f"{case}_probabilities.npz")
+            per_case[case] = score_on_original_grid(label, geometry, self.classes)
             log.info("test %s (original grid): %s", case, {k: round(v, 4) for k, v in per_case[case].items()})
         return {"per_case": per_case, **summarize(per_case), "per_case_preprocessed": per_case_preprocessed,
                 "mean_foreground_dice_preprocessed": summarize(per_case_preprocessed)["mean_foreground_dice"]}
@@ -155,18 +166,21 @@ class Cell:
         }
 
 
-def score_probabilities(probs: torch.Tensor, folder: PreprocessedFolder, case: str, classes: dict[int, str]
-                        ) -> tuple[dict, dict]:
-    """Dice of class probabilities (C, X, Y, Z) on the preprocessed grid: on the case's original grid (resampled
-    back, against the raw label file) and on the preprocessed grid. Every engine's predictions are scored here."""
-    geometry = folder.json(f"{case}.json")
-    if not geometry.get("source_label"):
-        raise ValueError(f"{folder.folder / case}.json: no source label to score the original grid against")
+def predict_and_score_preprocessed(probs: torch.Tensor, folder: PreprocessedFolder, case: str,
+                                   classes: dict[int, str]) -> tuple[np.ndarray, dict]:
+    """Class probabilities (C, X, Y, Z) on the preprocessed grid -> (label map on the case's original grid, as
+    nnU-Net exports it; Dice on the preprocessed grid). Every engine's predictions go through here."""
     on_preprocessed = dice_per_class(probs.argmax(0).numpy().astype(np.uint8), folder.load(f"{case}_seg.npy"),
                                      classes)
+    return to_original_grid(probs, folder.json(f"{case}.json")), on_preprocessed
+
+
+def score_on_original_grid(label: np.ndarray, geometry: dict, classes: dict[int, str]) -> dict:
+    """Dice of a label map on a case's original grid against the raw label file."""
+    if not geometry.get("source_label"):
+        raise ValueError(f"{geometry.get('case')}: no source label to score the original grid against")
     reference, _ = load_nifti(geometry["source_label"], dtype=np.uint8)
-    on_original = dice_per_class(to_original_grid(probs, geometry), reference, classes)
-    return on_original, on_preprocessed
+    return dice_per_class(label, reference, classes)
 
 
 def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fraction: float, seed: int,
@@ -227,7 +241,14 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     t_eval = time.time()
     scores = cell.score(lambda case: predict_probabilities(
         net, cell.folder.load(f"{case}.npy"), patch, sw_batch_size=int(ft["sw_batch_size"]),
-        overlap=float(ft["sw_overlap"]), device=device))
+        overlap=float(ft["sw_overlap"]), device=device), out_dir / "predictions", bool(ft["save_probabilities"]))
+    if bool(ft["save_model"]):
+        manifest = cell.folder.manifest
+        FinetunedModel(
+            model=model_cfg, classes=cell.classes, patch_size=patch, sw_batch_size=int(ft["sw_batch_size"]),
+            sw_overlap=float(ft["sw_overlap"]), dataset=cell.dataset, init=weights_info, fraction=fraction, seed=seed,
+            preprocessing={key: manifest.get(key) for key in ("target_spacing", "normalization", "statistics",
+                                                               "image_order")}).save(out_dir, net)
     metrics = cell.metrics(
         init=init, fraction=fraction, seed=seed, scores=scores, cfg=cfg, init_weights=weights_info,
         timings_s={"train": round(train_seconds, 2), "evaluate": round(time.time() - t_eval, 2),
