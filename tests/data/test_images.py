@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from ctssl.cli import main
 from ctssl.config import complete_config
-from ctssl.data.images import case_id, convert_to_nifti, read_image, read_label
+from ctssl.data.images import case_id, convert_to_nifti, read_image, read_label, to_nifti
 from ctssl.data.msd import read_msd_dataset
 from ctssl.data.sources import prepare_raw as _prepare_raw
 from ctssl.errors import InputDataError
@@ -62,8 +62,12 @@ def test_itk_copies_read_as_the_nifti_and_preprocess_to_the_same_arrays(realct, 
 
 def test_nrrd_label_lands_on_its_dicom_series_grid(realct, tmp_path):
     folder = realct / "dcmqi_ct3slice"
+    header = (folder / "liver_spine_seg.nrrd").read_bytes()[:1000].decode("latin-1")
+    assert "space: left-posterior-superior" in header  # stored in LPS, as DICOM's patient coordinates
     nrrd = sitk.ReadImage(str(folder / "liver_spine_seg.nrrd"))
     assert np.allclose(np.asarray(nrrd.GetDirection()).reshape(3, 3), np.eye(3), atol=1e-6)  # LPS axes, ITK's
+    # read directly, its RAS affine is already the series' one: no reorientation (which could hide a mirror)
+    assert np.allclose(read_label(folder / "liver_spine_seg.nrrd")[1], read_image(folder / "dicom")[1], atol=1e-3)
     raw = prepare_raw("dcmqi", {"kind": "folder", "labels": {"0": "background", "1": "liver", "2": "spine"},
                                 "cases": {"ct3": {"image": str(folder / "dicom"),
                                                   "label": str(folder / "liver_spine_seg.nrrd")}}}, tmp_path / "raw")
@@ -160,3 +164,83 @@ def test_convert_writes_nifti_and_refuses_an_existing_output(realct, tmp_path, c
     assert (tmp_path / "out" / "small.nii.gz").read_bytes() == before
     with pytest.raises(InputDataError, match="two sources would be written"):
         convert_to_nifti([source, tmp_path / "small.mha"], tmp_path / "out2")
+
+
+@pytest.mark.parametrize("suffix", [".mhd", ".nhdr"])
+def test_detached_headers_read_as_the_nifti_and_keep_their_type(realct, tmp_path, suffix):
+    source = realct / "totalsegmentator" / "example_ct_sm.nii.gz"
+    copy = _itk_copy(source, tmp_path / f"sm{suffix}")
+    assert len(list(tmp_path.iterdir())) == 2  # the header and its separate data file
+    expected, expected_affine = read_image(source, dtype=None)
+    image = to_nifti(copy)
+    assert image.get_data_dtype() == np.int16
+    assert np.array_equal(np.asanyarray(image.dataobj), expected)
+    assert np.allclose(image.affine, expected_affine, atol=1e-6)
+    assert (int(image.header["qform_code"]), int(image.header["sform_code"])) == (1, 1)
+
+
+def test_unreadable_inputs_are_refused_by_name(realct, tmp_path):
+    with pytest.raises(InputDataError, match=r"gone\.mha: file not found"):
+        read_image(tmp_path / "gone.mha")
+    (tmp_path / "empty.nrrd").touch()
+    with pytest.raises(InputDataError, match=r"empty\.nrrd: empty file"):
+        read_label(tmp_path / "empty.nrrd")
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG")
+    with pytest.raises(InputDataError, match=r"scan\.png: not a supported image"):
+        read_image(tmp_path / "scan.png")
+    rgb = tmp_path / "rgb.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5, 3), np.uint8), isVector=True), str(rgb))
+    with pytest.raises(InputDataError, match=r"rgb\.mha: 3 components per voxel"):
+        read_image(rgb)
+    (tmp_path / "no_dicom").mkdir()
+    with pytest.raises(InputDataError, match=r"no_dicom: no DICOM files found"):
+        read_image(tmp_path / "no_dicom")
+    with pytest.raises(InputDataError, match=r"ge_head_tilt/dicom.*gantry tilt"):  # DicomError as InputDataError
+        to_nifti(realct / "ge_head_tilt" / "dicom")
+
+
+def test_nnunet_raw_in_metaimage_with_v1_labels(realct, tmp_path):
+    folder = _nnunet_raw(tmp_path / "Task01", realct, labels={"0": "background", "1": "liver"})
+    meta = json.loads((folder / "dataset.json").read_text())
+    for sub in ("imagesTr", "labelsTr"):  # the same dataset with file_ending .mha
+        for nifti in sorted((folder / sub).glob("*.nii.gz")):
+            _itk_copy(nifti, folder / sub / f"{case_id(nifti)}.mha")
+            nifti.unlink()
+    (folder / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".mha"}))
+    raw = prepare_raw("liver_mha", {"kind": "folder", "nnunet_raw": str(folder)}, tmp_path / "raw")
+    dataset = read_msd_dataset(raw)
+    assert dataset.labels == {0: "background", 1: "liver"}
+    assert [c.case_id for c in dataset.cases] == ["case0", "case1"]
+    assert not any(p.is_symlink() for p in (raw / "imagesTr").iterdir())  # .mha written as NIfTI copies
+    (folder / "labelsTr" / "case1.mha").unlink()
+    with pytest.raises(InputDataError, match=r"labelsTr lacks \['case1\.mha'\]"):
+        prepare_raw("liver_mha", {"kind": "folder", "nnunet_raw": str(folder)}, tmp_path / "raw2")
+    (folder / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".png"}))
+    with pytest.raises(InputDataError, match=r"file_ending '\.png' is not a format ctssl reads"):
+        prepare_raw("liver_mha", {"kind": "folder", "nnunet_raw": str(folder)}, tmp_path / "raw2")
+
+
+def test_four_digit_case_names_with_their_own_labels_are_cases_not_channels(realct, tmp_path):
+    source = realct / "totalsegmentator" / "example_ct_sm.nii.gz"
+    label = nib.Nifti1Image(np.zeros(nib.load(source).shape, np.uint8), nib.load(source).affine)
+    for case in ("ct_0000", "ct_0001"):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        (tmp_path / "img" / f"{case}.nii.gz").symlink_to(source)
+        (tmp_path / "lab").mkdir(exist_ok=True)
+        nib.save(label, tmp_path / "lab" / f"{case}.nii.gz")
+    raw = prepare_raw("cts", {"kind": "folder", "images_dir": str(tmp_path / "img"),
+                              "labels_dir": str(tmp_path / "lab")}, tmp_path / "raw")
+    assert [(c.case_id, c.label is not None) for c in read_msd_dataset(raw).cases] == [("ct_0000", True),
+                                                                                       ("ct_0001", True)]
+
+
+def test_convert_is_all_or_nothing(realct, tmp_path):
+    good = realct / "totalsegmentator" / "example_ct_sm.nii.gz"
+    (tmp_path / "bad.mha").write_bytes(b"ObjectType = Image\nNDims = 3\n")
+    with pytest.raises(InputDataError, match=r"bad\.mha: cannot read it"):
+        convert_to_nifti([good, tmp_path / "bad.mha"], tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+    (tmp_path / "out" / "example_ct_sm.nii.gz").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=r"example_ct_sm\.nii\.gz already exist"):
+        convert_to_nifti([good], tmp_path / "out")
+    assert (tmp_path / "out" / "example_ct_sm.nii.gz").read_bytes() == b"mine"

@@ -1,6 +1,6 @@
 """The one validation path for CT images and label maps, whatever the dataset kind (synthetic, msd, kits19, manual,
-folder) and file format (NIfTI; NRRD and MetaImage through `ctssl.data.images`): every message names the file and
-says what is wrong with it.
+folder) and file format: NIfTI files are read here, NRRD / MetaImage / DICOM are opened by `ctssl.data.images` and
+pass the same `checked_image` / `checked_label`. Every message names the file and says what is wrong with it.
 
 Checks: readable (exists, not empty, a file that decompresses to the end), 3D (a 4D image is named as such), finite
 voxels, a real orientation (a qform or sform, positive spacing; otherwise refused unless the dataset opts in to an
@@ -21,7 +21,6 @@ from ctssl.errors import InputDataError
 
 AFFINE_TOLERANCE_MM = 1e-3
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # read with SimpleITK (3D Slicer, grand-challenge.org)
 
 
 def shown(path: str | Path) -> str:
@@ -30,18 +29,18 @@ def shown(path: str | Path) -> str:
     return f"{path} (link to {path.resolve()})" if path.is_symlink() else str(path)
 
 
-def _read(path: Path) -> nib.Nifti1Image:
-    """A NIfTI file as nibabel reads it; NRRD and MetaImage files as an in-memory NIfTI (`ctssl.data.images`), so
-    every format goes through the same checks below."""
-    path = Path(path)
+def check_file(path: Path) -> None:
+    """A file that is there and not empty (the first two checks, whatever its format)."""
     if not path.exists():
         raise InputDataError(f"{shown(path)}: file not found")
     if path.stat().st_size == 0:
         raise InputDataError(f"{shown(path)}: empty file (0 bytes)")
-    if path.name.lower().endswith(ITK_SUFFIXES):
-        from ctssl.data.images import read_itk
 
-        return read_itk(path)
+
+def read_nifti(path: Path) -> nib.Nifti1Image:
+    """A NIfTI file as nibabel reads it (data not yet loaded); other formats are opened by `ctssl.data.images`."""
+    path = Path(path)
+    check_file(path)
     try:
         return nib.load(str(path))
     except (nib.filebasedimages.ImageFileError, ValueError) as exc:
@@ -81,7 +80,7 @@ def assumed_affine(assume: dict) -> np.ndarray:
 def _stored_header(path: Path, img: nib.Nifti1Image):
     """The header as stored: nibabel's loader silently 'fixes' a zero pixdim to 1 mm (with only a warning), which
     is exactly the guess that must not pass unnoticed."""
-    if not isinstance(img, nib.Nifti1Image) or not str(path).lower().endswith((".nii", ".nii.gz")):
+    if not isinstance(img, nib.Nifti1Image) or not str(path).lower().endswith(NIFTI_SUFFIXES):
         return img.header
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as fh:
@@ -90,7 +89,7 @@ def _stored_header(path: Path, img: nib.Nifti1Image):
 
 def geometry_problems(path: str | Path, img: nib.Nifti1Image | None = None) -> list[str]:
     """Why a file's geometry would be a guess (empty if it states an orientation and positive spacing)."""
-    img = _read(Path(path)) if img is None else img
+    img = read_nifti(Path(path)) if img is None else img
     header = _stored_header(path, img)
     codes = (int(header["qform_code"]), int(header["sform_code"])) if "qform_code" in header else (1, 1)
     spacing = np.linalg.norm(img.affine[:3, :3], axis=0)
@@ -114,11 +113,9 @@ def _affine(path: Path, img: nib.Nifti1Image, assume: dict | None) -> np.ndarray
     return assumed_affine(assume)
 
 
-def load_nifti(path: str | Path, dtype: type | None = np.float32, assume: dict | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """A checked 3D image as (array, affine): see the module docstring. `dtype=None` keeps the stored type."""
-    path = Path(path)
-    img = _read(path)
+def checked_image(path: Path, img: nib.Nifti1Image, dtype: type | None = np.float32, assume: dict | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The image checks on an opened image of any format (`path` names it in messages): 3D, geometry, finite."""
     data = _three_d(path, _data(path, img))
     affine = _affine(path, img, assume)
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
@@ -127,12 +124,11 @@ def load_nifti(path: str | Path, dtype: type | None = np.float32, assume: dict |
     return (data if dtype is None else data.astype(dtype, copy=False)), affine
 
 
-def load_label(path: str | Path, declared: set[int] | None = None, mapping: dict[int, int] | None = None,
-               assume: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A checked label map as (uint8 array, affine). Values must be integers *before* any cast (0.5 would become 0,
-    silently); `mapping` relabels source values (unlisted ones become background); `declared`: allowed values."""
-    path = Path(path)
-    img = _read(path)
+def checked_label(path: Path, img: nib.Nifti1Image, declared: set[int] | None = None,
+                  mapping: dict[int, int] | None = None, assume: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The label checks on an opened label map of any format. Values must be integers *before* any cast (0.5
+    would become 0, silently); `mapping` relabels source values (unlisted ones become background); `declared`:
+    allowed values."""
     data = _three_d(path, _data(path, img))
     affine = _affine(path, img, assume)
     values = np.unique(data)
@@ -153,6 +149,18 @@ def load_label(path: str | Path, declared: set[int] | None = None, mapping: dict
     if values.min(initial=0) < 0 or values.max(initial=0) > 255:
         raise InputDataError(f"{shown(path)}: label values must lie in 0..255, found {values.min()}..{values.max()}")
     return data.astype(np.uint8), affine
+
+
+def load_nifti(path: str | Path, dtype: type | None = np.float32, assume: dict | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """A checked 3D NIfTI image as (array, affine): see the module docstring. `dtype=None` keeps the stored type."""
+    return checked_image(Path(path), read_nifti(Path(path)), dtype, assume)
+
+
+def load_label(path: str | Path, declared: set[int] | None = None, mapping: dict[int, int] | None = None,
+               assume: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A checked NIfTI label map as (uint8 array, affine); see `checked_label`."""
+    return checked_label(Path(path), read_nifti(Path(path)), declared, mapping, assume)
 
 
 def check_same_grid(image_path: Path, image_shape, image_affine, label_path: Path, label_shape, label_affine,

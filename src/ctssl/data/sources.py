@@ -17,7 +17,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ctssl.data.dicom import convert_series, find_series
 from ctssl.data.download import (
     BTCV_LABELS,
     KITS19_LABELS,
@@ -26,8 +25,8 @@ from ctssl.data.download import (
     fetch,
     install_msd_task,
 )
-from ctssl.data.images import IMAGE_SUFFIXES, case_id
-from ctssl.data.nifti import AFFINE_TOLERANCE_MM, check_same_grid, geometry_problems, load_label, load_nifti
+from ctssl.data.images import IMAGE_SUFFIXES, case_id, read_label, to_nifti
+from ctssl.data.nifti import AFFINE_TOLERANCE_MM, NIFTI_SUFFIXES, check_same_grid, geometry_problems
 from ctssl.data.synthetic import write_msd_dataset
 from ctssl.errors import InputDataError
 from ctssl.io import atomic_dir, file_digest, read_json, save_nifti, write_json
@@ -44,18 +43,6 @@ def _dataset_json(root: Path, name: str, labels: dict[int, str], entries: list[d
 def _link(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(source.resolve(), target)
-
-
-def _as_nifti(source: Path, where: str) -> nib.Nifti1Image | Path:
-    """A NIfTI file is used as is; a folder is a DICOM series (exactly one) converted on the fly."""
-    if source.is_dir():
-        series = find_series(source)
-        if len(series) != 1:
-            raise InputDataError(f"{where}: {source} holds {len(series)} DICOM series; point at one series")
-        return convert_series(next(iter(series.values())), where=f"{where} ({source})")
-    if not source.exists():
-        raise InputDataError(f"{where}: {source} does not exist")
-    return source
 
 
 def _label_on_image_grid(label: np.ndarray, label_affine: np.ndarray, label_path: Path, image_shape,
@@ -98,11 +85,13 @@ def folder_cases(cfg: dict) -> dict[str, dict[str, str]]:
         for entry in entries:
             case = case_id(entry)
             channel = NNUNET_CHANNEL.match(case)
-            if channel and (cfg.get("nnunet_raw") or _label_file(labels_dir, channel["case"]) is not None
-                            or f"{channel['case']}_0000" in names):
+            # nnU-Net's names, unless a label carries the full name (`ct_0001.nii.gz` labelled as such is a case)
+            if channel and (cfg.get("nnunet_raw") or (_label_file(labels_dir, case) is None and (
+                    _label_file(labels_dir, channel["case"]) is not None or f"{channel['case']}_0000" in names))):
                 if channel["channel"] != "0000":
-                    raise InputDataError(f"{entry}: channel {channel['channel']} of case {channel['case']!r}; ctssl "
-                                         "reads single-channel CT (one {case}_0000 image per case)")
+                    raise InputDataError(f"{entry}: channel {channel['channel']} of case {channel['case']!r} "
+                                         "(nnU-Net naming); ctssl reads single-channel CT, one {case}_0000 image per "
+                                         "case. Separate cases named like this: list them under `cases`")
                 case = channel["case"]
             if case in cases:
                 continue
@@ -117,9 +106,29 @@ def folder_cases(cfg: dict) -> dict[str, dict[str, str]]:
     return cases
 
 
+def _nnunet_labels(meta_path: Path, labels: object) -> dict[int, str]:
+    """dataset.json `labels` as {value: name}: nnU-Net v2's {name: value}, or v1's {"value": name}; a region (a
+    list of values, v2's region-based training) has no single value and is refused."""
+    if not isinstance(labels, dict) or not labels:
+        raise InputDataError(f"{meta_path}: no `labels` mapping (name -> value), as nnU-Net v2's dataset.json has")
+    if all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in labels.items()):  # v1
+        return {int(k): v for k, v in labels.items()}
+    out = {}
+    for label_name, value in labels.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputDataError(f"{meta_path}: label {label_name!r} is {value!r}, a region (a list of values) or not "
+                                 "an integer; ctssl reads one integer value per class")
+        if value in out:
+            raise InputDataError(f"{meta_path}: labels {out[value]!r} and {label_name!r} share the value {value}")
+        out[value] = label_name
+    return out
+
+
 def nnunet_raw_dataset(folder: Path, name: str, configured: dict[int, str]) -> tuple[dict, dict[int, str]]:
     """An nnU-Net v2 raw dataset folder (dataset.json, imagesTr/{id}_0000{ending}, labelsTr/{id}{ending}) as the
-    folder kind's images_dir/labels_dir and its classes (dataset.json `labels`: name -> value)."""
+    folder kind's images_dir/labels_dir and its classes (dataset.json `labels`: name -> value). Checked against
+    dataset.json as nnU-Net itself would: one channel, `file_ending`, a label for every training image. imagesTs/
+    (nnU-Net's unlabelled test images) is not imported."""
     where = f"datasets.{name}.nnunet_raw"
     meta_path = folder / "dataset.json"
     if not meta_path.is_file():
@@ -129,38 +138,48 @@ def nnunet_raw_dataset(folder: Path, name: str, configured: dict[int, str]) -> t
     channels = meta.get("channel_names") or meta.get("modality") or {}
     if len(channels) != 1:
         raise InputDataError(f"{meta_path}: {len(channels)} channels ({channels}); ctssl reads single-channel CT")
-    if not isinstance(meta.get("labels"), dict):
-        raise InputDataError(f"{meta_path}: no `labels` mapping (name -> value), as nnU-Net v2's dataset.json has")
-    labels = {}
-    for label_name, value in meta["labels"].items():
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise InputDataError(f"{meta_path}: label {label_name!r} is {value!r}, a region (a list of values) or not "
-                                 "an integer; ctssl reads one integer value per class")
-        labels[value] = label_name
+    labels = _nnunet_labels(meta_path, meta.get("labels"))
     if 0 not in labels:
         raise InputDataError(f"{meta_path}: labels must include the background as 0 (found {labels})")
     if configured != {0: "background"} and configured != labels:
         raise InputDataError(f"datasets.{name}.labels {configured} differ from {meta_path}'s labels {labels}; "
                              "drop the config's labels (dataset.json's are used) or make them agree")
-    return {"images_dir": str(folder / "imagesTr"), "labels_dir": str(folder / "labelsTr")}, labels
+    ending = str(meta.get("file_ending", ".nii.gz"))  # v1 has no file_ending: NIfTI
+    if not ending.lower().endswith(IMAGE_SUFFIXES):
+        raise InputDataError(f"{meta_path}: file_ending {ending!r} is not a format ctssl reads "
+                             f"({', '.join(IMAGE_SUFFIXES)})")
+    images, labels_dir = folder / "imagesTr", folder / "labelsTr"
+    if not images.is_dir():
+        raise InputDataError(f"{where}: {images} is not a folder")
+    stems = (p.name[: -len(ending)] for p in sorted(images.iterdir()) if p.name.endswith(ending))
+    cases = sorted({m["case"] for m in map(NNUNET_CHANNEL.match, stems) if m})
+    if not cases:
+        raise InputDataError(f"{where}: {images} holds no {{case}}_0000{ending} images (file_ending {ending!r})")
+    missing = [f"{case}{ending}" for case in cases if not (labels_dir / f"{case}{ending}").is_file()]
+    if missing:
+        raise InputDataError(f"{where}: {labels_dir} lacks {missing[:5]} ({len(missing)} of {len(cases)} cases); "
+                             "every nnU-Net training image has its label")
+    if (folder / "imagesTs").is_dir():
+        log.info("%s: imagesTs/ (unlabelled test images) is not imported", folder)
+    return {"images_dir": str(images), "labels_dir": str(labels_dir)}, labels
 
 
-def _folder_image(source: Path, where: str, target: Path, assume: dict | None) -> tuple[tuple, np.ndarray, Path]:
-    """Check a case's image and put it at `target` (a link to a NIfTI with its own geometry, else a written copy:
-    a DICOM series converted, or a NIfTI given the dataset's assumed geometry). Returns (shape, affine, source)."""
-    image = _as_nifti(source, where)
-    if isinstance(image, nib.Nifti1Image):  # converted from DICOM (the converter checks the series)
-        save_nifti(target, image)
-        return image.shape, image.affine, source
-    data, affine = load_nifti(image, dtype=None, assume=assume)  # refuses a guessed geometry unless assumed
-    guessed = geometry_problems(image)
+def _folder_image(source: Path, where: str, target: Path, assume: dict | None) -> tuple[tuple, np.ndarray]:
+    """Check a case's image and put it at `target`: a link to a `.nii.gz` with its own geometry (the user's file is
+    never copied or touched), else a written NIfTI copy (NRRD / MetaImage, a DICOM series, a `.nii`, or a NIfTI
+    given the dataset's assumed geometry). Returns (shape, affine)."""
+    if not source.exists():
+        raise InputDataError(f"{where}: {source} does not exist")
+    image = to_nifti(source, assume=assume)  # every check; refuses a guessed geometry unless assumed
+    nifti = source.is_file() and source.name.lower().endswith(NIFTI_SUFFIXES)
+    guessed = geometry_problems(source) if nifti else []
     if guessed:
-        log.warning("%s: %s; using assume_geometry %s", image, " and ".join(guessed), assume)
-    if image.name.endswith(".nii.gz") and not guessed:
-        _link(image, target)
+        log.warning("%s: %s; using assume_geometry %s", source, " and ".join(guessed), assume)
+    if source.is_file() and source.name.endswith(".nii.gz") and not guessed:
+        _link(source, target)
     else:
-        save_nifti(target, nib.Nifti1Image(data, affine))
-    return data.shape, affine, image
+        save_nifti(target, image)
+    return image.shape, image.affine
 
 
 def import_folder(out_dir: Path, name: str, cfg: dict, require_labels: bool = False) -> Path:
@@ -180,12 +199,14 @@ def import_folder(out_dir: Path, name: str, cfg: dict, require_labels: bool = Fa
         entries = []
         for case, spec in cases.items():
             where = f"datasets.{name}.cases.{case}"
-            shape, affine, image = _folder_image(Path(spec["image"]), where, tmp / "imagesTr" / f"{case}.nii.gz",
-                                                 assume)
+            image = Path(spec["image"])
+            shape, affine = _folder_image(image, where, tmp / "imagesTr" / f"{case}.nii.gz", assume)
             entry = {"image": f"./imagesTr/{case}.nii.gz"}
             if spec.get("label"):
-                label_file = _as_nifti(Path(spec["label"]), where)
-                label, label_affine = load_label(label_file, declared=set(labels), mapping=mapping or None,
+                label_file = Path(spec["label"])
+                if not label_file.exists():
+                    raise InputDataError(f"{where}: label {label_file} does not exist")
+                label, label_affine = read_label(label_file, declared=set(labels), mapping=mapping or None,
                                                  assume=assume)
                 label = _label_on_image_grid(label, label_affine, label_file, shape, affine, image)
                 save_nifti(tmp / "labelsTr" / f"{case}.nii.gz", nib.Nifti1Image(label.astype(np.uint8), affine))
