@@ -65,6 +65,7 @@ def build_schema(methods: Iterable[str] = REGISTRY) -> dict:
         if clash:
             raise TypeError(f"method {name!r} declares {clash}, which are shared pretraining settings")
         entries[name] = {"type": "object", "additionalProperties": False, "default": {},
+                         "description": f"{name}: overrides of the shared pretraining settings, plus its own",
                          "properties": {**overrides, **own}}
     schema["properties"]["pretrain"]["properties"]["methods"]["properties"] = entries
     return schema

@@ -20,11 +20,16 @@ from ctssl.ssl.base import SSLMethod
 # pretrain.methods.genesis: this method's own settings (JSON schema; a literal, read without importing this module).
 # Probabilities are the paper's. flip_prob flips input and target together (views.flip_prob is the two-view one).
 SETTINGS = {
-    "flip_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.4},
-    "shuffle_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5},
-    "nonlinear_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.9},
-    "paint_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.9},
-    "outpaint_ratio": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.8},
+    "flip_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.4,
+                  "description": "probability of flipping the clean patch (input and target) along random axes"},
+    "shuffle_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
+                     "description": "probability of local shuffling: voxels permuted inside small random boxes"},
+    "nonlinear_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.9,
+                       "description": "probability of a random Bezier-curve intensity mapping"},
+    "paint_prob": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.9,
+                   "description": "probability of in- or out-painting with random values"},
+    "outpaint_ratio": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.8,
+                       "description": "share of the painting that is out-painting (the rest: in-painting)"},
 }
 CORRUPTIONS = tuple(SETTINGS)
 
