@@ -182,6 +182,7 @@ def pretraining_curves(logs: Iterable[str | Path], path: str | Path) -> None:
                 ax.plot(frame["step"], _smooth(values, steps), linestyle="--", label=part)
         ax.set_title(f"{log_path.parent.parent.name} / {log_path.parent.name}", fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel("pretraining loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(logs):]:

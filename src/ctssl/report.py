@@ -464,5 +464,7 @@ def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path]
         from ctssl.data.msd import read_msd_dataset
 
         case, drawn, classes = overlay_cells(metrics_files, dataset)
+        rank = {init: i for i, init in enumerate(init_order(c["init"] for c in drawn))}  # scratch first, as the tables
+        drawn = sorted(drawn, key=lambda c: (rank[c["init"]], c["fraction"]))
         source = {c.case_id: c for c in read_msd_dataset(raw_dir).cases}[case]
         overlay_figure(drawn, source.image, source.label, case, classes, out[f"overlays_{dataset}"], dataset)
