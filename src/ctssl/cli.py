@@ -143,7 +143,8 @@ def _predict(args: argparse.Namespace) -> int:
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (also used by the docs test to check every documented `ctssl` command parses)."""
     parser = argparse.ArgumentParser(prog="ctssl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pretrain one method on one pool manifest (resumes from its checkpoint)")
@@ -201,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("sources", nargs="+", help=".nii(.gz), .nrrd, .nhdr, .mha, .mhd files or DICOM series folders")
     v.add_argument("out_dir", help="output folder (an existing file is refused, never overwritten)")
     v.set_defaults(func=_convert)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
