@@ -86,10 +86,10 @@ def kept_model_outputs():
 
 def report_inputs():
     """Every cell's metrics and kept predictions (overlays), and the training logs of the pretraining runs the
-    inits come from (pretraining curves)."""
+    inits come from (pretraining curves; weights brought by the user have no run and no log)."""
     metrics = metrics_targets()
     inits = {init for dataset in DOWNSTREAM for init in inits_for(config, dataset)}
-    runs = sorted(parsed for parsed in map(parse_init, inits) if parsed)
+    runs = sorted(p for p in map(parse_init, inits) if p and p[0] in REGISTRY)
     return {
         "metrics": metrics,
         "predictions": [m.removesuffix("metrics.json") + "predictions" for m in metrics],
