@@ -213,7 +213,7 @@ def finetuning_curves(metrics_files: Iterable[str | Path], path: str | Path, col
         sub = frame[frame["dataset"] == dataset]
         for init in [i for i in colours if i in set(sub["init"])]:
             raw = sub[sub["init"] == init].pivot_table(index="step", columns="seed", values="loss")
-            curves = raw.rolling(max(1, len(raw) // 50), min_periods=1, center=True).mean()  # as _smooth
+            curves = raw.apply(_smooth, steps=len(raw))
             mean, sd = curves.mean(axis=1), curves.std(axis=1).fillna(0.0)
             seeds = curves.shape[1]
             ax.plot(mean.index, mean, color=colours[init], label=f"{init} ({seeds} seed{'s' if seeds > 1 else ''})")

@@ -128,30 +128,15 @@ def _no_model_reason(cell_dir: Path) -> str:
             f"Rerun it with save_model true: snakemake --cores N -f {metrics_path}")
 
 
-def output_name(source: str | Path) -> str:
-    """`{case}.nii.gz` for a scan file (any supported suffix) or a DICOM folder."""
-    from ctssl.data.images import case_id
-
-    source = Path(source)
-    return f"{source.name if source.is_dir() else case_id(source)}.nii.gz"
-
-
 def predict_files(cell_dir: str | Path, sources: Sequence[str | Path], out_dir: str | Path,
                   device: str = "auto") -> list[Path]:
     """`ctssl predict`: label maps of `sources` by a cell's model, written to `out_dir/{case}.nii.gz` on each input's
     grid. Every output name is checked before any work (an existing file is never overwritten, two inputs never
     write one file); each file appears complete or not at all."""
-    from ctssl.data.images import read_image
+    from ctssl.data.images import nifti_targets, read_image
     from ctssl.train.common import pick_device
 
-    out_dir = Path(out_dir)
-    targets = [out_dir / output_name(s) for s in sources]
-    clashes = sorted({str(t) for t in targets if targets.count(t) > 1})
-    if clashes:
-        raise InputDataError(f"two inputs would write the same output: {', '.join(clashes)}; rename one")
-    existing = [str(t) for t in targets if t.exists()]
-    if existing:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s); refusing to overwrite (remove or choose -o)")
+    targets = nifti_targets(sources, out_dir)
     model, net = FinetunedModel.load(cell_dir)
     torch_device = pick_device(device)
     net.to(torch_device)

@@ -162,7 +162,7 @@ def test_convert_writes_nifti_and_refuses_an_existing_output(realct, tmp_path, c
     assert main(["convert", str(source), str(tmp_path / "out")]) == 2
     assert "small.nii.gz already exist(s); refusing to overwrite" in capsys.readouterr().err
     assert (tmp_path / "out" / "small.nii.gz").read_bytes() == before
-    with pytest.raises(InputDataError, match="two sources would be written"):
+    with pytest.raises(InputDataError, match="two inputs would be written"):
         convert_to_nifti([source, tmp_path / "small.mha"], tmp_path / "out2")
 
 

@@ -4,8 +4,6 @@ labels, and as an nnU-Net raw dataset folder, end to end (raw -> preprocessing -
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -28,7 +26,7 @@ def _itk_copy(nifti: Path, target: Path) -> None:
     sitk.WriteImage(sitk.ReadImage(str(nifti)), str(target), useCompression=True)
 
 
-def test_mha_nrrd_folder_and_nnunet_raw_folder_run_through_the_dag(tmp_path):
+def test_mha_nrrd_folder_and_nnunet_raw_folder_run_through_the_dag(tmp_path, run_snakemake):
     source = write_msd_dataset(tmp_path / "synthetic", "liver", "liver", n_cases=4, seed=1)
     cases = sorted(p.name.removesuffix(".nii.gz") for p in (source / "imagesTr").glob("*.nii.gz"))
     itk, nnunet = tmp_path / "itk", tmp_path / "Dataset002_Liver"
@@ -51,9 +49,7 @@ def test_mha_nrrd_folder_and_nnunet_raw_folder_run_through_the_dag(tmp_path):
     config.pop("dataset_inits")
     config["pretrain"]["pool_datasets"] = ["liver_itk"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
-                          str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "2"],
-                         capture_output=True, text=True, timeout=900)
+    run = run_snakemake(tmp_path)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     res = tmp_path / "results"
 

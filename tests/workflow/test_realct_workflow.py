@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -24,15 +22,13 @@ def _absolute(obj, realct: Path):
     return obj
 
 
-def test_realct_config_runs_end_to_end(realct, tmp_path):
+def test_realct_config_runs_end_to_end(realct, tmp_path, run_snakemake):
     config = _absolute(yaml.safe_load((ROOT / "configs" / "realct.yaml").read_text()), realct)
     config["results"] = "results"
     config["finetune"]["steps"] = 20  # the smoke run's shape, not its length, is under test here
     config["pretrain"]["steps"] = 4
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
-                          str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "2"],
-                         capture_output=True, text=True, timeout=900)
+    run = run_snakemake(tmp_path)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     res = tmp_path / "results"
     long = pd.read_csv(res / "report" / "dice_per_case.csv")

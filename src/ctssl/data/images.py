@@ -128,18 +128,25 @@ def to_nifti(path: str | Path, assume: dict | None = None) -> nib.Nifti1Image:
     return image
 
 
+def nifti_targets(sources: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """`out_dir/{case}.nii.gz` for each source (file or DICOM folder), checked before any work: two sources that
+    would write one file, or a file that already exists, are refused (nothing the user made is overwritten)."""
+    targets = [Path(out_dir) / f"{case_id(s)}.nii.gz" for s in sources]
+    clashes = sorted({str(t) for t in targets if targets.count(t) > 1})
+    if clashes:
+        raise InputDataError(f"two inputs would be written to {', '.join(clashes)}; rename one or run them separately")
+    existing = [str(t) for t in targets if t.exists()]
+    if existing:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); refusing to overwrite (remove them or choose "
+                              "another output folder)")
+    return targets
+
+
 def convert_to_nifti(sources: list[str | Path], out_dir: str | Path) -> list[Path]:
     """`ctssl convert`: each NIfTI / NRRD / MetaImage file or DICOM series folder to `out_dir/{case}.nii.gz`, checked
     as a dataset's images are. Every output name is checked before anything is written: an existing file, or two
     sources with one name, are refused; a source that fails removes what this call wrote (all or nothing)."""
-    out_dir = Path(out_dir)
-    targets = [out_dir / f"{case_id(s)}.nii.gz" for s in sources]
-    clashes = sorted({str(t) for t in targets if targets.count(t) > 1})
-    if clashes:
-        raise InputDataError(f"two sources would be written to {', '.join(clashes)}; convert them separately")
-    existing = [str(t) for t in targets if t.exists()]
-    if existing:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s); refusing to overwrite")
+    targets = nifti_targets(sources, out_dir)
     written: list[Path] = []
     try:
         for source, target in zip(sources, targets, strict=True):

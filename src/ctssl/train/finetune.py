@@ -140,9 +140,10 @@ class Cell:
         its probabilities as `{case}_probabilities.npz`."""
         per_case, per_case_preprocessed = {}, {}
         for case in self.test_cases:
-            probs = probabilities(case)
-            label, per_case_preprocessed[case] = predict_and_score_preprocessed(probs, self.folder, case, self.classes)
-            geometry = self.folder.json(f"{case}.json")
+            probs, geometry = probabilities(case), self.folder.json(f"{case}.json")
+            label = to_original_grid(probs, geometry)
+            per_case_preprocessed[case] = dice_per_class(probs.argmax(0).numpy().astype(np.uint8),
+                                                         self.folder.load(f"{case}_seg.npy"), self.classes)
             if predictions is not None:
                 write_label_map(label, geometry["original"]["affine"], predictions / f"{case}.nii.gz",
                                 like=geometry["source_image"])
@@ -164,15 +165,6 @@ class Cell:
             **run, "config": copy.deepcopy(cfg), "code_version": code_version(), "environment": environment(),
             "scheduler": scheduler_info(),
         }
-
-
-def predict_and_score_preprocessed(probs: torch.Tensor, folder: PreprocessedFolder, case: str,
-                                   classes: dict[int, str]) -> tuple[np.ndarray, dict]:
-    """Class probabilities (C, X, Y, Z) on the preprocessed grid -> (label map on the case's original grid, as
-    nnU-Net exports it; Dice on the preprocessed grid). Every engine's predictions go through here."""
-    on_preprocessed = dice_per_class(probs.argmax(0).numpy().astype(np.uint8), folder.load(f"{case}_seg.npy"),
-                                     classes)
-    return to_original_grid(probs, folder.json(f"{case}.json")), on_preprocessed
 
 
 def score_on_original_grid(label: np.ndarray, geometry: dict, classes: dict[int, str]) -> dict:
