@@ -3,9 +3,10 @@
 import json
 
 import pandas as pd
+import pytest
 import yaml
 
-from ctssl.experiments import Run, Study, write_outputs
+from ctssl.experiments import Run, Study, chosen_steps, convergence_table, tail_change, write_outputs
 from ctssl.splits import make_splits
 
 ROOT_CONFIG = "config.yaml"
@@ -47,3 +48,57 @@ def test_runs_are_cached_and_tabulated_under_their_experiment_names(tmp_path, li
     assert {"dev_dice_mean", "dev_liver", "test_dice_mean", "test_liver", "delta_vs_scratch"} <= set(table.columns)
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0 and (tmp_path / "out" / "table.md").exists()
     assert (study.cache / "pretrain" / "pgl-0" / "model.pt").exists()
+
+
+def _curve(init, labelled, lr, steps, seed, values):
+    """A dev curve sampled at 5 equally spaced steps (values in Dice fraction)."""
+    return pd.DataFrame({"init": init, "labelled": labelled, "lr": lr, "steps": steps, "seed": seed,
+                         "step": [steps * k // 5 for k in range(1, 6)], "dev_dice": values})
+
+
+def test_tail_change_is_the_range_over_the_last_fifth_of_steps():
+    curve = pd.Series([0.1, 0.5, 0.6, 0.62, 0.65], index=[20, 40, 60, 80, 100])
+    assert tail_change(curve) == pytest.approx(0.03)  # steps 80 and 100
+    assert tail_change(curve, tail=0.5) == pytest.approx(0.05)  # steps 60..100
+
+
+def test_convergence_rule_on_hand_computed_curves():
+    curves = pd.concat([
+        # 500 steps still climbing (tail 0.60 -> 0.70: 10 points); 1000 flat; 2000 adds 0.5 point
+        _curve("scratch", 2, 1e-3, 500, 0, [0.2, 0.4, 0.5, 0.60, 0.70]),
+        _curve("scratch", 2, 1e-3, 1000, 0, [0.3, 0.6, 0.7, 0.795, 0.80]),
+        _curve("scratch", 2, 1e-3, 2000, 0, [0.3, 0.6, 0.7, 0.80, 0.805]),
+        # two seeds are averaged before the rule: (0.88 + 0.90) / 2 = 0.89 at the end
+        _curve("supervised", 2, 1e-3, 500, 0, [0.5, 0.7, 0.8, 0.88, 0.88]),
+        _curve("supervised", 2, 1e-3, 500, 1, [0.5, 0.7, 0.8, 0.88, 0.90]),
+        _curve("supervised", 2, 1e-3, 1000, 0, [0.5, 0.7, 0.8, 0.90, 0.90]),
+        _curve("supervised", 2, 1e-3, 2000, 0, [0.5, 0.7, 0.8, 0.90, 0.905]),
+    ])
+    table = convergence_table(curves)
+    s500 = table.loc[("scratch", 2, 1e-3, 500)]
+    assert s500["final"] == pytest.approx(70) and s500["tail_change"] == pytest.approx(10)
+    assert s500["gain_if_doubled"] == pytest.approx(10) and not s500["converged"]
+    sup500 = table.loc[("supervised", 2, 1e-3, 500)]
+    # tail 0.88 -> 0.89 (seed mean): 1 point, not < 1; and 1000 steps add 1 point
+    assert sup500["final"] == pytest.approx(89) and sup500["tail_change"] == pytest.approx(1)
+    assert sup500["gain_if_doubled"] == pytest.approx(1) and not sup500["converged"]
+    s1000 = table.loc[("scratch", 2, 1e-3, 1000)]
+    assert s1000["tail_change"] == pytest.approx(0.5) and s1000["gain_if_doubled"] == pytest.approx(0.5)
+    assert s1000["converged"] and table.loc[("scratch", 2, 1e-3, 2000)]["converged"]  # no 4000: tail only
+    assert chosen_steps(table, 1e-3) == 1000
+    # a group that never settles leaves no length chosen
+    table.loc[("scratch", 2, 1e-3, 1000), "converged"] = table.loc[("scratch", 2, 1e-3, 2000), "converged"] = False
+    assert chosen_steps(table, 1e-3) is None
+
+
+def test_a_holdout_study_gives_runs_with_every_label_development_cases(tmp_path, liver_preprocessed):
+    base = _study(tmp_path, liver_preprocessed)
+    study = Study(base.config_path, holdout=1)
+    study.curve_every = 2
+    held = json.loads(study.splits_path.read_text())
+    assert len(held["train"]) == 2 and len(held["development"]) == 1
+    metrics = json.loads(study.finetune(Run("scratch", "scratch", 0, labelled=2)).read_text())
+    run = json.loads((study.cache / "finetune").glob("*/run.json").__next__().read_text())
+    assert sorted(metrics["train_cases"]) == held["train"] and run["dev_cases"] == held["development"]
+    with pytest.raises(ValueError, match="3 labelled cases asked, 2 training cases available"):
+        study.fraction_of(Run("scratch", "scratch", 0, labelled=3))

@@ -1,6 +1,6 @@
 import pytest
 
-from ctssl.splits import fraction_key, label_subset, make_splits, subset_size
+from ctssl.splits import fraction_key, holdout_splits, label_subset, make_splits, subset_size
 
 IDS = [f"case_{i:02d}" for i in range(23)]
 KW = {"test_fraction": 0.25, "min_test": 2, "split_seed": 7}
@@ -62,3 +62,17 @@ def test_cases_without_labels_stay_out_of_test_and_training():
     splits = dataset_splits(cases, test_fraction=0.4, min_test=1, split_seed=0)
     assert splits["unlabelled"] == ["c2"]
     assert "c2" not in splits["test"] + splits["train"] and len(splits["test"]) + len(splits["train"]) == 5
+
+
+def test_holdout_takes_development_cases_out_of_training_only():
+    splits = make_splits([f"c{i:02d}" for i in range(20)], test_fraction=0.3, min_test=2, split_seed=4)
+    held = holdout_splits(splits, 5)
+    assert held == holdout_splits(splits, 5)  # a fixed draw of split_seed
+    assert len(held["development"]) == 5 and held["test"] == splits["test"]
+    assert sorted(held["train"] + held["development"]) == sorted(splits["train"])
+    assert not set(held["development"]) & set(held["train"])
+    assert holdout_splits({**splits, "split_seed": 5}, 5)["development"] != held["development"]
+    # the labelled count of a study run: 100 * k / n labels exactly k cases
+    assert all(subset_size(100.0 * k / len(held["train"]), len(held["train"])) == k for k in range(1, 10))
+    with pytest.raises(ValueError, match="cannot hold out 14 of 14"):
+        holdout_splits(splits, 14)

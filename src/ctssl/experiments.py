@@ -29,6 +29,7 @@ from ctssl.diagnostics import DiceCurve, activation_scales, development_cases, w
 from ctssl.io import json_digest, read_json, save_torch, write_json
 from ctssl.models.backbone import build_backbone
 from ctssl.report import collect, summary_table
+from ctssl.splits import holdout_splits, subset_size
 from ctssl.train.common import seed_everything
 
 CURVE_EVERY = 20  # fine-tuning steps between two dev-Dice points
@@ -54,17 +55,22 @@ class Run:
     init: str
     seed: int
     finetune: dict = field(default_factory=dict)  # overrides of the config's `finetune` section
+    labelled: int | None = None  # labelled training cases; None: the study's fraction
 
 
 class Study:
     """The data, caches and runners shared by every experiment of one config."""
 
-    def __init__(self, config_path: str | Path, dataset: str = "liver", fraction: float = 10.0, threads: int = 1):
+    def __init__(self, config_path: str | Path, dataset: str = "liver", fraction: float = 10.0, threads: int = 1,
+                 holdout: int = 0):
+        """`holdout` > 0: that many training cases (a fixed draw of `split_seed`) are taken out of training for
+        every run and are its development cases, so that runs with all remaining labels (100 %) have development
+        cases too; otherwise a run's development cases are the training cases outside its labelled subset."""
         self.config_path = Path(config_path)
         self.cfg = load_config(config_path)
         self.root = Path(self.cfg["results"])
         self.cache = self.root / "experiments"
-        self.dataset, self.fraction, self.threads = dataset, float(fraction), threads
+        self.dataset, self.fraction, self.threads, self.holdout = dataset, float(fraction), threads, int(holdout)
         self.curve_every, self.n_dev = CURVE_EVERY, DEV_CASES
 
     # -- data ------------------------------------------------------------------------------------------------
@@ -81,8 +87,33 @@ class Study:
         return self.root / "preprocessed" / self.dataset
 
     @property
-    def splits_path(self) -> Path:
+    def workflow_splits(self) -> Path:
         return self.root / "splits" / f"{self.dataset}.json"
+
+    @property
+    def splits_path(self) -> Path:
+        """The splits runs train from: the workflow's, or with `holdout` development cases taken out of training."""
+        if not self.holdout:
+            return self.workflow_splits
+        path = self.cache / "splits" / f"{self.dataset}_holdout{self.holdout}.json"
+        if not path.exists():
+            write_json(path, holdout_splits(read_json(self.workflow_splits), self.holdout))
+        return path
+
+    def dev_cases(self, fraction: float, seed: int) -> list[str]:
+        splits = read_json(self.splits_path)
+        if self.holdout:
+            return list(splits["development"])
+        return development_cases(splits, fraction, seed)[: self.n_dev]
+
+    def fraction_of(self, run: Run) -> float:
+        """The label fraction of a run: the study's, or the one that labels exactly `run.labelled` cases."""
+        if run.labelled is None:
+            return self.fraction
+        n_train = len(read_json(self.splits_path)["train"])
+        if not 1 <= run.labelled <= n_train:
+            raise ValueError(f"{run.labelled} labelled cases asked, {n_train} training cases available")
+        return 100.0 * run.labelled / n_train  # subset_size rounds this back to exactly run.labelled
 
     # -- pretraining -----------------------------------------------------------------------------------------
     def pretrained(self, init: str) -> Path | None:
@@ -118,15 +149,17 @@ class Study:
         cfg = copy.deepcopy({k: self.cfg[k] for k in ("model", "finetune", "device", "amp")})
         cfg["finetune"].update(run.finetune)
         weights = self.pretrained(run.init)
-        key = json_digest({"cfg": cfg, "init": run.init, "seed": run.seed, "dataset": self.dataset,
-                           "fraction": self.fraction, "weights": str(weights), "curve_every": self.curve_every,
-                           "n_dev": self.n_dev, "dev_per_class": True})[:16]
-        out = self.cache / "finetune" / key
+        fraction = self.fraction_of(run)
+        settings = {"cfg": cfg, "init": run.init, "seed": run.seed, "dataset": self.dataset, "fraction": fraction,
+                    "weights": str(weights), "curve_every": self.curve_every, "n_dev": self.n_dev,
+                    "dev_per_class": True}
+        if self.holdout:  # (absent otherwise, so that earlier runs keep their cache keys)
+            settings["holdout"] = self.holdout
+        out = self.cache / "finetune" / json_digest(settings)[:16]
         if (out / "metrics.json").exists():
             return out / "metrics.json"
-        splits = read_json(self.splits_path)
         manifest = read_json(self.preprocessed / "manifest.json")
-        dev = development_cases(splits, self.fraction, run.seed)[: self.n_dev]
+        dev = self.dev_cases(fraction, run.seed)
         curve = DiceCurve(self.preprocessed, dev, {int(k): v for k, v in manifest["labels"].items()},
                           cfg["finetune"]["patch_size"], self.curve_every,
                           overlap=float(cfg["finetune"]["sw_overlap"]))
@@ -137,12 +170,12 @@ class Study:
             if step == steps:  # what fine-tuning left of the init (exp_weights)
                 save_torch(out / "backbone_after.pt", net.backbone.state_dict())
 
-        run_finetune(preprocessed_dir=self.preprocessed, splits_path=self.splits_path, fraction=self.fraction,
+        run_finetune(preprocessed_dir=self.preprocessed, splits_path=self.splits_path, fraction=fraction,
                      seed=run.seed, init=run.label, init_weights=weights, cfg=cfg, out_dir=out,
                      threads=self.threads, on_step=on_step)
         pd.DataFrame(curve.rows).to_csv(out / "curve.csv", index=False)
         write_json(out / "run.json", {"label": run.label, "init": run.init, "seed": run.seed,
-                                      "finetune": run.finetune, "dev_cases": dev})
+                                      "finetune": run.finetune, "fraction": fraction, "dev_cases": dev})
         return out / "metrics.json"
 
 
@@ -299,7 +332,124 @@ def exp_weights(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
     return table
 
 
+# -- the convergence rule (issue 24) -------------------------------------------------------------------------
+CONVERGENCE_STEPS = [500, 1000, 2000]  # fine-tuning lengths, separate runs, each with its own full cosine schedule
+CONVERGENCE_LR = 1e-3  # the current schedule's LR; CONVERGENCE_LR_CHECK is tried at CONVERGENCE_LR_AT steps
+CONVERGENCE_LR_CHECK, CONVERGENCE_LR_AT = 3e-4, 1000
+CONVERGENCE_TOLERANCE = 1.0  # Dice points
+CONVERGENCE_TAIL = 0.2  # the last 20 % of a run's steps
+CONVERGENCE_HOLDOUT = 6  # development cases held out of training for every run (so 100 % runs have them too)
+CONVERGENCE_CURVE_POINTS = 20  # dev-Dice points per run
+
+
+def tail_change(curve: pd.Series, tail: float = CONVERGENCE_TAIL) -> float:
+    """How much a (seed-mean) dev-Dice curve, indexed by step, still moves over its last `tail` of steps:
+    max - min of its points at step >= (1 - tail) * last step, in the curve's units."""
+    last = curve.index.max()
+    window = curve[curve.index >= (1 - tail) * last]
+    return float(window.max() - window.min())
+
+
+def convergence_table(curves: pd.DataFrame, tolerance: float = CONVERGENCE_TOLERANCE,
+                      tail: float = CONVERGENCE_TAIL) -> pd.DataFrame:
+    """Per (init, labelled, lr, steps) run group: final dev Dice (mean over seeds, Dice points), how much its
+    curve moves over the last `tail` of steps, what doubling the steps adds to the final value (NaN where the
+    sweep has no run twice as long), and whether it counts as converged: tail change < tolerance and doubling
+    adds < tolerance. `curves`: columns init, labelled, lr, steps, seed, step, dev_dice (a fraction, 0-1)."""
+    keys = ["init", "labelled", "lr", "steps"]
+    mean = (100 * curves.groupby([*keys, "step"])["dev_dice"].mean()).rename("dice").reset_index()
+    rows = []
+    for key, group in mean.groupby(keys):
+        curve = group.set_index("step")["dice"].sort_index()
+        rows.append({**dict(zip(keys, key, strict=True)), "final": float(curve.iloc[-1]),
+                     "tail_change": tail_change(curve, tail)})
+    table = pd.DataFrame(rows).set_index(keys).sort_index()
+    finals = table["final"]
+    table["gain_if_doubled"] = [finals.get((i, n, lr, 2 * s), np.nan) - f
+                                for (i, n, lr, s), f in finals.items()]
+    table["converged"] = (table["tail_change"] < tolerance) & ~(table["gain_if_doubled"] >= tolerance)
+    return table
+
+
+def chosen_steps(table: pd.DataFrame, lr: float) -> int | None:
+    """The shortest length at which every (init, labelled) run group at `lr` has converged (None: none has)."""
+    at_lr = table.xs(lr, level="lr")
+    for steps in sorted(at_lr.index.get_level_values("steps").unique()):
+        if bool(at_lr.xs(steps, level="steps")["converged"].all()):
+            return int(steps)
+    return None
+
+
+def plot_convergence(curves: pd.DataFrame, path: Path, title: str) -> None:
+    """One panel per (init, labelled count): the seed-mean dev-Dice curve of every (length, LR) run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(curves.groupby(["init", "labelled"]).groups)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), sharey=True, squeeze=False)
+    for ax, (init, labelled) in zip(axes[0], panels, strict=True):
+        panel = curves[(curves["init"] == init) & (curves["labelled"] == labelled)]
+        for (steps, lr), group in panel.groupby(["steps", "lr"]):
+            stats = group.groupby("step")["dev_dice"].agg(["mean", "std"]).fillna(0)
+            line, = ax.plot(stats.index, 100 * stats["mean"], marker=".", ms=3,
+                            ls="-" if lr == CONVERGENCE_LR else "--", label=f"{steps} steps, lr {lr:g}")
+            ax.fill_between(stats.index, 100 * (stats["mean"] - stats["std"]),
+                            100 * (stats["mean"] + stats["std"]), color=line.get_color(), alpha=0.12)
+        ax.set_title(f"{init}, {labelled} labelled cases", fontsize=9)
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("dev mean foreground Dice (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def exp_convergence(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
+    """How long to fine-tune, decided on development cases: scratch and the supervised control with the labelled
+    count of the config's lowest fraction and with every remaining training case, each fine-tuned for
+    CONVERGENCE_STEPS (separate runs), plus one other LR. Dev = CONVERGENCE_HOLDOUT training cases held out of
+    every run; the test set is not scored into any decision (its numbers are not even tabulated here)."""
+    study = Study(study.config_path, study.dataset, study.fraction, study.threads, holdout=CONVERGENCE_HOLDOUT)
+    study.n_dev = CONVERGENCE_HOLDOUT
+    n_train = len(read_json(study.splits_path)["train"])
+    n_full = len(read_json(study.workflow_splits)["train"])
+    lowest = subset_size(min(map(float, study.cfg["fractions"])), n_full)  # what the science cells label
+    grid = [(steps, CONVERGENCE_LR) for steps in CONVERGENCE_STEPS] + [(CONVERGENCE_LR_AT, CONVERGENCE_LR_CHECK)]
+    frames = []
+    for steps, lr in grid:
+        study.curve_every = max(1, steps // CONVERGENCE_CURVE_POINTS)
+        for init, weights in (("scratch", "scratch"), ("supervised", "supervised@1000")):
+            for labelled in (lowest, n_train):
+                for seed in seeds:
+                    run = Run(init, weights, seed, {"steps": steps, "lr": lr}, labelled=labelled)
+                    curve = pd.read_csv(study.finetune(run).parent / "curve.csv")
+                    frames.append(curve.assign(init=init, labelled=labelled, lr=lr, steps=steps, seed=seed))
+    curves = pd.concat(frames, ignore_index=True)
+    table = convergence_table(curves)
+    chosen = chosen_steps(table, CONVERGENCE_LR)
+    out.mkdir(parents=True, exist_ok=True)
+    curves.to_csv(out / "curves.csv", index=False)
+    table.to_csv(out / "table.csv")
+    dev = read_json(study.splits_path)["development"]
+    header = (f"# convergence: how long to fine-tune (chosen on development cases)\n\n"
+              f"{study.dataset}; development = {len(dev)} training cases held out of every run ({', '.join(dev)}); "
+              f"{lowest} labelled cases (the lowest fraction's count on all {n_full} training cases) and all "
+              f"{n_train} remaining; seeds {seeds}; AdamW, linear warm-up then cosine decay. Dice in %, mean over "
+              f"seeds. tail_change: max - min of the dev curve over the last {CONVERGENCE_TAIL:.0%} of steps; "
+              f"gain_if_doubled: final dev Dice of the run twice as long minus this one's. Converged: both < "
+              f"{CONVERGENCE_TOLERANCE:g} point.\n\n**Chosen at lr {CONVERGENCE_LR:g}: "
+              f"{chosen if chosen else 'none of the lengths tried'} steps.**\n\n")
+    (out / "table.md").write_text(header + table.round(2).to_markdown() + "\n")
+    plot_convergence(curves, out / "curves.png", "fine-tuning length and LR: dev Dice (mean ± sd over seeds)")
+    return table
+
+
 EXPERIMENTS: dict[str, Callable[[Study, Path, list[int]], pd.DataFrame]] = {
-    "controls": exp_controls, "collapse": exp_collapse, "invariance": exp_invariance, "length": exp_length,
-    "lr": exp_lr, "probe": exp_probe, "weights": exp_weights,
+    "controls": exp_controls, "collapse": exp_collapse, "convergence": exp_convergence, "invariance": exp_invariance,
+    "length": exp_length, "lr": exp_lr, "probe": exp_probe, "weights": exp_weights,
 }

@@ -54,6 +54,22 @@ def make_splits(case_ids: Sequence[str], *, test_fraction: float, min_test: int,
                              "of train (ctssl.splits.label_subset); each cell lists its own in metrics.json"}
 
 
+HOLDOUT_STREAM = 1_000_003  # rng stream of development hold-outs: far from any fine-tuning seed's stream
+
+
+def holdout_splits(splits: dict, n_dev: int) -> dict:
+    """`splits` with `n_dev` training cases (a fixed draw of its split_seed) moved to `development`.
+
+    Experiments that choose a setting need development cases for runs that label every training case (100 %);
+    those are taken out of training for every run of the experiment, never out of the test set."""
+    train = list(splits["train"])
+    if not 1 <= n_dev < len(train):
+        raise ValueError(f"cannot hold out {n_dev} of {len(train)} training cases for development")
+    order = np.random.default_rng([int(splits["split_seed"]), HOLDOUT_STREAM]).permutation(len(train))
+    development = sorted(train[i] for i in order[:n_dev])
+    return {**splits, "train": [c for c in train if c not in set(development)], "development": development}
+
+
 def dataset_splits(cases, *, test_fraction: float, min_test: int, split_seed: int) -> dict:
     """Splits of a dataset's cases (`ctssl.data.msd.Case`): only labelled cases can be test or fine-tuning cases;
     those without a label (marked unlabelled) are listed apart and used for pretraining only."""
