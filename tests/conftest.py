@@ -11,6 +11,31 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REALCT = ROOT.parent / "shared" / "realct"
+# The longest test files, longest first (seconds on the 2-core CI machine, `pytest --durations`). pytest-xdist
+# (`-n 2 --dist loadfile`, see pyproject.toml) hands files to its two workers in collection order, so starting with
+# these balances the workers; the rest follow in their usual order.
+LONGEST_FILES = ["cluster/test_slurm.py", "workflow/test_workflow.py", "train/test_distributed.py",
+                 "workflow/test_nnunet_workflow.py", "workflow/test_realct_workflow.py", "test_benchmarks.py",
+                 "train/test_pretrain.py", "workflow/test_formats_workflow.py"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def rank(item) -> int:
+        path = Path(str(item.fspath)).resolve()
+        name = path.relative_to(ROOT / "tests").as_posix() if path.is_relative_to(ROOT / "tests") else ""
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: tests keep their order inside a file
+
+
+def pytest_configure(config) -> None:
+    """One torch thread per xdist worker: two workers on two cores, each with two threads, would oversubscribe."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
