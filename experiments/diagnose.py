@@ -5,6 +5,7 @@ every pretraining and fine-tuning run is cached under {results}/experiments/ of 
 runs and a rerun computes only what is missing.
 """
 import argparse
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -21,13 +22,17 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "experiments/configs/diag.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=None, help="default: experiments/results/EXPERIMENT")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (experiments that support it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     study = Study(args.config, threads=args.threads)
     study.ensure_data()
     out = Path(args.out or ROOT / "experiments" / "results" / args.experiment)
-    table = EXPERIMENTS[args.experiment](study, out, args.seeds)
+    experiment = EXPERIMENTS[args.experiment]
+    if args.jobs > 1 and "jobs" not in inspect.signature(experiment).parameters:
+        parser.error(f"--jobs: experiment {args.experiment} runs one run at a time")
+    table = experiment(study, out, args.seeds, **({"jobs": args.jobs} if args.jobs > 1 else {}))
     print(table.round(2).to_string())
     print(f"-> {out}")
 

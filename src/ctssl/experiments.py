@@ -72,6 +72,7 @@ class Study:
         self.cache = self.root / "experiments"
         self.dataset, self.fraction, self.threads, self.holdout = dataset, float(fraction), threads, int(holdout)
         self.curve_every, self.n_dev = CURVE_EVERY, DEV_CASES
+        self.curve_points: int | None = None  # set: dev-Dice points per run (every steps // curve_points steps)
 
     # -- data ------------------------------------------------------------------------------------------------
     def ensure_data(self, cores: int = 2) -> None:
@@ -146,22 +147,15 @@ class Study:
         """metrics.json of one run (cached by its settings); its dev-Dice curve is `curve.csv` beside it."""
         from ctssl.train.finetune import run_finetune
 
-        cfg = copy.deepcopy({k: self.cfg[k] for k in ("model", "finetune", "device", "amp")})
-        cfg["finetune"].update(run.finetune)
-        weights = self.pretrained(run.init)
-        fraction = self.fraction_of(run)
-        settings = {"cfg": cfg, "init": run.init, "seed": run.seed, "dataset": self.dataset, "fraction": fraction,
-                    "weights": str(weights), "curve_every": self.curve_every, "n_dev": self.n_dev,
-                    "dev_per_class": True}
-        if self.holdout:  # (absent otherwise, so that earlier runs keep their cache keys)
-            settings["holdout"] = self.holdout
-        out = self.cache / "finetune" / json_digest(settings)[:16]
+        settings = self._settings(run)
+        cfg, weights, fraction = settings["cfg"], self.pretrained(run.init), settings["fraction"]
+        out = self._run_dir(run)
         if (out / "metrics.json").exists():
             return out / "metrics.json"
         manifest = read_json(self.preprocessed / "manifest.json")
         dev = self.dev_cases(fraction, run.seed)
         curve = DiceCurve(self.preprocessed, dev, {int(k): v for k, v in manifest["labels"].items()},
-                          cfg["finetune"]["patch_size"], self.curve_every,
+                          cfg["finetune"]["patch_size"], settings["curve_every"],
                           overlap=float(cfg["finetune"]["sw_overlap"]))
         steps = int(cfg["finetune"]["steps"])
 
@@ -177,6 +171,41 @@ class Study:
         write_json(out / "run.json", {"label": run.label, "init": run.init, "seed": run.seed,
                                       "finetune": run.finetune, "fraction": fraction, "dev_cases": dev})
         return out / "metrics.json"
+
+
+    def finetune_many(self, runs: list[Run], jobs: int = 1) -> list[Path]:
+        """metrics.json of each run; the uncached ones on `jobs` processes (each with the study's threads)."""
+        for init in dict.fromkeys(run.init for run in runs):
+            self.pretrained(init)  # once, here, before any worker could start the same pretraining
+        # Longest first, so that the workers finish together.
+        todo = sorted((run for run in runs if not self._cached(run)), key=lambda r: -int(r.finetune.get("steps", 0)))
+        if jobs > 1 and len(todo) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn, not fork: a forked child of a process that has used torch's thread pool can hang.
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                list(pool.map(self.finetune, todo))
+        return [self.finetune(run) for run in runs]
+
+    def _cached(self, run: Run) -> bool:
+        return (self._run_dir(run) / "metrics.json").exists()
+
+    def _settings(self, run: Run) -> dict:
+        """Everything a run's result depends on: its cache key."""
+        cfg = copy.deepcopy({k: self.cfg[k] for k in ("model", "finetune", "device", "amp")})
+        cfg["finetune"].update(run.finetune)
+        every = (max(1, int(cfg["finetune"]["steps"]) // self.curve_points) if self.curve_points
+                 else self.curve_every)
+        settings = {"cfg": cfg, "init": run.init, "seed": run.seed, "dataset": self.dataset,
+                    "fraction": self.fraction_of(run), "weights": str(self.pretrained(run.init)),
+                    "curve_every": every, "n_dev": self.n_dev, "dev_per_class": True}
+        if self.holdout:  # (absent otherwise, so that earlier runs keep their cache keys)
+            settings["holdout"] = self.holdout
+        return settings
+
+    def _run_dir(self, run: Run) -> Path:
+        return self.cache / "finetune" / json_digest(self._settings(run))[:16]
 
 
 # -- tables and plots ----------------------------------------------------------------------------------------
@@ -334,8 +363,7 @@ def exp_weights(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
 
 # -- the convergence rule (issue 24) -------------------------------------------------------------------------
 CONVERGENCE_STEPS = [500, 1000, 2000]  # fine-tuning lengths, separate runs, each with its own full cosine schedule
-CONVERGENCE_LR = 1e-3  # the current schedule's LR; CONVERGENCE_LR_CHECK is tried at CONVERGENCE_LR_AT steps
-CONVERGENCE_LR_CHECK, CONVERGENCE_LR_AT = 3e-4, 1000
+CONVERGENCE_LR = 1e-3  # the current schedule's LR
 CONVERGENCE_TOLERANCE = 1.0  # Dice points
 CONVERGENCE_TAIL = 0.2  # the last 20 % of a run's steps
 CONVERGENCE_HOLDOUT = 6  # development cases held out of training for every run (so 100 % runs have them too)
@@ -364,9 +392,14 @@ def convergence_table(curves: pd.DataFrame, tolerance: float = CONVERGENCE_TOLER
         rows.append({**dict(zip(keys, key, strict=True)), "final": float(curve.iloc[-1]),
                      "tail_change": tail_change(curve, tail)})
     table = pd.DataFrame(rows).set_index(keys).sort_index()
-    finals = table["final"]
-    table["gain_if_doubled"] = [finals.get((i, n, lr, 2 * s), np.nan) - f
-                                for (i, n, lr, s), f in finals.items()]
+    # Final dev Dice per seed; the doubling gain is a mean over the seeds that have both lengths (paired).
+    finals = 100 * curves[curves["step"] == curves["steps"]].set_index([*keys, "seed"])["dev_dice"]
+    gains = []
+    for init, labelled, lr, steps in table.index:
+        mine, doubled = (finals.xs((init, labelled, lr, n), level=keys) for n in (steps, 2 * steps)) \
+            if (init, labelled, lr, 2 * steps) in table.index else (None, None)
+        gains.append(np.nan if mine is None else float((doubled - mine).dropna().mean()))
+    table["gain_if_doubled"] = gains
     table["converged"] = (table["tail_change"] < tolerance) & ~(table["gain_if_doubled"] >= tolerance)
     return table
 
@@ -409,26 +442,35 @@ def plot_convergence(curves: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def exp_convergence(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
+def convergence_runs(lowest: int, n_train: int, seeds: list[int]) -> list[Run]:
+    """Every length for every seed, except the longest, which runs for the first seed only: it is there to check
+    that the next shorter length has converged (the doubling gain is taken per seed, so one seed suffices to
+    measure it, and it costs as much as all shorter runs together)."""
+    runs = []
+    for steps in CONVERGENCE_STEPS:
+        for init, weights in (("scratch", "scratch"), ("supervised", "supervised@1000")):
+            for labelled in (lowest, n_train):
+                for seed in seeds if steps != max(CONVERGENCE_STEPS) else seeds[:1]:
+                    runs.append(Run(init, weights, seed, {"steps": steps, "lr": CONVERGENCE_LR}, labelled=labelled))
+    return runs
+
+
+def exp_convergence(study: Study, out: Path, seeds: list[int], jobs: int = 1) -> pd.DataFrame:
     """How long to fine-tune, decided on development cases: scratch and the supervised control with the labelled
     count of the config's lowest fraction and with every remaining training case, each fine-tuned for
-    CONVERGENCE_STEPS (separate runs), plus one other LR. Dev = CONVERGENCE_HOLDOUT training cases held out of
-    every run; the test set is not scored into any decision (its numbers are not even tabulated here)."""
+    CONVERGENCE_STEPS (separate runs). Dev = CONVERGENCE_HOLDOUT training cases held out of every run; the test set
+    is not scored into any decision (its numbers are not even tabulated here)."""
     study = Study(study.config_path, study.dataset, study.fraction, study.threads, holdout=CONVERGENCE_HOLDOUT)
-    study.n_dev = CONVERGENCE_HOLDOUT
+    study.n_dev, study.curve_points = CONVERGENCE_HOLDOUT, CONVERGENCE_CURVE_POINTS
     n_train = len(read_json(study.splits_path)["train"])
     n_full = len(read_json(study.workflow_splits)["train"])
     lowest = subset_size(min(map(float, study.cfg["fractions"])), n_full)  # what the science cells label
-    grid = [(steps, CONVERGENCE_LR) for steps in CONVERGENCE_STEPS] + [(CONVERGENCE_LR_AT, CONVERGENCE_LR_CHECK)]
+    runs = convergence_runs(lowest, n_train, seeds)
     frames = []
-    for steps, lr in grid:
-        study.curve_every = max(1, steps // CONVERGENCE_CURVE_POINTS)
-        for init, weights in (("scratch", "scratch"), ("supervised", "supervised@1000")):
-            for labelled in (lowest, n_train):
-                for seed in seeds:
-                    run = Run(init, weights, seed, {"steps": steps, "lr": lr}, labelled=labelled)
-                    curve = pd.read_csv(study.finetune(run).parent / "curve.csv")
-                    frames.append(curve.assign(init=init, labelled=labelled, lr=lr, steps=steps, seed=seed))
+    for run, metrics in zip(runs, study.finetune_many(runs, jobs), strict=True):
+        curve = pd.read_csv(metrics.parent / "curve.csv")
+        frames.append(curve.assign(init=run.label, labelled=run.labelled, lr=run.finetune["lr"],
+                                   steps=run.finetune["steps"], seed=run.seed))
     curves = pd.concat(frames, ignore_index=True)
     table = convergence_table(curves)
     chosen = chosen_steps(table, CONVERGENCE_LR)
@@ -439,13 +481,14 @@ def exp_convergence(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
     header = (f"# convergence: how long to fine-tune (chosen on development cases)\n\n"
               f"{study.dataset}; development = {len(dev)} training cases held out of every run ({', '.join(dev)}); "
               f"{lowest} labelled cases (the lowest fraction's count on all {n_full} training cases) and all "
-              f"{n_train} remaining; seeds {seeds}; AdamW, linear warm-up then cosine decay. Dice in %, mean over "
-              f"seeds. tail_change: max - min of the dev curve over the last {CONVERGENCE_TAIL:.0%} of steps; "
-              f"gain_if_doubled: final dev Dice of the run twice as long minus this one's. Converged: both < "
-              f"{CONVERGENCE_TOLERANCE:g} point.\n\n**Chosen at lr {CONVERGENCE_LR:g}: "
-              f"{chosen if chosen else 'none of the lengths tried'} steps.**\n\n")
+              f"{n_train} remaining; seeds {seeds} ({max(CONVERGENCE_STEPS)} steps: seed {seeds[0]} only); AdamW "
+              f"{CONVERGENCE_LR:g}, linear warm-up then cosine decay. Dice in %, mean over seeds. tail_change: "
+              f"max - min of the seed-mean dev curve over the last {CONVERGENCE_TAIL:.0%} of steps; gain_if_doubled: "
+              f"final dev Dice of the run twice as long minus this one's, paired by seed. Converged: both < "
+              f"{CONVERGENCE_TOLERANCE:g} point.\n\n**Chosen: {chosen if chosen else 'none of the lengths tried'}"
+              f"{' steps' if chosen else ''}.**\n\n")
     (out / "table.md").write_text(header + table.round(2).to_markdown() + "\n")
-    plot_convergence(curves, out / "curves.png", "fine-tuning length and LR: dev Dice (mean ± sd over seeds)")
+    plot_convergence(curves, out / "curves.png", "fine-tuning length: dev Dice (mean ± sd over seeds)")
     return table
 
 
