@@ -126,6 +126,6 @@ def test_finetune_many_runs_uncached_runs_on_worker_processes_to_the_same_result
     first = json.loads(serial.read_text())["per_case"]
     serial.parent.rename(tmp_path / "serial_run")  # uncached again
     paths = study.finetune_many(runs, jobs=2)
-    assert [p.parent.name for p in paths] == [study._run_dir(r).name for r in runs]
+    assert [p.parent.name for p in paths] == [study._run_dir(study._settings(r)).name for r in runs]
     assert json.loads(paths[0].read_text())["per_case"] == first  # a worker process computes what this one does
     assert all((p.parent / "curve.csv").exists() for p in paths)

@@ -147,9 +147,9 @@ class Study:
         """metrics.json of one run (cached by its settings); its dev-Dice curve is `curve.csv` beside it."""
         from ctssl.train.finetune import run_finetune
 
-        settings = self._settings(run)
+        settings = self._settings(run)  # once per run: it reads the splits
         cfg, weights, fraction = settings["cfg"], self.pretrained(run.init), settings["fraction"]
-        out = self._run_dir(run)
+        out = self._run_dir(settings)
         if (out / "metrics.json").exists():
             return out / "metrics.json"
         manifest = read_json(self.preprocessed / "manifest.json")
@@ -189,7 +189,7 @@ class Study:
         return [self.finetune(run) for run in runs]
 
     def _cached(self, run: Run) -> bool:
-        return (self._run_dir(run) / "metrics.json").exists()
+        return (self._run_dir(self._settings(run)) / "metrics.json").exists()
 
     def _settings(self, run: Run) -> dict:
         """Everything a run's result depends on: its cache key."""
@@ -204,8 +204,8 @@ class Study:
             settings["holdout"] = self.holdout
         return settings
 
-    def _run_dir(self, run: Run) -> Path:
-        return self.cache / "finetune" / json_digest(self._settings(run))[:16]
+    def _run_dir(self, settings: dict) -> Path:
+        return self.cache / "finetune" / json_digest(settings)[:16]
 
 
 # -- tables and plots ----------------------------------------------------------------------------------------
