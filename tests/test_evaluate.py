@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctssl.evaluate import dice_per_class, dice_score, predict_volume, summarize
+from ctssl.evaluate import dice_per_class, dice_score, summarize
+from ctssl.inference import predict_volume
 
 
 def test_dice_hand_computed():

@@ -6,8 +6,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the checkout's code, also in --sdm conda
 
 from ctssl.logutil import setup_logging  # noqa: E402
-from ctssl.train.checkpoint import run_interruptible  # noqa: E402
 from ctssl.train.finetune import run_finetune  # noqa: E402
+from ctssl.train.interrupt import run_interruptible  # noqa: E402
 
 log = setup_logging(snakemake.log[0])
 w = snakemake.wildcards

@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the checkou
 
 from ctssl.logutil import setup_logging  # noqa: E402
 from ctssl.nnunet.engine import run_nnunet_cell  # noqa: E402
-from ctssl.train.checkpoint import run_interruptible  # noqa: E402
+from ctssl.train.interrupt import run_interruptible  # noqa: E402
 
 log = setup_logging(snakemake.log[0])
 w = snakemake.wildcards

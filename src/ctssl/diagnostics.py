@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ctssl.evaluate import dice_per_class, predict_volume, summarize
+from ctssl.evaluate import dice_per_class, summarize
+from ctssl.inference import predict_volume
 from ctssl.models.features import forward_with_taps
 from ctssl.splits import label_subset
 

@@ -1,4 +1,5 @@
-"""Sliding-window inference on whole test volumes and Dice per case and class, following nnU-Net's rules.
+"""Dice per case and class, following nnU-Net's rules (numpy only: the report imports it without torch; the
+inference that makes the label maps is `ctssl.inference`).
 
 MONAI's DiceMetric is not used for the score itself because its `ignore_empty` semantics differ from nnU-Net's:
 MONAI gives NaN whenever the reference is empty, nnU-Net only when reference *and* prediction are empty (an empty
@@ -11,8 +12,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
-from monai.inferers import sliding_window_inference
 
 
 def dice_score(pred: np.ndarray, ref: np.ndarray, value: int) -> float:
@@ -46,23 +45,3 @@ def summarize(per_case: Mapping[str, Mapping[str, float]]) -> dict:
     classes = sorted({c for scores in per_case.values() for c in scores})
     per_class = {c: nanmean([scores[c] for scores in per_case.values()]) for c in classes}
     return {"mean_per_class": per_class, "mean_foreground_dice": nanmean(list(per_class.values()))}
-
-
-@torch.no_grad()
-def predict_probabilities(net: torch.nn.Module, image: np.ndarray, patch_size: Sequence[int], *,
-                          sw_batch_size: int = 2, overlap: float = 0.5,
-                          device: str | torch.device = "cpu") -> torch.Tensor:
-    """Softmax (C, X, Y, Z) on CPU for a whole volume, Gaussian-weighted sliding-window inference: probabilities,
-    not labels, so they can be resampled to the original grid before the arg-max (as nnU-Net exports)."""
-    net.eval()
-    x = torch.as_tensor(image, dtype=torch.float32, device=device)[None, None]
-    logits = sliding_window_inference(x, roi_size=tuple(patch_size), sw_batch_size=sw_batch_size, predictor=net,
-                                      overlap=overlap, mode="gaussian", padding_mode="constant")
-    return torch.softmax(logits.float(), dim=1)[0].cpu()
-
-
-def predict_volume(net: torch.nn.Module, image: np.ndarray, patch_size: Sequence[int], *, sw_batch_size: int = 2,
-                   overlap: float = 0.5, device: str | torch.device = "cpu") -> np.ndarray:
-    """Label map for a whole (X, Y, Z) volume on its (preprocessed) grid."""
-    probs = predict_probabilities(net, image, patch_size, sw_batch_size=sw_batch_size, overlap=overlap, device=device)
-    return probs.argmax(0).numpy().astype(np.uint8)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ctssl.errors import InputDataError
-from ctssl.evaluate import predict_probabilities
+from ctssl.inference import predict_probabilities
 from ctssl.integrity import verify_weights
 from ctssl.io import atomic_path, file_digest, read_json, save_nifti, save_torch, write_json
 from ctssl.models.backbone import SegmentationNet

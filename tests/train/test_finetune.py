@@ -84,7 +84,7 @@ def test_preempted_cell_resumes_to_the_uninterrupted_result(prepared, tmp_path):
     script = (
         "import json, sys\n"
         "from ctssl.logutil import setup_logging\n"
-        "from ctssl.train.checkpoint import run_interruptible\n"
+        "from ctssl.train.interrupt import run_interruptible\n"
         "from ctssl.train.finetune import run_finetune\n"
         f"args = json.loads({json.dumps(json.dumps({'preprocessed_dir': str(pre), 'splits_path': str(splits_path), 'cfg': cfg, 'out_dir': str(out)}))})\n"
         "log = setup_logging(None)\n"

@@ -12,53 +12,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ctssl.errors import InputDataError
 from ctssl.io import save_torch
 from ctssl.train.distributed import SINGLE, World, barrier
+from ctssl.train.interrupt import SignalFlag
 
 log = logging.getLogger(__name__)
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: "try again later"
-
-
-class TrainingInterrupted(RuntimeError):
-    """A signal asked the run to stop; a checkpoint was written and a rerun resumes from it."""
-
-
-class SignalFlag:
-    """SIGTERM/SIGUSR1 -> remember it; the loop checks `received` after each step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> SignalFlag:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def interrupted(self, step: int, total: int, ckpt_path: Path) -> TrainingInterrupted:
-        why = f"{signal.Signals(self.received).name} received" if self.received is not None else \
-            "another rank received a stop signal"
-        return TrainingInterrupted(f"{why}: checkpoint at step {step}/{total} written to {ckpt_path}; rerun the "
-                                   "same command to resume")
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -162,17 +126,3 @@ def discard_checkpoint(path: Path) -> None:
     path.with_name(PREVIOUS).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         path.parent.rmdir()
-
-
-def run_interruptible(run, log: logging.Logger) -> int:
-    """Exit status of `run()`: 0, EXIT_INTERRUPTED after a checkpoint-on-signal, or 1 for bad or damaged input
-    (each logged as its one-line message, not a traceback: the message names the file and the remedy)."""
-    try:
-        run()
-    except TrainingInterrupted as exc:
-        log.error("%s", exc)
-        return EXIT_INTERRUPTED
-    except InputDataError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0

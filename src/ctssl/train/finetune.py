@@ -26,7 +26,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ctssl.config import head_warmup_problem
 from ctssl.data.nifti import load_nifti
-from ctssl.evaluate import dice_per_class, predict_probabilities, summarize
+from ctssl.evaluate import dice_per_class, summarize
+from ctssl.inference import predict_probabilities
 from ctssl.integrity import PreprocessedFolder, verify_weights
 from ctssl.io import json_digest, read_json, write_json
 from ctssl.models.backbone import SegmentationNet

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctssl.train.checkpoint import EXIT_INTERRUPTED, run_interruptible
+from ctssl.train.interrupt import EXIT_INTERRUPTED, run_interruptible
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -59,11 +59,12 @@ class Layout:
 def pretrain_job(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out_dir: str | Path, threads: int,
                  layout: Layout, log_file: str | Path | None) -> int:
     """Run one pretraining job; its exit status: 0, 75 (checkpointed on a signal: rerun to resume), or non-zero."""
-    from ctssl.train.pretrain import run_pretrain
-
     kwargs = {"pool_csv": str(Path(pool_csv).resolve()), "method": method, "pool": pool, "cfg": cfg,
               "out_dir": str(Path(out_dir).resolve())}
     if layout.world_size == 1:
+        # Imported here only: a launcher of ranks needs neither torch nor MONAI (seconds of CPU per process).
+        from ctssl.train.pretrain import run_pretrain
+
         return run_interruptible(lambda: run_pretrain(**kwargs, threads=threads), log)
     problem = gpu_shortage(cfg["device"], layout)
     if problem:
@@ -89,9 +90,11 @@ def pretrain_job(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
 
 def gpu_shortage(device: str, layout: Layout) -> str | None:
     """Why this node cannot run its ranks on GPUs (None if it can, or if the run is on CPU)."""
+    if device == "cpu":
+        return None
     import torch
 
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+    if device == "auto" and not torch.cuda.is_available():
         return None
     visible = torch.cuda.device_count()
     if visible >= layout.per_node:

@@ -24,9 +24,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ctssl.train.checkpoint import SignalFlag, checkpoint_after_step, load_checkpoint
+from ctssl.train.checkpoint import checkpoint_after_step, load_checkpoint
 from ctssl.train.common import CsvLog
 from ctssl.train.distributed import SINGLE, World, agree
+from ctssl.train.interrupt import SignalFlag
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/last.pt"
