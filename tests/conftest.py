@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REALCT = ROOT.parent / "shared" / "realct"
 # The longest test files, longest first (seconds on the 2-core CI machine, `pytest --durations`). pytest-xdist
-# (`-n 2 --dist loadfile`, see pyproject.toml) hands files to its two workers in collection order, so starting with
+# (`-n 3 --dist loadfile`, see pyproject.toml) hands files to its workers in collection order, so starting with
 # these balances the workers; the rest follow in their usual order.
 LONGEST_FILES = ["cluster/test_slurm.py", "workflow/test_workflow.py", "train/test_distributed.py",
                  "workflow/test_nnunet_workflow.py", "workflow/test_realct_workflow.py", "test_benchmarks.py",
@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def pytest_configure(config) -> None:
-    """One torch thread per xdist worker: two workers on two cores, each with two threads, would oversubscribe."""
+    """One torch thread per xdist worker: three workers on two cores, each with two threads, would oversubscribe."""
     import os
 
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -33,6 +33,7 @@ def test_preprocess_speed_benchmark_prints_both_tables():
 
 def test_pretrain_scaling_benchmark_prints_rates_and_efficiency_per_world_size():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/pretrain_scaling.py"), "--device", "cpu",
+                          "--configfile", str(ROOT / "tests/configs/tiny.yaml"),
                           "--steps", "8", "--batch", "2", "--patch", "16", "16", "16", "--cases", "2", "--spacing",
                           "3", "3", "4"],
                          capture_output=True, text=True, check=True, timeout=300).stdout

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import os
 import signal
@@ -158,8 +159,9 @@ def finish(proc: subprocess.Popen, expected: int = 0, timeout: float = 300) -> s
 
 
 def curve(out: Path) -> list[tuple[int, float]]:
-    with open(out / "train_log.csv") as fh:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
+    """The logged (step, loss) rows, complete lines only: a running job may be half-way through writing one."""
+    text = (out / "train_log.csv").read_text()
+    return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1]))]
 
 
 def assert_same_run(a: Path, b: Path) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -47,8 +49,9 @@ def _cfg(**pretrain):
 
 
 def _losses(out):
-    with open(out / "train_log.csv") as fh:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
+    """The logged (step, loss) rows, complete lines only: a running job may be half-way through writing one."""
+    text = (out / "train_log.csv").read_text()
+    return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1]))]
 
 
 @pytest.mark.parametrize(("method", "overrides"), [("pgl", {}), ("pgl", {"feature_level": "decoder0"}),
@@ -87,11 +90,22 @@ def _wait_for_rows(out, n, proc, timeout=120):
     raise AssertionError("run did not progress")
 
 
+RESUME_STEPS = 80
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pool_csv, tmp_path_factory) -> tuple[Path, dict]:
+    """The run every interrupted run must end at (one for the three signals: it does not depend on them)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return out, run_pretrain(pool_csv=pool_csv, method="pgl", pool="all",
+                             cfg=_cfg(steps=RESUME_STEPS, checkpoint_every=5), out_dir=out)
+
+
 @pytest.mark.parametrize("sig, expected_rc", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGKILL, -9)])
-def test_killed_run_resumes_to_the_uninterrupted_result(pool_csv, tmp_path, sig, expected_rc):
-    steps = 80
+def test_killed_run_resumes_to_the_uninterrupted_result(pool_csv, uninterrupted, tmp_path, sig, expected_rc):
+    steps = RESUME_STEPS
     cfg = _cfg(steps=steps, checkpoint_every=5)
-    reference = run_pretrain(pool_csv=pool_csv, method="pgl", pool="all", cfg=cfg, out_dir=tmp_path / "ref")
+    reference_dir, reference = uninterrupted
     config_path = tmp_path / "cfg.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
@@ -112,7 +126,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(pool_csv, tmp_path, sig,
     assert f"resuming from step {stopped_at}" in output
     curve = _losses(out)
     assert [s for s, _ in curve] == list(range(1, steps + 1))  # the curve continues, no step twice
-    assert curve == _losses(tmp_path / "ref")  # and is the uninterrupted curve, exactly
+    assert curve == _losses(reference_dir)  # and is the uninterrupted curve, exactly
     meta = json.loads((out / "model.json").read_text())
     assert meta["final_loss"] == reference["final_loss"]
     assert meta["model_sha256"] == reference["model_sha256"]
