@@ -10,6 +10,7 @@ from ctssl.experiments import (
     Run,
     Study,
     chosen_steps,
+    convergence_lr_runs,
     convergence_runs,
     convergence_table,
     tail_change,
@@ -105,6 +106,18 @@ def test_the_convergence_grid_runs_the_longest_length_for_the_first_seed_only():
     assert {r.seed for r in runs if r.finetune["steps"] == 2000} == {0}
     assert {r.labelled for r in runs} == {3, 22} and {r.finetune["lr"] for r in runs} == {1e-3}
 
+
+
+def test_the_lr_recheck_runs_the_longest_length_at_the_lowest_count_around_the_current_lr():
+    runs = convergence_lr_runs(3, [0])
+    assert [(r.label, r.finetune["lr"]) for r in runs] == [
+        ("scratch", 3e-4), ("supervised", 3e-4), ("scratch", 1e-3), ("supervised", 1e-3), ("scratch", 3e-3),
+        ("supervised", 3e-3)]
+    assert {(r.labelled, r.finetune["steps"], r.seed) for r in runs} == {(3, 2000, 0)}
+    # the 1e-3 runs are the convergence grid's own (same settings: cached, not trained again)
+    grid = {(r.label, r.labelled, r.seed, tuple(sorted(r.finetune.items()))) for r in convergence_runs(3, 22, [0])}
+    assert {(r.label, r.labelled, r.seed, tuple(sorted(r.finetune.items()))) for r in runs
+            if r.finetune["lr"] == 1e-3} <= grid
 
 def test_a_holdout_study_gives_runs_with_every_label_development_cases(tmp_path, liver_preprocessed):
     base = _study(tmp_path, liver_preprocessed)

@@ -364,6 +364,7 @@ def exp_weights(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
 # -- the convergence rule (issue 24) -------------------------------------------------------------------------
 CONVERGENCE_STEPS = [500, 1000, 2000]  # fine-tuning lengths, separate runs, each with its own full cosine schedule
 CONVERGENCE_LR = 1e-3  # the current schedule's LR
+CONVERGENCE_LR_CHECK = [3e-4, 1e-3, 3e-3]  # the LR re-check around it, at the longest length
 CONVERGENCE_TOLERANCE = 1.0  # Dice points
 CONVERGENCE_TAIL = 0.2  # the last 20 % of a run's steps
 CONVERGENCE_HOLDOUT = 6  # development cases held out of training for every run (so 100 % runs have them too)
@@ -455,28 +456,44 @@ def convergence_runs(lowest: int, n_train: int, seeds: list[int]) -> list[Run]:
     return runs
 
 
-def exp_convergence(study: Study, out: Path, seeds: list[int], jobs: int = 1) -> pd.DataFrame:
-    """How long to fine-tune, decided on development cases: scratch and the supervised control with the labelled
-    count of the config's lowest fraction and with every remaining training case, each fine-tuned for
-    CONVERGENCE_STEPS (separate runs). Dev = CONVERGENCE_HOLDOUT training cases held out of every run; the test set
-    is not scored into any decision (its numbers are not even tabulated here)."""
+def _convergence_study(study: Study) -> tuple[Study, int, int, int]:
+    """The study with CONVERGENCE_HOLDOUT development cases held out of every run, the labelled count of the
+    config's lowest fraction (what the science cells label), the training cases left and the config's training
+    count."""
     study = Study(study.config_path, study.dataset, study.fraction, study.threads, holdout=CONVERGENCE_HOLDOUT)
     study.n_dev, study.curve_points = CONVERGENCE_HOLDOUT, CONVERGENCE_CURVE_POINTS
     n_train = len(read_json(study.splits_path)["train"])
     n_full = len(read_json(study.workflow_splits)["train"])
-    lowest = subset_size(min(map(float, study.cfg["fractions"])), n_full)  # what the science cells label
-    runs = convergence_runs(lowest, n_train, seeds)
+    return study, subset_size(min(map(float, study.cfg["fractions"])), n_full), n_train, n_full
+
+
+def _dev_curves(study: Study, runs: list[Run], jobs: int) -> pd.DataFrame:
+    """Every run's dev-Dice curve, with the columns convergence_table groups by."""
     frames = []
     for run, metrics in zip(runs, study.finetune_many(runs, jobs), strict=True):
         curve = pd.read_csv(metrics.parent / "curve.csv")
         frames.append(curve.assign(init=run.label, labelled=run.labelled, lr=run.finetune["lr"],
                                    steps=run.finetune["steps"], seed=run.seed))
-    curves = pd.concat(frames, ignore_index=True)
-    table = convergence_table(curves)
-    chosen = chosen_steps(table, CONVERGENCE_LR)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _write_convergence(out: Path, curves: pd.DataFrame, table: pd.DataFrame, header: str, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     curves.to_csv(out / "curves.csv", index=False)
     table.to_csv(out / "table.csv")
+    (out / "table.md").write_text(header + table.round(2).to_markdown() + "\n")
+    plot_convergence(curves, out / "curves.png", title)
+
+
+def exp_convergence(study: Study, out: Path, seeds: list[int], jobs: int = 1) -> pd.DataFrame:
+    """How long to fine-tune, decided on development cases: scratch and the supervised control with the labelled
+    count of the config's lowest fraction and with every remaining training case, each fine-tuned for
+    CONVERGENCE_STEPS (separate runs). Dev = CONVERGENCE_HOLDOUT training cases held out of every run; the test set
+    is not scored into any decision (its numbers are not even tabulated here)."""
+    study, lowest, n_train, n_full = _convergence_study(study)
+    curves = _dev_curves(study, convergence_runs(lowest, n_train, seeds), jobs)
+    table = convergence_table(curves)
+    chosen = chosen_steps(table, CONVERGENCE_LR)
     dev = read_json(study.splits_path)["development"]
     header = (f"# convergence: how long to fine-tune (chosen on development cases)\n\n"
               f"{study.dataset}; development = {len(dev)} training cases held out of every run ({', '.join(dev)}); "
@@ -487,12 +504,38 @@ def exp_convergence(study: Study, out: Path, seeds: list[int], jobs: int = 1) ->
               f"final dev Dice of the run twice as long minus this one's, paired by seed. Converged: both < "
               f"{CONVERGENCE_TOLERANCE:g} point.\n\n**Chosen: {chosen if chosen else 'none of the lengths tried'}"
               f"{' steps' if chosen else ''}.**\n\n")
-    (out / "table.md").write_text(header + table.round(2).to_markdown() + "\n")
-    plot_convergence(curves, out / "curves.png", "fine-tuning length: dev Dice (mean ± sd over seeds)")
+    _write_convergence(out, curves, table, header, "fine-tuning length: dev Dice (mean ± sd over seeds)")
+    return table
+
+
+def convergence_lr_runs(lowest: int, seeds: list[int]) -> list[Run]:
+    """The LR re-check at the provisional length: scratch and the supervised control at the lowest fraction's
+    labelled count (where the LR matters most: few cases, many epochs over them), every CONVERGENCE_LR_CHECK."""
+    steps = max(CONVERGENCE_STEPS)
+    return [Run(init, weights, seed, {"steps": steps, "lr": lr}, labelled=lowest)
+            for lr in CONVERGENCE_LR_CHECK for init, weights in (("scratch", "scratch"), ("supervised", "supervised@1000"))
+            for seed in seeds]
+
+
+def exp_convergence_lr(study: Study, out: Path, seeds: list[int], jobs: int = 1) -> pd.DataFrame:
+    """Issue 24's LR re-check: AdamW 1e-3 was chosen on 160-step runs; at the provisional length, does another LR
+    end higher on the development cases? Same development cases and schedule shape as `convergence` (its
+    1e-3 runs are the cached ones)."""
+    study, lowest, _, n_full = _convergence_study(study)
+    curves = _dev_curves(study, convergence_lr_runs(lowest, seeds), jobs)
+    table = convergence_table(curves).droplevel("steps")[["final", "tail_change"]]  # one length: no doubling
+    dev = read_json(study.splits_path)["development"]
+    header = (f"# convergence-lr: the fine-tuning LR at {max(CONVERGENCE_STEPS)} steps (development cases)\n\n"
+              f"{study.dataset}; development = {len(dev)} training cases held out of every run ({', '.join(dev)}); "
+              f"{lowest} labelled cases (the lowest fraction's count on all {n_full} training cases); seeds {seeds}; "
+              f"AdamW, linear warm-up then cosine decay, {max(CONVERGENCE_STEPS)} steps. Dice in %, mean over seeds; "
+              f"tail_change as in `convergence`.\n\n")
+    _write_convergence(out, curves, table, header, "fine-tuning LR: dev Dice (mean ± sd over seeds)")
     return table
 
 
 EXPERIMENTS: dict[str, Callable[[Study, Path, list[int]], pd.DataFrame]] = {
-    "controls": exp_controls, "collapse": exp_collapse, "convergence": exp_convergence, "invariance": exp_invariance,
+    "controls": exp_controls, "collapse": exp_collapse, "convergence": exp_convergence,
+    "convergence-lr": exp_convergence_lr, "invariance": exp_invariance,
     "length": exp_length, "lr": exp_lr, "probe": exp_probe, "weights": exp_weights,
 }
