@@ -8,6 +8,7 @@ from ctssl.config import (
     nnunet_arch_problem,
     parse_init,
     pretrain_section_for,
+    seeds_for,
 )
 from ctssl.splits import fraction_key
 from ctssl.ssl import REGISTRY
@@ -17,7 +18,6 @@ DATASETS = sorted(config["datasets"])
 DOWNSTREAM = list(config["downstream"])
 POOL_DATASETS = list(config["pretrain"]["pool_datasets"])
 FRACTIONS = [fraction_key(f) for f in config["fractions"]]
-SEEDS = [int(s) for s in config["seeds"]]
 INITS = all_inits(config)
 CONDA_ENV = "../envs/ctssl.yaml"
 
@@ -73,7 +73,7 @@ def metrics_targets():
         for engine in engines(config)
         for init in inits_for(config, dataset)
         for pct in FRACTIONS
-        for seed in SEEDS
+        for seed in seeds_for(config, pct)
     ]
 
 

@@ -19,6 +19,7 @@ from ctssl.config import (
     method_config,
     parse_init,
     resolve_config,
+    seeds_for,
     settings_for,
 )
 from ctssl.errors import ConfigError
@@ -116,9 +117,23 @@ def test_every_problem_is_listed_not_the_first():
     (lambda c: c.update(dataset_inits={"chest": ["hssl-chest"]}), "dataset_inits.chest: 'chest' is not a downstream"),
     (lambda c: c.update(dataset_inits={"liver": ["hssl-spleen"]}), "dataset_inits.liver: 'hssl-spleen'"),
     (lambda c: c.update(inits=["scratch", "pgll-all"]), "inits: 'pgll-all' names no registered pretraining method"),
+    (lambda c: c.update(seeds_per_fraction={25: 1}), "seeds_per_fraction.25: not one of the fractions"),
+    (lambda c: c.update(seeds_per_fraction={"all": 1}), "seeds_per_fraction.all: not one of the fractions"),
+    (lambda c: c.update(seeds=[0, 1], seeds_per_fraction={100: 3}),
+     "seeds_per_fraction.100 = 3: more than the 2 seeds in 'seeds'"),
+    (lambda c: c.update(seeds_per_fraction={100: 0}), "seeds_per_fraction[100] = 0: 0 is less than the minimum of 1"),
 ])
 def test_cross_key_errors(mutate, message):
-    assert any(message in line for line in _problems(mutate))
+    assert any(message in line for line in _problems(mutate)), _problems(mutate)
+
+
+def test_seeds_per_fraction_runs_the_first_seeds_of_a_named_fraction_and_every_seed_elsewhere():
+    config = resolve_config({**copy.deepcopy(DEFAULT), "seeds": [4, 0, 7, 2, 9], "fractions": [2.5, 10, 100],
+                             "seeds_per_fraction": {100: 3, "2.5": 2}})
+    assert seeds_for(config, "100") == [4, 0, 7]
+    assert seeds_for(config, "2.5") == [4, 0]
+    assert seeds_for(config, "10") == [4, 0, 7, 2, 9]
+    assert seeds_for(resolve_config(copy.deepcopy(DEFAULT)), "100") == DEFAULT["seeds"]
 
 
 def test_unused_methods_are_not_checked_but_configured_ones_are():

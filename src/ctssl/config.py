@@ -208,6 +208,36 @@ def inits_for(config: dict, dataset: str) -> list[str]:
     return list(dict.fromkeys([*config["inits"], *config["dataset_inits"].get(dataset, [])]))
 
 
+def seeds_for(config: dict, fraction: str) -> list[int]:
+    """The seeds whose cells a fraction (its `fraction_key` spelling) runs: the first `seeds_per_fraction[f]` of
+    `seeds`, or every seed. Fewer seeds where a fraction's cells vary little (every label) buy the seeds the lowest
+    fraction needs for its power."""
+    counts = {_fraction_spelling(k): n for k, n in config.get("seeds_per_fraction", {}).items()}
+    seeds = [int(s) for s in config["seeds"]]
+    return seeds[:counts.get(fraction, len(seeds))]
+
+
+def _fraction_spelling(key: object) -> str | None:
+    """A seeds_per_fraction key as fraction_key spells it ('100', '2.5'); None if it is not a number."""
+    try:
+        return f"{float(key):g}"
+    except (TypeError, ValueError):
+        return None
+
+
+def _seeds_per_fraction_problems(config: dict) -> list[str]:
+    fractions = {f"{float(f):g}" for f in config["fractions"]}
+    problems = []
+    for key, count in config.get("seeds_per_fraction", {}).items():
+        spelled = _fraction_spelling(key)
+        if spelled not in fractions:
+            problems.append(f"seeds_per_fraction.{key}: not one of the fractions {config['fractions']}")
+        elif count > len(config["seeds"]):
+            problems.append(f"seeds_per_fraction.{key} = {count}: more than the {len(config['seeds'])} seeds in "
+                            "'seeds'")
+    return problems
+
+
 def engines(config: dict) -> list[str]:
     """`finetune.engine` as a list: who fine-tunes each cell (ctssl, nnunet or both, side by side)."""
     engine = config["finetune"]["engine"]
@@ -281,7 +311,7 @@ def _reference_problems(config: dict) -> list[str]:
     if not problems:
         problems += supervised_pool_problems(config)
     problem = head_warmup_problem(config["finetune"])
-    return problems + ([problem] if problem else []) + engine_problems(config)
+    return problems + ([problem] if problem else []) + engine_problems(config) + _seeds_per_fraction_problems(config)
 
 
 def unresolvable_inits(config: dict) -> list[str]:

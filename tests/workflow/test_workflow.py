@@ -185,6 +185,20 @@ def test_adding_a_fraction_and_a_seed_schedules_only_the_new_cells(workspace, tm
     assert job_counts(out) == {"all": 1, "finetune": new_cells, "report": 1, "total": new_cells + 2}, out[-3000:]
 
 
+
+def test_seeds_per_fraction_runs_fewer_seeds_where_named(workspace, tmp_path):
+    fewer = json.loads(json.dumps(TINY))
+    fewer["seeds"] = [0, 3]
+    fewer["seeds_per_fraction"] = {100: 1}  # 50 %: seeds 0 and 3; 100 %: seed 0 only
+    path = tmp_path / "fewer.yaml"
+    path.write_text(yaml.safe_dump(fewer))
+    run = snakemake(workspace, "-n", config=path)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    n_inits = len(TINY["inits"]) + len(TINY["dataset_inits"]["liver"])
+    assert job_counts(out) == {"all": 1, "finetune": n_inits, "report": 1, "total": n_inits + 2}, out[-3000:]
+    assert "frac50/seed3" in out and "frac100/seed3" not in out
+
 def dry_run_with(tmp_path: Path, mutate) -> tuple[int, str]:
     """`snakemake -n` in an empty folder with a mutated copy of the tiny config: (exit code, everything printed)."""
     bad = json.loads(json.dumps(TINY))
