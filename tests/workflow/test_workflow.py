@@ -171,33 +171,31 @@ def test_forced_rerun_changes_only_that_cell(workspace):
     assert all(digest(p) == before[p] for p in cells if p != target)
 
 
-def test_adding_a_fraction_and_a_seed_schedules_only_the_new_cells(workspace, tmp_path):
-    bigger = json.loads(json.dumps(TINY))
-    bigger["fractions"] = [50, 100, 25]
-    bigger["seeds"] = [0, 3]
-    path = tmp_path / "bigger.yaml"
-    path.write_text(yaml.safe_dump(bigger))
+N_INITS = len(TINY["inits"]) + len(TINY["dataset_inits"]["liver"])
+
+
+def dry_run_of_changed_tiny(workspace: Path, tmp_path: Path, **changes) -> str:
+    """`snakemake -n` in the finished workspace with the tiny config changed at its top level: everything printed."""
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **changes}))
     run = snakemake(workspace, "-n", config=path)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
-    n_inits = len(TINY["inits"]) + len(TINY["dataset_inits"]["liver"])
-    new_cells = n_inits * (3 * 2 - 2 * 1)  # 3 fractions x 2 seeds, minus the 2 x 1 that exist
+    return out
+
+
+def test_adding_a_fraction_and_a_seed_schedules_only_the_new_cells(workspace, tmp_path):
+    out = dry_run_of_changed_tiny(workspace, tmp_path, fractions=[50, 100, 25], seeds=[0, 3])
+    new_cells = N_INITS * (3 * 2 - 2 * 1)  # 3 fractions x 2 seeds, minus the 2 x 1 that exist
     assert job_counts(out) == {"all": 1, "finetune": new_cells, "report": 1, "total": new_cells + 2}, out[-3000:]
 
 
-
 def test_seeds_per_fraction_runs_fewer_seeds_where_named(workspace, tmp_path):
-    fewer = json.loads(json.dumps(TINY))
-    fewer["seeds"] = [0, 3]
-    fewer["seeds_per_fraction"] = {100: 1}  # 50 %: seeds 0 and 3; 100 %: seed 0 only
-    path = tmp_path / "fewer.yaml"
-    path.write_text(yaml.safe_dump(fewer))
-    run = snakemake(workspace, "-n", config=path)
-    out = run.stdout + run.stderr
-    assert run.returncode == 0, out
-    n_inits = len(TINY["inits"]) + len(TINY["dataset_inits"]["liver"])
-    assert job_counts(out) == {"all": 1, "finetune": n_inits, "report": 1, "total": n_inits + 2}, out[-3000:]
+    # 50 %: seeds 0 and 3 (seed 3 is new); 100 %: seed 0 only (exists)
+    out = dry_run_of_changed_tiny(workspace, tmp_path, seeds=[0, 3], seeds_per_fraction={100: 1})
+    assert job_counts(out) == {"all": 1, "finetune": N_INITS, "report": 1, "total": N_INITS + 2}, out[-3000:]
     assert "frac50/seed3" in out and "frac100/seed3" not in out
+
 
 def dry_run_with(tmp_path: Path, mutate) -> tuple[int, str]:
     """`snakemake -n` in an empty folder with a mutated copy of the tiny config: (exit code, everything printed)."""
