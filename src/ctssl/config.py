@@ -26,6 +26,7 @@ from jsonschema import Draft202012Validator, FormatChecker, ValidationError, val
 
 from ctssl.errors import ConfigError
 from ctssl.models.spec import feature_levels, patch_problems, tap_widths
+from ctssl.splits import fraction_key
 from ctssl.ssl import REGISTRY, method_declarations
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
@@ -220,13 +221,13 @@ def seeds_for(config: dict, fraction: str) -> list[int]:
 def _fraction_spelling(key: object) -> str | None:
     """A seeds_per_fraction key as fraction_key spells it ('100', '2.5'); None if it is not a number."""
     try:
-        return f"{float(key):g}"
+        return fraction_key(float(key))
     except (TypeError, ValueError):
         return None
 
 
 def _seeds_per_fraction_problems(config: dict) -> list[str]:
-    fractions = {f"{float(f):g}" for f in config["fractions"]}
+    fractions = {fraction_key(f) for f in config["fractions"]}
     problems = []
     for key, count in config.get("seeds_per_fraction", {}).items():
         spelled = _fraction_spelling(key)
