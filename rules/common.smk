@@ -8,10 +8,10 @@ from ctssl.config import (
     nnunet_arch_problem,
     parse_init,
     pretrain_section_for,
+    pretraining_names,
     seeds_for,
 )
 from ctssl.splits import fraction_key
-from ctssl.ssl import REGISTRY
 
 R = config["results"]
 DATASETS = sorted(config["datasets"])
@@ -25,7 +25,7 @@ CONDA_ENV = "../envs/ctssl.yaml"
 wildcard_constraints:
     dataset="|".join(DATASETS),
     pool="all|" + "|".join(DATASETS),
-    method="|".join(sorted(REGISTRY)),
+    method="|".join(sorted(pretraining_names(config))),
     init=r"scratch|[a-z0-9]+-[A-Za-z0-9_]+",
     pct=r"[0-9]+(\.[0-9]+)?",
     seed=r"[0-9]+",
@@ -89,7 +89,7 @@ def report_inputs():
     inits come from (pretraining curves; weights brought by the user have no run and no log)."""
     metrics = metrics_targets()
     inits = {init for dataset in DOWNSTREAM for init in inits_for(config, dataset)}
-    runs = sorted(p for p in map(parse_init, inits) if p and p[0] in REGISTRY)
+    runs = sorted(p for p in map(parse_init, inits) if p and p[0] in pretraining_names(config))
     return {
         "metrics": metrics,
         "predictions": [m.removesuffix("metrics.json") + "predictions" for m in metrics],

@@ -17,7 +17,9 @@ from ctssl.config import (
     job_resources,
     load_config,
     method_config,
+    method_of,
     parse_init,
+    pretrain_section_for,
     resolve_config,
     seeds_for,
     settings_for,
@@ -322,6 +324,37 @@ def test_several_nodes_make_an_srun_job_with_gpus_per_node():
     cfg["resources"]["finetune"]["nodes"] = 2
     with pytest.raises(ConfigError, match="resources.finetune.nodes = 2: only pretraining runs on several nodes"):
         resolve_config(cfg)
+
+
+def test_a_variant_is_its_method_with_its_own_keys_and_is_an_init_like_a_method():
+    config = copy.deepcopy(DEFAULT)
+    config["pretrain"]["variants"] = {"pglcrop": {"method": "pgl", "priors": ["crop"]},
+                                      "pglflip": {"method": "pgl", "priors": ["flip"], "grid_size": 4}}
+    config["inits"] = [*config["inits"], "pglcrop-all", "pglflip-all"]
+    resolved = resolve_config(config)
+    pgl, crop, flip = (method_config(resolved["pretrain"], m) for m in ("pgl", "pglcrop", "pglflip"))
+    assert pgl["priors"] == ["crop", "flip"] and crop["priors"] == ["crop"] and flip["priors"] == ["flip"]
+    assert {k: v for k, v in crop.items() if k != "priors"} == {k: v for k, v in pgl.items() if k != "priors"}
+    assert flip["grid_size"] == 4 != pgl["grid_size"]
+    assert pretrain_section_for(resolved["pretrain"], "pglcrop")["variants"] == {"pglcrop": {"method": "pgl"}}
+    assert "variants" not in pretrain_section_for(resolved["pretrain"], "pgl")
+    assert method_of(resolved["pretrain"], "pglflip") == "pgl" and method_of(resolved["pretrain"], "byol") == "byol"
+
+
+def test_a_wrong_variant_is_refused_naming_its_key():
+    def mutate(config):
+        config["pretrain"]["variants"] = {"pgl": {"method": "pgl"}, "pglx": {"method": "pgll"},
+                                          "pgly": {"method": "pgl", "prior": ["crop"], "grid_size": 0}}
+        config["inits"] = [*config["inits"], "pglz-all"]
+
+    problems = _problems(mutate)
+    assert "pretrain.variants.pgl: 'pgl' is a registered method; a variant needs a name of its own" in problems
+    assert any(p.startswith("pretrain.variants.pglx.method = 'pgll': unknown method (did you mean 'pgl'?)")
+               for p in problems), problems
+    assert any(p.startswith("pretrain.variants.pgly.prior: not a setting of pgl (did you mean 'priors'?)")
+               for p in problems), problems
+    assert "pretrain.variants.pgly.grid_size = 0: 0 is less than the minimum of 1" in problems
+    assert any(p.startswith("inits: 'pglz-all' names no registered pretraining method or variant") for p in problems)
 
 
 def test_supervised_pool_without_usable_labels_is_refused():

@@ -184,9 +184,55 @@ def method_config(pretrain_cfg: dict, method: str) -> dict:
 
 def pretrain_section_for(pretrain_cfg: dict, method: str) -> dict:
     """The part of a resolved `pretrain` section one method's run depends on (shared settings + its own entry), in
-    the same shape, so editing another method's settings changes nothing a Snakemake job of this one sees."""
-    return {**{k: v for k, v in pretrain_cfg.items() if k in shared_settings()},
-            "methods": {method: pretrain_cfg["methods"][method]}}
+    the same shape, so editing another method's settings changes nothing a Snakemake job of this one sees. A
+    variant's section also names the registered method it runs."""
+    section = {**{k: v for k, v in pretrain_cfg.items() if k in shared_settings()},
+               "methods": {method: pretrain_cfg["methods"][method]}}
+    if method in pretrain_cfg.get("variants", {}):
+        section["variants"] = {method: {"method": method_of(pretrain_cfg, method)}}
+    return section
+
+
+def method_of(pretrain_cfg: dict, name: str) -> str:
+    """The registered method a pretraining run named `name` trains: a variant's `method`, else `name` itself."""
+    return pretrain_cfg.get("variants", {}).get(name, {}).get("method", name)
+
+
+def pretraining_names(config: dict) -> list[str]:
+    """Every name a pretraining run (and an init '{name}-{pool}') may have: the registered methods and the
+    config's variants of them."""
+    variants = [name for name, spec in config["pretrain"]["variants"].items()
+                if name not in REGISTRY and spec.get("method") in REGISTRY]
+    return [*REGISTRY, *variants]
+
+
+def _expand_variants(config: dict) -> list[str]:
+    """Check every `pretrain.variants` entry and add its resolved settings as `pretrain.methods.{name}` (the
+    registered method's resolved entry with the variant's keys on top), so that a variant trains, fingerprints
+    and is checked like a method of its own. Returns the problems found."""
+    pretrain, problems = config["pretrain"], []
+    entries = build_schema()["properties"]["pretrain"]["properties"]["methods"]["properties"]
+    for name, spec in pretrain["variants"].items():
+        where, base = f"pretrain.variants.{name}", spec["method"]
+        if name in REGISTRY:
+            problems.append(f"{where}: {name!r} is a registered method; a variant needs a name of its own")
+            continue
+        if base not in REGISTRY:
+            problems.append(f"{where}.method = {_show(base)}: unknown method{_suggest(base, REGISTRY)}; registered "
+                            f"methods: {', '.join(REGISTRY)}")
+            continue
+        overrides = {k: v for k, v in spec.items() if k != "method"}
+        schema = _strip_defaults(entries[base])
+        for error in Draft202012Validator(schema).iter_errors(overrides):
+            if error.validator == "additionalProperties":
+                allowed = sorted(schema["properties"])
+                problems += [f"{where}.{key}: not a setting of {base}{_suggest(key, allowed)}; {base}'s settings: "
+                             f"{', '.join(allowed)}" for key in error.instance if key not in schema["properties"]]
+            else:
+                problems.append(f"{key_path(('pretrain', 'variants', name, *error.absolute_path))} = "
+                                f"{_show(error.instance)}: {error.message}")
+        pretrain["methods"][name] = deep_merge(pretrain["methods"][base], overrides)
+    return problems
 
 
 def parse_init(init: str) -> tuple[str, str] | None:
@@ -270,7 +316,7 @@ def engine_problems(config: dict) -> list[str]:
 def methods_in_use(config: dict, configured: Iterable[str] = ()) -> list[str]:
     """Registered methods some init trains, plus `configured` ones (those the user wrote a section for)."""
     used = {p[0] for p in map(parse_init, all_inits(config)) if p} | set(configured)
-    return [m for m in REGISTRY if m in used]
+    return [m for m in pretraining_names(config) if m in used]
 
 
 def is_labelled(dataset_cfg: dict) -> bool:
@@ -318,13 +364,14 @@ def _reference_problems(config: dict) -> list[str]:
 def unresolvable_inits(config: dict) -> list[str]:
     """Inits naming no registered method whose weights file is not already in place (nothing could build it)."""
     missing = []
+    names = pretraining_names(config)
     for init in all_inits(config):
         parsed = parse_init(init)
-        if parsed and parsed[0] not in REGISTRY:
+        if parsed and parsed[0] not in names:
             weights = Path(config["results"]) / "pretrain" / parsed[0] / parsed[1] / "model.pt"
             if not weights.exists():
-                missing.append(f"inits: {init!r} names no registered pretraining method{_suggest(parsed[0], REGISTRY)} "
-                               f"({', '.join(REGISTRY)}) and {weights} does not exist "
+                missing.append(f"inits: {init!r} names no registered pretraining method or variant"
+                               f"{_suggest(parsed[0], names)} ({', '.join(names)}) and {weights} does not exist "
                                "(to use your own backbone weights, put them there)")
     return missing
 
@@ -344,7 +391,7 @@ def supervised_pool_problems(config: dict) -> list[str]:
     problems = []
     for init in all_inits(config):
         parsed = parse_init(init)
-        if not parsed or parsed[0] != "supervised":
+        if not parsed or method_of(config["pretrain"], parsed[0]) != "supervised":
             continue
         members = config["pretrain"]["pool_datasets"] if parsed[1] == "all" else [parsed[1]]
         usable = [d for d in members if is_labelled(config["datasets"][d]) and d not in config["downstream"]]
@@ -404,17 +451,19 @@ def _architecture_problems(model: dict) -> list[str]:
 def method_problems(config: dict, method: str, required: bool = True) -> list[str]:
     """What is wrong with one method's resolved settings for the configured network (empty if nothing)."""
     model, pretrain = config["model"], config["pretrain"]
-    settings = method_config(pretrain, method)
+    settings, base = method_config(pretrain, method), method_of(pretrain, method)
 
     def where(key: str) -> str:
-        """The key path a setting was resolved from: the method's override if it has one, else the shared key."""
-        return f"pretrain.methods.{method}.{key}" if key in pretrain["methods"][method] else f"pretrain.{key}"
+        """The key path a setting was resolved from: a variant's own key, the method's override, the shared key."""
+        if key in pretrain["variants"].get(method, {}):
+            return f"pretrain.variants.{method}.{key}"
+        return f"pretrain.methods.{base}.{key}" if key in pretrain["methods"][base] else f"pretrain.{key}"
 
     def located(error: ValidationError) -> str:
         key, *rest = error.absolute_path
         return where(key) + (key_path(rest) if rest else "")
 
-    own = Draft202012Validator({"properties": method_declarations(method)["SETTINGS"]},
+    own = Draft202012Validator({"properties": method_declarations(base)["SETTINGS"]},
                                format_checker=_format_checker(model))
     problems = [msg for error in own.iter_errors(settings) if error.validator == "format"
                 for msg in _messages(error, model, located(error))]
@@ -424,7 +473,7 @@ def method_problems(config: dict, method: str, required: bool = True) -> list[st
                            f"pretrain.methods.{method})" for k in missing if required]
     problems += [f"{where('patch_size')} = {settings['patch_size']}: {p}"
                 for p in patch_problems(model, settings["patch_size"])]
-    constraints = method_declarations(method)["CONSTRAINTS"]
+    constraints = method_declarations(base)["CONSTRAINTS"]
     for error in Draft202012Validator({"properties": constraints}).iter_errors(settings):
         key = error.absolute_path[0]
         why = constraints[key].get("description", "")
@@ -445,7 +494,7 @@ def multi_rank_problems(config: dict, method: str, settings: dict, where: Callab
     if settings["batch_size"] % world_size:
         problems.append(f"{where('batch_size')} = {settings['batch_size']}: not divisible by pretrain.world_size = "
                         f"{world_size} (batch_size is the global batch, split evenly over the ranks)")
-    constraints = method_declarations(method)["MULTI_RANK"]
+    constraints = method_declarations(method_of(config["pretrain"], method))["MULTI_RANK"]
     for error in Draft202012Validator({"properties": constraints}).iter_errors({**settings, "world_size": world_size}):
         key = error.absolute_path[0]
         place = "pretrain.world_size" if key == "world_size" else where(key)
@@ -486,6 +535,7 @@ def resolve_config(raw: dict) -> dict:
     try:
         config.setdefault("downloads", f"{config['results']}/downloads")
         config["pretrain"].setdefault("pool_datasets", sorted(config["datasets"]))
+        problems += _expand_variants(config)
         problems += _layout_problems(config) + _reference_problems(config) + _model_problems(config, configured)
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
         if not problems:  # only a config that failed the schema may be too broken for the later checks
@@ -501,6 +551,8 @@ def complete_config(partial: dict) -> dict:
     schema = {k: v for k, v in build_schema().items() if k != "required"}
     config = copy.deepcopy(partial)
     problems = _schema_problems(config, schema)
+    if not problems and "pretrain" in config:
+        problems = _expand_variants(config)
     if problems:
         raise ConfigError("\n".join(problems))
     return config

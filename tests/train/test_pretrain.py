@@ -73,6 +73,20 @@ def test_short_run_learns_and_loads_for_finetuning(pool_csv, tmp_path, method, o
     plain.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
 
 
+def test_a_variant_trains_its_method_with_its_settings(pool_csv, tmp_path):
+    """pretrain.variants (PGL's prior ablation): 'pglcrop' trains PGL with priors [crop], weight for weight, and
+    its model.json names both; the default priors (crop + flip) train other weights."""
+    crop_only = {**PRETRAIN["methods"], "pgl": {**PRETRAIN["methods"]["pgl"], "priors": ["crop"]}}
+    variant = run_pretrain(pool_csv=pool_csv, method="pglcrop", pool="all", out_dir=tmp_path / "variant",
+                           cfg=_cfg(variants={"pglcrop": {"method": "pgl", "priors": ["crop"]}}))
+    direct = run_pretrain(pool_csv=pool_csv, method="pgl", pool="all", cfg=_cfg(methods=crop_only),
+                          out_dir=tmp_path / "direct")
+    default = run_pretrain(pool_csv=pool_csv, method="pgl", pool="all", cfg=_cfg(), out_dir=tmp_path / "default")
+    assert variant["method"] == "pglcrop" and variant["variant_of"] == "pgl" and direct["variant_of"] is None
+    assert variant["config"]["pglcrop"]["priors"] == ["crop"]
+    assert variant["model_sha256"] == direct["model_sha256"] != default["model_sha256"]
+
+
 def _start(config_path, pool_csv, out):
     return subprocess.Popen([sys.executable, "-m", "ctssl.cli", "pretrain", "--config", str(config_path),
                              "--pool-csv", str(pool_csv), "--method", "pgl", "--out", str(out)],

@@ -197,6 +197,14 @@ def test_seeds_per_fraction_runs_fewer_seeds_where_named(workspace, tmp_path):
     assert "frac50/seed3" in out and "frac100/seed3" not in out
 
 
+def test_a_variant_of_pgl_adds_one_pretraining_run_and_its_cells_leaving_pgl_alone(workspace, tmp_path):
+    """PGL's prior ablation: a variant 'pglcrop' is a pretraining run of its own; pgl's run and cells stay done."""
+    pretrain = {**TINY["pretrain"], "variants": {"pglcrop": {"method": "pgl", "priors": ["crop"]}}}
+    out = dry_run_of_changed_tiny(workspace, tmp_path, pretrain=pretrain, inits=[*TINY["inits"], "pglcrop-all"])
+    assert job_counts(out) == {"all": 1, "pretrain": 1, "finetune": 2, "report": 1, "total": 5}, out[-3000:]
+    assert "pretrain/pglcrop/all/model.pt" in out and "pretrain/pgl/all/model.pt" not in out
+
+
 def dry_run_with(tmp_path: Path, mutate) -> tuple[int, str]:
     """`snakemake -n` in an empty folder with a mutated copy of the tiny config: (exit code, everything printed)."""
     bad = json.loads(json.dumps(TINY))

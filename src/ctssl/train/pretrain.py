@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from ctssl.config import method_config
+from ctssl.config import method_config, method_of
 from ctssl.integrity import PreprocessedFolder
 from ctssl.io import file_digest, json_digest, read_json, save_torch, write_json
 from ctssl.models.backbone import backbone_spec
@@ -118,8 +118,9 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
 
     In a multi-process run every rank calls this with its `world` and `device` (ctssl.train.launch); rank 0 writes
     the results and returns their metadata, the other ranks return None."""
-    if method not in METHODS:
-        raise ValueError(f"unknown pretraining method {method!r}; registered: {sorted(METHODS)}")
+    registered = method_of(cfg["pretrain"], method)  # a variant (pretrain.variants) trains a registered method
+    if registered not in METHODS:
+        raise ValueError(f"unknown pretraining method {registered!r}; registered: {sorted(METHODS)}")
     out_dir = Path(out_dir)
     set_threads(threads)
     log.info("pretrain %s/%s on %s", method, pool, scheduler_info())
@@ -127,7 +128,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     patch = [int(p) for p in mcfg["patch_size"]]  # checked against the network at start-up (ctssl.config)
     seed, steps, batch_size = int(mcfg["seed"]), int(mcfg["steps"]), int(mcfg["batch_size"])
     frame = pd.read_csv(pool_csv, keep_default_na=False)
-    uses_labels = getattr(METHODS[method], "uses_labels", False)
+    uses_labels = getattr(METHODS[registered], "uses_labels", False)
     if uses_labels:
         frame = labelled_rows(frame, pool_csv, method)
     images = frame["image"].tolist()
@@ -139,7 +140,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     group_ids = [pool_meta["groups"].index(g) for g in frame["group"]]
     seed_everything(seed)
     device = device or pick_device(cfg["device"])
-    net = METHODS[method](model_cfg, mcfg, patch, pool_meta)
+    net = METHODS[registered](model_cfg, mcfg, patch, pool_meta)
     if world.distributed:  # batch statistics of the global batch
         net = convert_batchnorm(net)
     net = net.to(device)
@@ -156,7 +157,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     optimizer = build_optimizer(params, mcfg)
     warmup = int(mcfg["warmup_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
-    draw = PoolSampler(images, METHODS[method].view_sampler(mcfg, patch), dataset_ids, group_ids,
+    draw = PoolSampler(images, METHODS[registered].view_sampler(mcfg, patch), dataset_ids, group_ids,
                        frame["label"].tolist() if uses_labels else None)
     workers = int(mcfg["num_workers"])
 
@@ -181,7 +182,7 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     model_path = out_dir / "model.pt"
     save_torch(model_path, {k: v.detach().cpu() for k, v in net.backbone.state_dict().items()})
     meta = {
-        "method": method, "pool": pool, "steps": steps, "final_loss": loss_value,
+        "method": method, "variant_of": registered if registered != method else None, "pool": pool, "steps": steps, "final_loss": loss_value,
         "backbone": backbone_spec(model_cfg),
         "model_sha256": file_digest(model_path), "pool_cases": len(images),
         "pool_datasets": pool_meta["datasets"], "pool_groups": pool_meta["groups"], "config": {"model": model_cfg, method: mcfg},
