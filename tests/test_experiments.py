@@ -56,7 +56,11 @@ def test_runs_are_cached_and_tabulated_under_their_experiment_names(tmp_path, li
     assert list(table.index) == ["scratch", "init-only"]
     assert {"dev_dice_mean", "dev_liver", "test_dice_mean", "test_liver", "delta_vs_scratch"} <= set(table.columns)
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0 and (tmp_path / "out" / "table.md").exists()
-    assert (study.cache / "pretrain" / "pgl-0" / "model.pt").exists()
+    [cached] = (study.cache / "pretrain").glob("pgl-0-*/model.pt")
+    # The pretraining cache is keyed by what the weights depend on: another network is another run, not these
+    study.cfg["model"] = {**study.cfg["model"], "channels": [4, 8, 32]}
+    other = study.pretrained("pgl@0")
+    assert other != cached and other.parent.name.startswith("pgl-0-")
 
 
 def _curve(init, labelled, lr, steps, seed, values):

@@ -26,7 +26,7 @@ import torch
 
 from ctssl.config import load_config, method_config
 from ctssl.diagnostics import DiceCurve, activation_scales, development_cases, weight_drift, weight_norms
-from ctssl.io import json_digest, read_json, save_torch, write_json
+from ctssl.io import file_digest, json_digest, read_json, save_torch, write_json
 from ctssl.models.backbone import build_backbone
 from ctssl.report import collect, summary_table
 from ctssl.splits import holdout_splits, subset_size
@@ -123,23 +123,26 @@ class Study:
             return None
         name, _, steps = init.partition("@")
         method, overrides = VARIANTS.get(name, (name, {}))
-        out = self.cache / "pretrain" / f"{name}-{steps}"
+        cfg, pool_csv = copy.deepcopy(self.cfg), self.root / "pools" / "all.csv"
+        # A nested override (views.intensity...) is merged key by key into the shared settings by method_config.
+        cfg["pretrain"]["methods"][method].update(copy.deepcopy(overrides), steps=int(steps))
+        mcfg = method_config(cfg["pretrain"], method)
+        # Keyed by everything the weights depend on, not by name alone: a config with another network or other
+        # pretraining settings must not pick up weights cached for the old one.
+        pool = file_digest(pool_csv) if int(steps) else None  # an untrained start reads no image
+        key = json_digest({"model": cfg["model"], "method": method, "settings": mcfg, "pool": pool})
+        out = self.cache / "pretrain" / f"{name}-{steps}-{key[:8]}"
         weights = out / "model.pt"
         if weights.exists():
             return weights
-        cfg = copy.deepcopy(self.cfg)
-        mcfg = method_config(cfg["pretrain"], method)
         if int(steps) == 0:  # the untrained start of that pretraining run: same seed, same construction order
             seed_everything(int(mcfg["seed"]))
             save_torch(weights, build_backbone(cfg["model"]).state_dict())
             return weights
         from ctssl.train.pretrain import run_pretrain
 
-        # A nested override (views.intensity...) is merged key by key into the shared settings by method_config.
-        cfg["pretrain"]["methods"][method].update(copy.deepcopy(overrides), steps=int(steps))
         cfg["pretrain"]["checkpoint_every"] = max(int(steps), 1)
-        run_pretrain(pool_csv=self.root / "pools" / "all.csv", method=method, pool="all", cfg=cfg, out_dir=out,
-                     threads=self.threads)
+        run_pretrain(pool_csv=pool_csv, method=method, pool="all", cfg=cfg, out_dir=out, threads=self.threads)
         return weights
 
     # -- fine-tuning -----------------------------------------------------------------------------------------
