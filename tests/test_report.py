@@ -9,6 +9,7 @@ import pytest
 
 from ctssl.report import (
     bootstrap_ci,
+    calibration,
     collect,
     holm,
     paired_wilcoxon,
@@ -175,3 +176,27 @@ def test_summary_gives_each_delta_a_bootstrap_interval_and_holm_p(files):
     # the family at 10 %: pgl 0.125, byol 1.0 -> Holm: 2 x 0.125 = 0.25, max(0.25, 1.0) = 1.0
     assert pgl["p_holm"] == pytest.approx(0.25) and byol["p_holm"] == pytest.approx(1.0)
     assert np.isnan(table.loc[(10, "scratch"), "p_holm"]) and np.isnan(table.loc[(10, "scratch"), "ci_low"])
+
+
+def _summary_rows(scratch_low: float, scratch_high: float, delta: float, ci: tuple[float, float], p: float):
+    base = {"dataset": "liver", "engine": "ctssl", "n_seeds": 5, "n_test_cases": 12, "n_pairs": 0,
+            "delta_vs_scratch": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_wilcoxon": np.nan}
+    return pd.DataFrame([
+        {**base, "init": "scratch", "fraction": 10.0, "dice_mean": scratch_low},
+        {**base, "init": "scratch", "fraction": 100.0, "dice_mean": scratch_high, "n_seeds": 3},
+        {**base, "init": "supervised-all", "fraction": 10.0, "dice_mean": scratch_low + delta, "n_pairs": 60,
+         "delta_vs_scratch": delta, "ci_low": ci[0], "ci_high": ci[1], "p_wilcoxon": p},
+    ])
+
+
+def test_calibration_reads_both_criteria_off_the_summary():
+    table = calibration(_summary_rows(48.0, 86.0, 8.1, (3.0, 13.0), 0.004), "liver")
+    assert list(table["passed"]) == [True, True]
+    assert table["value"].tolist() == ["+38.0", "Δ +8.1 [+3.0, +13.0], p 0.004"]
+    assert table["n"].tolist() == ["3 + 5 seeds x 12 test cases", "60 (case, seed) pairs"]
+    # (a) fails under a 15-point gap; (b) fails on p, on a CI that reaches 0, or on a negative Δ
+    assert list(calibration(_summary_rows(70.0, 84.9, 8.1, (3.0, 13.0), 0.004), "liver")["passed"]) == [False, True]
+    assert not calibration(_summary_rows(48.0, 86.0, 8.1, (3.0, 13.0), 0.02), "liver")["passed"][1]
+    assert not calibration(_summary_rows(48.0, 86.0, 8.1, (-0.5, 13.0), 0.004), "liver")["passed"][1]
+    with pytest.raises(ValueError, match="no 'supervised-all' cells for liver at 10 %"):
+        calibration(_summary_rows(48.0, 86.0, 8.1, (3.0, 13.0), 0.004).iloc[:2], "liver")

@@ -537,8 +537,32 @@ def exp_convergence_lr(study: Study, out: Path, seeds: list[int], jobs: int = 1)
     return table
 
 
+def exp_calibration(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
+    """Issue 24's calibration, read off the workflow's report of the config (run it first with inits scratch and
+    the supervised control): can this setting see transfer at all? `seeds` is unused: the cells are the
+    workflow's."""
+    from ctssl.report import calibration
+
+    source = study.root / "report" / "dice_table.csv"
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: run the workflow on {study.config_path} first (snakemake --cores N "
+                                f"--configfile {study.config_path})")
+    summary = pd.read_csv(source)
+    table = calibration(summary, study.dataset)
+    inits = sorted(set(summary["init"]))
+    header = (f"# calibration: can {study.dataset} under this schedule see transfer? (test cases)\n\n"
+              f"From {source} (inits in it: {', '.join(inits)}); the pre-registered criteria of issue 24, checked "
+              f"before any SSL row is read. Dice in points; Δ with its 95 % bootstrap CI over (case, seed) pairs and "
+              f"the two-sided Wilcoxon signed-rank p (one comparison, uncorrected).\n\n")
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(header + table.to_markdown(index=False) + "\n")
+    return table.set_index("criterion")
+
+
 EXPERIMENTS: dict[str, Callable[[Study, Path, list[int]], pd.DataFrame]] = {
-    "controls": exp_controls, "collapse": exp_collapse, "convergence": exp_convergence,
+    "calibration": exp_calibration, "controls": exp_controls, "collapse": exp_collapse,
+    "convergence": exp_convergence,
     "convergence-lr": exp_convergence_lr, "invariance": exp_invariance,
     "length": exp_length, "lr": exp_lr, "probe": exp_probe, "weights": exp_weights,
 }

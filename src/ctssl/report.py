@@ -176,6 +176,39 @@ def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
     return _mark_best(table, ["dataset", "fraction"])
 
 
+CALIBRATION_GAP = 15.0  # issue 24 (a): scratch with every label minus scratch at the lowest fraction, Dice points
+CALIBRATION_P = 0.01  # issue 24 (b): the supervised control above scratch at the lowest fraction
+
+
+def calibration(summary: pd.DataFrame, dataset: str, control: str = "supervised-all") -> pd.DataFrame:
+    """Whether the instrument can see transfer, read off a report's summary table (`dice_table.csv`) before any
+    SSL row: (a) scratch's label gap, highest minus lowest fraction, at least CALIBRATION_GAP points; (b) the
+    `control` init above scratch at the lowest fraction, Wilcoxon p < CALIBRATION_P and the 95 % bootstrap CI of Δ
+    above 0 (one pre-registered comparison: the uncorrected p). One row per criterion, with `passed`."""
+    rows = summary[(summary["dataset"] == dataset) & (summary["engine"] == "ctssl")]
+    lowest, highest = rows["fraction"].min(), rows["fraction"].max()
+
+    def cell(init: str, fraction: float) -> pd.Series:
+        found = rows[(rows["init"] == init) & (rows["fraction"] == fraction)]
+        if found.empty:
+            raise ValueError(f"calibration: no {init!r} cells for {dataset} at {fraction_key(fraction)} %")
+        return found.iloc[0]
+
+    low, high, ctrl = cell("scratch", lowest), cell("scratch", highest), cell(control, lowest)
+    gap = high["dice_mean"] - low["dice_mean"]
+    return pd.DataFrame([
+        {"criterion": f"(a) scratch {fraction_key(highest)} % - scratch {fraction_key(lowest)} % >= "
+                      f"{CALIBRATION_GAP:g} points", "value": f"{gap:+.1f}",
+         "n": f"{int(high['n_seeds'])} + {int(low['n_seeds'])} seeds x {int(low['n_test_cases'])} test cases",
+         "passed": bool(gap >= CALIBRATION_GAP)},
+        {"criterion": f"(b) {control} > scratch at {fraction_key(lowest)} %: p < {CALIBRATION_P:g} and CI above 0",
+         "value": f"Δ {ctrl['delta_vs_scratch']:+.1f} [{ctrl['ci_low']:+.1f}, {ctrl['ci_high']:+.1f}], "
+                  f"p {ctrl['p_wilcoxon']:.2g}",
+         "n": f"{int(ctrl['n_pairs'])} (case, seed) pairs",
+         "passed": bool(ctrl["delta_vs_scratch"] > 0 and ctrl["ci_low"] > 0 and ctrl["p_wilcoxon"] < CALIBRATION_P)},
+    ])
+
+
 def per_class_table(long: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, class, fraction, init): mean/sd over seeds of the class's mean Dice over test cases."""
     per_seed = long.groupby(["dataset", "class", "fraction", "init", "seed"])["dice"].mean()
