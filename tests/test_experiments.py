@@ -106,8 +106,9 @@ def test_convergence_rule_on_hand_computed_curves():
 
 def test_the_convergence_grid_runs_the_longest_length_for_the_first_seed_only():
     runs = convergence_runs(3, 22, [0, 1])
-    assert len(runs) == 2 * 2 * 2 * 2 + 2 * 2  # 500 and 1000: 2 inits x 2 counts x 2 seeds; 2000: seed 0
-    assert {r.seed for r in runs if r.finetune["steps"] == 2000} == {0}
+    assert len(runs) == 3 * 2 * 2 * 2 + 2 * 2  # 500, 1000, 2000: 2 inits x 2 counts x 2 seeds; 4000: seed 0
+    assert {r.seed for r in runs if r.finetune["steps"] == 4000} == {0}
+    assert {r.seed for r in runs if r.finetune["steps"] == 2000} == {0, 1}
     assert {r.labelled for r in runs} == {3, 22} and {r.finetune["lr"] for r in runs} == {1e-3}
 
 

@@ -365,7 +365,10 @@ def exp_weights(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
 
 
 # -- the convergence rule (issue 24) -------------------------------------------------------------------------
-CONVERGENCE_STEPS = [500, 1000, 2000]  # fine-tuning lengths, separate runs, each with its own full cosine schedule
+# Fine-tuning lengths, separate runs, each with its own full cosine schedule; the longest (first seed only) is the
+# doubling check of the one before it.
+CONVERGENCE_STEPS = [500, 1000, 2000, 4000]
+CONVERGENCE_LR_STEPS = 2000  # the provisional length, where the LR re-check runs
 CONVERGENCE_LR = 1e-3  # the current schedule's LR
 CONVERGENCE_LR_CHECK = [3e-4, 1e-3, 3e-3]  # the LR re-check around it, at the longest length
 CONVERGENCE_TOLERANCE = 1.0  # Dice points
@@ -514,8 +517,7 @@ def exp_convergence(study: Study, out: Path, seeds: list[int], jobs: int = 1) ->
 def convergence_lr_runs(lowest: int, seeds: list[int]) -> list[Run]:
     """The LR re-check at the provisional length: scratch and the supervised control at the lowest fraction's
     labelled count (where the LR matters most: few cases, many epochs over them), every CONVERGENCE_LR_CHECK."""
-    steps = max(CONVERGENCE_STEPS)
-    return [Run(init, weights, seed, {"steps": steps, "lr": lr}, labelled=lowest)
+    return [Run(init, weights, seed, {"steps": CONVERGENCE_LR_STEPS, "lr": lr}, labelled=lowest)
             for lr in CONVERGENCE_LR_CHECK for init, weights in (("scratch", "scratch"), ("supervised", "supervised@1000"))
             for seed in seeds]
 
@@ -528,10 +530,10 @@ def exp_convergence_lr(study: Study, out: Path, seeds: list[int], jobs: int = 1)
     curves = _dev_curves(study, convergence_lr_runs(lowest, seeds), jobs)
     table = convergence_table(curves).droplevel("steps")[["final", "tail_change"]]  # one length: no doubling
     dev = read_json(study.splits_path)["development"]
-    header = (f"# convergence-lr: the fine-tuning LR at {max(CONVERGENCE_STEPS)} steps (development cases)\n\n"
+    header = (f"# convergence-lr: the fine-tuning LR at {CONVERGENCE_LR_STEPS} steps (development cases)\n\n"
               f"{study.dataset}; development = {len(dev)} training cases held out of every run ({', '.join(dev)}); "
               f"{lowest} labelled cases (the lowest fraction's count on all {n_full} training cases); seeds {seeds}; "
-              f"AdamW, linear warm-up then cosine decay, {max(CONVERGENCE_STEPS)} steps. Dice in %, mean over seeds; "
+              f"AdamW, linear warm-up then cosine decay, {CONVERGENCE_LR_STEPS} steps. Dice in %, mean over seeds; "
               f"tail_change as in `convergence`.\n\n")
     _write_convergence(out, curves, table, header, "fine-tuning LR: dev Dice (mean ± sd over seeds)")
     return table
