@@ -500,6 +500,8 @@ def exp_convergence(study: Study, out: Path, seeds: list[int], jobs: int = 1) ->
     curves = _dev_curves(study, convergence_runs(lowest, n_train, seeds), jobs)
     table = convergence_table(curves)
     chosen = chosen_steps(table, CONVERGENCE_LR)
+    untested_doubling = (" It is the longest length tried, so it passed on its tail alone: what doubling it adds is "
+                         "not measured." if chosen == max(CONVERGENCE_STEPS) else "")
     dev = read_json(study.splits_path)["development"]
     header = (f"# convergence: how long to fine-tune (chosen on development cases)\n\n"
               f"{study.dataset}; development = {len(dev)} training cases held out of every run ({', '.join(dev)}); "
@@ -509,7 +511,7 @@ def exp_convergence(study: Study, out: Path, seeds: list[int], jobs: int = 1) ->
               f"max - min of the seed-mean dev curve over the last {CONVERGENCE_TAIL:.0%} of steps; gain_if_doubled: "
               f"final dev Dice of the run twice as long minus this one's, paired by seed. Converged: both < "
               f"{CONVERGENCE_TOLERANCE:g} point.\n\n**Chosen: {chosen if chosen else 'none of the lengths tried'}"
-              f"{' steps' if chosen else ''}.**\n\n")
+              f"{' steps' if chosen else ''}.**{untested_doubling}\n\n")
     _write_convergence(out, curves, table, header, "fine-tuning length: dev Dice (mean ± sd over seeds)")
     return table
 
