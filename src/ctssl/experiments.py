@@ -370,7 +370,7 @@ def exp_weights(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
 CONVERGENCE_STEPS = [500, 1000, 2000, 4000]
 CONVERGENCE_LR_STEPS = 2000  # the provisional length, where the LR re-check runs
 CONVERGENCE_LR = 1e-3  # the current schedule's LR
-CONVERGENCE_LR_CHECK = [3e-4, 1e-3, 3e-3]  # the LR re-check around it, at the longest length
+CONVERGENCE_LR_CHECK = [3e-4, 1e-3, 3e-3]  # the LR re-check around it, at CONVERGENCE_LR_STEPS
 CONVERGENCE_TOLERANCE = 1.0  # Dice points
 CONVERGENCE_TAIL = 0.2  # the last 20 % of a run's steps
 CONVERGENCE_HOLDOUT = 6  # development cases held out of training for every run (so 100 % runs have them too)
