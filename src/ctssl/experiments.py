@@ -541,6 +541,76 @@ def exp_convergence_lr(study: Study, out: Path, seeds: list[int], jobs: int = 1)
     return table
 
 
+LOWEST_CANDIDATES = [1, 2]  # labelled cases tried for the lowest fraction (the papers' 5 %: 1-2 of 28)
+LOWEST_GAP = 15.0  # calibration (a), on development cases: scratch with every label - scratch at the candidate
+LOWEST_SEEDS_AHEAD = 2  # calibration (b), on development cases: supervised above scratch in the seed mean and in
+#                         at least this many seeds (the dev curve is a mean over cases: seeds are the unit here)
+
+
+def lowest_fraction_runs(candidates: list[int], n_train: int, seeds: list[int], steps: int) -> list[Run]:
+    """Scratch and the supervised control at each candidate labelled count, plus scratch with every remaining
+    training case (the other end of the label gap), every seed, `steps` long (the science schedule)."""
+    schedule = {"steps": steps, "lr": CONVERGENCE_LR}
+    runs = [Run(init, weights, seed, schedule, labelled=labelled)
+            for labelled in candidates for init, weights in (("scratch", "scratch"), ("supervised", "supervised@1000"))
+            for seed in seeds]
+    return runs + [Run("scratch", "scratch", seed, schedule, labelled=n_train) for seed in seeds]
+
+
+def lowest_fraction_table(finals: pd.DataFrame, n_train: int, gap: float = LOWEST_GAP,
+                          seeds_ahead: int = LOWEST_SEEDS_AHEAD) -> tuple[pd.DataFrame, int | None]:
+    """Per candidate labelled count: scratch and supervised final dev Dice (seed means, points), the label gap
+    (scratch with all `n_train` minus scratch here), supervised - scratch (seed mean) and in how many seeds the
+    supervised control is ahead; and the chosen count: the largest candidate that passes both (a) gap >= `gap`
+    and (b) supervised ahead in the mean and in >= `seeds_ahead` seeds (None: no candidate passes, so the data
+    or split must change). `finals`: columns init, labelled, seed, dice (points)."""
+    wide = finals.pivot_table(index=["labelled", "seed"], columns="init", values="dice")
+    full = float(wide.xs(n_train, level="labelled")["scratch"].mean())
+    rows = []
+    for labelled in sorted(set(finals["labelled"]) - {n_train}):
+        here = wide.xs(labelled, level="labelled")
+        delta = here["supervised"] - here["scratch"]
+        label_gap = full - float(here["scratch"].mean())
+        ahead = int((delta > 0).sum())
+        rows.append({"labelled": labelled, "scratch": float(here["scratch"].mean()),
+                     "supervised": float(here["supervised"].mean()), "label_gap": label_gap,
+                     "supervised_minus_scratch": float(delta.mean()), "seeds_ahead": f"{ahead}/{len(delta)}",
+                     "a_gap": label_gap >= gap, "b_transfer": bool(delta.mean() > 0 and ahead >= seeds_ahead)})
+    table = pd.DataFrame(rows).set_index("labelled")
+    passing = table.index[table["a_gap"] & table["b_transfer"]]
+    return table, (int(max(passing)) if len(passing) else None)
+
+
+def exp_lowest_fraction(study: Study, out: Path, seeds: list[int], jobs: int = 1) -> pd.DataFrame:
+    """Issue 24, after calibration (a) and (b) failed at 3 labelled cases: which lower labelled count gives the
+    setting room to see transfer? Decided on the convergence study's development cases (never on test cases) with
+    the rule of lowest_fraction_table, written before the runs: the chosen count then goes through the calibration
+    on test cases again, scratch and the supervised control only."""
+    study, _, n_train, n_full = _convergence_study(study)
+    steps = int(study.cfg["finetune"]["steps"])
+    curves = _dev_curves(study, lowest_fraction_runs(LOWEST_CANDIDATES, n_train, seeds, steps), jobs)
+    final = curves[curves["step"] == curves["steps"]]
+    finals = final.assign(dice=100 * final["dev_dice"])[["init", "labelled", "seed", "dice"]]
+    table, chosen = lowest_fraction_table(finals, n_train)
+    dev = read_json(study.splits_path)["development"]
+    verdict = (f"{chosen} labelled cases ({100 * chosen / n_full:.2g} % of {n_full})" if chosen
+               else "none: the data or split must change")
+    header = (f"# lowest-fraction: how many labelled cases the lowest fraction gets (chosen on development cases)\n\n"
+              f"{study.dataset}; development = {len(dev)} training cases held out of every run ({', '.join(dev)}); "
+              f"candidates {LOWEST_CANDIDATES} labelled cases, and scratch with all {n_train} remaining; seeds "
+              f"{seeds}; {steps} steps, AdamW {CONVERGENCE_LR:g}, the science schedule. Final dev Dice in %, mean "
+              f"over seeds. Rule (fixed before the runs): the largest candidate with (a) label gap >= {LOWEST_GAP:g} "
+              f"points and (b) the supervised control ahead of scratch in the seed mean and in >= "
+              f"{LOWEST_SEEDS_AHEAD} seeds.\n\n**Chosen: "
+              f"{verdict}.**\n\n")
+    out.mkdir(parents=True, exist_ok=True)
+    curves.to_csv(out / "curves.csv", index=False)
+    table.to_csv(out / "table.csv")
+    (out / "table.md").write_text(header + table.round(2).to_markdown() + "\n")
+    plot_convergence(curves, out / "curves.png", "lowest fraction: dev Dice (mean ± sd over seeds)")
+    return table
+
+
 def exp_calibration(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
     """Issue 24's calibration, read off the workflow's report of the config (run it first with inits scratch and
     the supervised control): can this setting see transfer at all? `seeds` is unused: the cells are the
@@ -568,5 +638,6 @@ EXPERIMENTS: dict[str, Callable[[Study, Path, list[int]], pd.DataFrame]] = {
     "calibration": exp_calibration, "controls": exp_controls, "collapse": exp_collapse,
     "convergence": exp_convergence,
     "convergence-lr": exp_convergence_lr, "invariance": exp_invariance,
-    "length": exp_length, "lr": exp_lr, "probe": exp_probe, "weights": exp_weights,
+    "length": exp_length, "lowest-fraction": exp_lowest_fraction, "lr": exp_lr, "probe": exp_probe,
+    "weights": exp_weights,
 }
