@@ -13,6 +13,8 @@ from ctssl.experiments import (
     convergence_lr_runs,
     convergence_runs,
     convergence_table,
+    lowest_fraction_runs,
+    lowest_fraction_table,
     tail_change,
     write_outputs,
 )
@@ -123,6 +125,35 @@ def test_the_lr_recheck_runs_the_longest_length_at_the_lowest_count_around_the_c
     grid = {(r.label, r.labelled, r.seed, tuple(sorted(r.finetune.items()))) for r in convergence_runs(3, 22, [0])}
     assert {(r.label, r.labelled, r.seed, tuple(sorted(r.finetune.items()))) for r in runs
             if r.finetune["lr"] == 1e-3} <= grid
+
+def test_the_lowest_fraction_rule_on_hand_computed_finals():
+    rows = [  # (init, labelled, seed, dev Dice in points)
+        ("scratch", 22, 0, 86.0), ("scratch", 22, 1, 88.0), ("scratch", 22, 2, 87.0),  # mean 87
+        ("scratch", 1, 0, 60.0), ("scratch", 1, 1, 70.0), ("scratch", 1, 2, 65.0),  # mean 65: gap 22
+        ("supervised", 1, 0, 66.0), ("supervised", 1, 1, 69.0), ("supervised", 1, 2, 69.0),  # +6, -1, +4: 2/3
+        ("scratch", 2, 0, 75.0), ("scratch", 2, 1, 74.0), ("scratch", 2, 2, 76.0),  # mean 75: gap 12
+        ("supervised", 2, 0, 80.0), ("supervised", 2, 1, 80.0), ("supervised", 2, 2, 80.0),  # +5 in every seed
+    ]
+    finals = pd.DataFrame(rows, columns=["init", "labelled", "seed", "dice"])
+    table, chosen = lowest_fraction_table(finals, 22)
+    assert table.loc[1, "label_gap"] == pytest.approx(22.0) and table.loc[2, "label_gap"] == pytest.approx(12.0)
+    assert table.loc[1, "supervised_minus_scratch"] == pytest.approx(3.0) and table.loc[1, "seeds_ahead"] == "2/3"
+    assert table.loc[2, "supervised_minus_scratch"] == pytest.approx(5.0) and table.loc[2, "seeds_ahead"] == "3/3"
+    assert list(table["a_gap"]) == [True, False] and list(table["b_transfer"]) == [True, True]
+    assert chosen == 1  # 2 cases show transfer but too small a label gap
+    # ahead in the mean but in one seed only: (b) fails, nothing is chosen
+    finals.loc[(finals["init"] == "supervised") & (finals["labelled"] == 1), "dice"] = [80.0, 60.0, 60.0]
+    table, chosen = lowest_fraction_table(finals, 22)
+    assert table.loc[1, "seeds_ahead"] == "1/3" and not table.loc[1, "b_transfer"] and chosen is None
+
+
+def test_the_lowest_fraction_grid_pairs_both_inits_per_count_and_scratch_with_every_label():
+    runs = lowest_fraction_runs([1, 2], 22, [0, 1, 2], 4000)
+    assert len(runs) == 2 * 2 * 3 + 3
+    assert {(r.label, r.labelled) for r in runs} == {("scratch", 1), ("supervised", 1), ("scratch", 2),
+                                                      ("supervised", 2), ("scratch", 22)}
+    assert {tuple(sorted(r.finetune.items())) for r in runs} == {(("lr", 1e-3), ("steps", 4000))}
+
 
 def test_a_holdout_study_gives_runs_with_every_label_development_cases(tmp_path, liver_preprocessed):
     base = _study(tmp_path, liver_preprocessed)

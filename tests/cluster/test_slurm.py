@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CELLS = [f"results/finetune/liver/{init}/frac{pct}/seed0/metrics.json" for init in ("scratch", "pgl-all")
          for pct in (50, 100)]
-PRETRAIN_STEPS = 150
+PRETRAIN_STEPS = 100
 # The tiny config (tests/configs/tiny.yaml) with one domain, PGL only, a pretraining long enough to be preempted,
 # and per-stage resources for the SLURM profile.
 CONFIG = yaml.safe_load((ROOT / "tests" / "configs" / "tiny.yaml").read_text())

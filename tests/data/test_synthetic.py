@@ -7,7 +7,9 @@ import pytest
 from ctssl.data.synthetic import MAX_SHAPE, PROFILES, synthesize_case
 
 
-@pytest.mark.parametrize("profile", sorted(PROFILES))
+# Every profile draws from the same seeded streams: one unlabelled and one labelled profile cover both paths
+# (each case costs seconds to synthesize, and the suite runs on two cores).
+@pytest.mark.parametrize("profile", ["chest", "kidney"])
 def test_deterministic_per_seed(profile):
     a_img, a_seg = synthesize_case(profile, seed=3, case_index=1)
     b_img, b_seg = synthesize_case(profile, seed=3, case_index=1)
@@ -44,7 +46,7 @@ def test_chest_has_lungs_and_no_labels():
     assert lungs.mean() > 0.05
 
 
-@pytest.mark.parametrize("profile", ["liver", "spleen", "kidney"])
+@pytest.mark.parametrize("profile", ["liver", "kidney"])  # the geometry draw is shared by every profile
 def test_geometry_is_anisotropic_and_mixed(profile):
     codes, spacings = set(), []
     for i in range(4):
