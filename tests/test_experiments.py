@@ -15,6 +15,7 @@ from ctssl.experiments import (
     convergence_table,
     lowest_fraction_runs,
     lowest_fraction_table,
+    supervised_length_runs,
     tail_change,
     write_outputs,
 )
@@ -153,6 +154,14 @@ def test_the_lowest_fraction_grid_pairs_both_inits_per_count_and_scratch_with_ev
     assert {(r.label, r.labelled) for r in runs} == {("scratch", 1), ("supervised", 1), ("scratch", 2),
                                                       ("supervised", 2), ("scratch", 22)}
     assert {tuple(sorted(r.finetune.items())) for r in runs} == {(("lr", 1e-3), ("steps", 4000))}
+
+
+def test_the_supervised_length_grid_shares_scratch_and_the_label_gap_runs():
+    runs = supervised_length_runs([1000, 3000], 1, 22, [0, 1], 4000)
+    assert [(r.label, r.init, r.labelled) for r in runs if r.seed == 0] == [
+        ("scratch", "scratch", 1), ("supervised@1000", "supervised@1000", 1),
+        ("supervised@3000", "supervised@3000", 1), ("scratch", "scratch", 22)]
+    assert len(runs) == 8 and {r.finetune["steps"] for r in runs} == {4000}
 
 
 def test_a_holdout_study_gives_runs_with_every_label_development_cases(tmp_path, liver_preprocessed):

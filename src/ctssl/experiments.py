@@ -611,6 +611,58 @@ def exp_lowest_fraction(study: Study, out: Path, seeds: list[int], jobs: int = 1
     return table
 
 
+SUPERVISED_LENGTHS = [1000, 3000, 10000]  # supervised-control pretraining steps (1,000: the science config's)
+SUPERVISED_LABELLED = 1  # the one labelled count whose label gap passed (a) in lowest-fraction
+
+
+def supervised_length_runs(lengths: list[int], labelled: int, n_train: int, seeds: list[int],
+                           steps: int) -> list[Run]:
+    """Scratch and the supervised control pretrained for each of `lengths` steps at `labelled` cases, plus scratch
+    with every remaining training case (the label gap), every seed, `steps` long."""
+    schedule = {"steps": steps, "lr": CONVERGENCE_LR}
+    runs = [Run("scratch", "scratch", seed, schedule, labelled=labelled) for seed in seeds]
+    runs += [Run(f"supervised@{n}", f"supervised@{n}", seed, schedule, labelled=labelled)
+             for n in lengths for seed in seeds]
+    return runs + [Run("scratch", "scratch", seed, schedule, labelled=n_train) for seed in seeds]
+
+
+def exp_supervised_length(study: Study, out: Path, seeds: list[int], jobs: int = 1) -> pd.DataFrame:
+    """Issue 24, after lowest-fraction: is the supervised control too weak, not the setting? The control
+    pretrained for each of SUPERVISED_LENGTHS steps (same data), at SUPERVISED_LABELLED labelled cases, against
+    scratch on the development cases, with lowest-fraction's rule (fixed before the runs): a length passes with
+    (a) the label gap >= LOWEST_GAP and (b) the control ahead of scratch in the seed mean and in >= LOWEST_SEEDS_AHEAD
+    seeds; a passing length goes through the calibration on test cases next."""
+    study, _, n_train, _ = _convergence_study(study)
+    steps = int(study.cfg["finetune"]["steps"])
+    curves = _dev_curves(study, supervised_length_runs(SUPERVISED_LENGTHS, SUPERVISED_LABELLED, n_train, seeds, steps),
+                         jobs)
+    final = curves[curves["step"] == curves["steps"]]
+    finals = final.assign(dice=100 * final["dev_dice"])[["init", "labelled", "seed", "dice"]]
+    rows = []
+    for length in SUPERVISED_LENGTHS:
+        mine = finals[finals["init"].isin(["scratch", f"supervised@{length}"])].replace(
+            {"init": {f"supervised@{length}": "supervised"}})
+        table, chosen = lowest_fraction_table(mine, n_train)
+        rows.append(table.reset_index().assign(supervised_steps=length, passes=chosen is not None))
+    table = pd.concat(rows, ignore_index=True).set_index("supervised_steps")
+    dev = read_json(study.splits_path)["development"]
+    passing = [int(n) for n in table.index[table["passes"]]]
+    header = (f"# supervised-length: is the supervised control too weak? (development cases)\n\n"
+              f"{study.dataset}; development = {len(dev)} training cases held out of every run ({', '.join(dev)}); "
+              f"{SUPERVISED_LABELLED} labelled case(s), scratch with all {n_train} remaining for the label gap; the "
+              f"supervised control pretrained for {SUPERVISED_LENGTHS} steps on the same data; seeds {seeds}; "
+              f"{steps} fine-tuning steps, AdamW {CONVERGENCE_LR:g}. Final dev Dice in %, mean over seeds. Rule "
+              f"(fixed before the runs, as lowest-fraction): (a) label gap >= {LOWEST_GAP:g} and (b) the control "
+              f"ahead of scratch in the seed mean and in >= {LOWEST_SEEDS_AHEAD} seeds.\n\n**Passing: "
+              f"{', '.join(f'{n} steps' for n in passing) if passing else 'none'}.**\n\n")
+    out.mkdir(parents=True, exist_ok=True)
+    curves.to_csv(out / "curves.csv", index=False)
+    table.to_csv(out / "table.csv")
+    (out / "table.md").write_text(header + table.round(2).to_markdown() + "\n")
+    plot_convergence(curves, out / "curves.png", "supervised-control length: dev Dice (mean ± sd over seeds)")
+    return table
+
+
 def exp_calibration(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
     """Issue 24's calibration, read off the workflow's report of the config (run it first with inits scratch and
     the supervised control): can this setting see transfer at all? `seeds` is unused: the cells are the
@@ -639,5 +691,5 @@ EXPERIMENTS: dict[str, Callable[[Study, Path, list[int]], pd.DataFrame]] = {
     "convergence": exp_convergence,
     "convergence-lr": exp_convergence_lr, "invariance": exp_invariance,
     "length": exp_length, "lowest-fraction": exp_lowest_fraction, "lr": exp_lr, "probe": exp_probe,
-    "weights": exp_weights,
+    "supervised-length": exp_supervised_length, "weights": exp_weights,
 }
