@@ -11,33 +11,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REALCT = ROOT.parent / "shared" / "realct"
-# The longest test files, longest first (seconds on the 2-core CI machine, `pytest --durations`). pytest-xdist
-# (`-n 3 --dist loadgroup --no-loadscope-reorder`, see pyproject.toml) hands work to its workers in collection
-# order, so starting with these balances the workers; the rest follow in their usual order.
+# The longest test files, in the order pytest-xdist should start them (`-n 3 --dist loadfile
+# --no-loadscope-reorder`, see pyproject.toml: without --no-loadscope-reorder, xdist re-sorts files by their number
+# of tests, which put the one-test SLURM and DAG files last and left one worker running them alone at the end).
+# xdist gives a worker its next file as soon as it has 2 tests or fewer pending, so the SLURM file (2 tests) takes
+# the fourth file at once: a mid-sized one, run after the SLURM test's scheduler waits. (`--dist loadgroup`, which
+# could split the short files, does nothing with pytest 9.2: xdist 3.8 marks groups on `item._nodeid`, which
+# pytest no longer reads.)
 LONGEST_FILES = ["cluster/test_slurm.py", "workflow/test_workflow.py", "workflow/test_nnunet_workflow.py",
-                 "train/test_distributed.py", "workflow/test_realct_workflow.py", "test_benchmarks.py",
+                 "workflow/test_realct_workflow.py", "train/test_distributed.py", "test_benchmarks.py",
                  "train/test_pretrain.py", "workflow/test_formats_workflow.py"]
-# Fixture scopes that tie a file's tests together (shared work, and tests that read what an earlier one made).
-_SHARED_SCOPES = {"module", "package", "class"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Longest files first; a file whose tests share a module-scoped fixture is one xdist group (one worker, in
-    file order); every other test is scheduled on its own, so that short tests fill the workers' idle time."""
-
-    def name(item) -> str:
-        path = Path(str(item.fspath)).resolve()
-        return path.relative_to(ROOT / "tests").as_posix() if path.is_relative_to(ROOT / "tests") else str(path)
-
     def rank(item) -> int:
-        return LONGEST_FILES.index(name(item)) if name(item) in LONGEST_FILES else len(LONGEST_FILES)
+        path = Path(str(item.fspath)).resolve()
+        name = path.relative_to(ROOT / "tests").as_posix() if path.is_relative_to(ROOT / "tests") else ""
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
 
     items.sort(key=rank)  # stable: tests keep their order inside a file
-    shared = {name(item) for item in items
-              if any(d.scope in _SHARED_SCOPES for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)}
-    for item in items:
-        if name(item) in shared:
-            item.add_marker(pytest.mark.xdist_group(name(item)))
 
 
 def pytest_configure(config) -> None:
