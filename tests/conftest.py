@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import http.server
+import os
 import socket
 import threading
 from pathlib import Path
 
 import pytest
+
+# torch's OpenMP threads spin while they wait for work (libgomp's default). The suite runs three workers and their
+# Snakemake jobs, ranks and benchmarks on two cores, so spinning threads burn the cores the other processes need:
+# three small trainings at once, 2 threads each, took 16-27 s of CPU each instead of 3.5 s
+# (docs/development.md). Set before torch loads, here and in every process the tests start (inherited).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 REALCT = ROOT.parent / "shared" / "realct"
@@ -34,8 +41,6 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 def pytest_configure(config) -> None:
     """One torch thread per xdist worker: three workers on two cores, each with two threads, would oversubscribe."""
-    import os
-
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
