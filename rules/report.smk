@@ -30,6 +30,7 @@ rule report:
         per_case_csv=f"{R}/report/dice_per_case.csv",
         per_class_csv=f"{R}/report/dice_per_class.csv",
         provenance_csv=f"{R}/report/provenance.csv",
+        comparisons_csv=f"{R}/report/comparisons.csv",
         efficiency_png=report(
             f"{R}/report/label_efficiency.png",
             caption="../report/label_efficiency.rst",
@@ -64,5 +65,6 @@ rule report:
         **job_resources(config, "cpu"),
     params:
         note=config["report_note"],
+        comparisons=config["comparisons"],
     script:
         "../workflow_scripts/report.py"

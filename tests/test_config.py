@@ -124,6 +124,14 @@ def test_every_problem_is_listed_not_the_first():
     (lambda c: c.update(seeds=[0, 1], seeds_per_fraction={100: 3}),
      "seeds_per_fraction.100 = 3: more than the 2 seeds in 'seeds'"),
     (lambda c: c.update(seeds_per_fraction={100: 0}), "seeds_per_fraction[100] = 0: 0 is less than the minimum of 1"),
+    (lambda c: c.update(comparisons=["pgl-all vs byoll-all"]),
+     "comparisons[0]: 'byoll-all' is not an init of the grid (did you mean 'byol-all'?)"),
+    (lambda c: c.update(comparisons=["pgl-all vs byol-pancreas"]), "comparisons[0]: 'byol-pancreas' is not an init"),
+    (lambda c: c.update(comparisons=["byol-all vs pgl-all", "pgl-all vs pgl-all"]),
+     "comparisons[1]: 'pgl-all vs pgl-all' compares an init with itself"),
+    (lambda c: c.update(comparisons=["pgl-all@nnunet vs pgl-all"]),
+     "comparisons[0]: 'pgl-all@nnunet': engine 'nnunet' is not one of finetune.engine ['ctssl']"),
+    (lambda c: c.update(comparisons=["pgl-all versus byol-all"]), "comparisons[0] = 'pgl-all versus byol-all'"),
 ])
 def test_cross_key_errors(mutate, message):
     assert any(message in line for line in _problems(mutate)), _problems(mutate)
@@ -355,6 +363,14 @@ def test_a_wrong_variant_is_refused_naming_its_key():
                for p in problems), problems
     assert "pretrain.variants.pgly.grid_size = 0: 0 is less than the minimum of 1" in problems
     assert any(p.startswith("inits: 'pglz-all' names no registered pretraining method or variant") for p in problems)
+
+
+def test_comparisons_of_inits_outside_a_subset_run_are_kept_but_a_misspelt_one_is_refused():
+    """A run of scratch + the supervised control keeps the config's PGL/BYOL comparisons (no row, no error)."""
+    config = resolve_config({**copy.deepcopy(DEFAULT), "inits": ["scratch", "supervised-all"], "dataset_inits": {}})
+    assert config["comparisons"] == DEFAULT["comparisons"]
+    problems = _problems(lambda c: c.update(comparisons=["pglx-all vs byol-all"]))
+    assert any("'pglx-all' is not an init of the grid" in p and "did you mean 'pgl'?" in p for p in problems), problems
 
 
 def test_supervised_pool_without_usable_labels_is_refused():

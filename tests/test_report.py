@@ -11,6 +11,7 @@ from ctssl.report import (
     bootstrap_ci,
     calibration,
     collect,
+    comparisons_table,
     holm,
     paired_wilcoxon,
     per_class_table,
@@ -93,9 +94,9 @@ def test_per_class_table(files):
 def test_write_report_files(files, tmp_path):
     out = {k: tmp_path / "report" / name for k, name in (
         ("table_csv", "t.csv"), ("table_md", "t.md"), ("table_tex", "t.tex"), ("table_html", "t.html"), ("per_case_csv", "case.csv"),
-        ("per_class_csv", "class.csv"), ("provenance_csv", "prov.csv"), ("efficiency_png", "eff.png"),
-        ("per_class_png", "cls.png"))}
-    write_report(files, out, note="Demo: too short to show an effect.")
+        ("per_class_csv", "class.csv"), ("provenance_csv", "prov.csv"), ("comparisons_csv", "versus.csv"),
+        ("efficiency_png", "eff.png"), ("per_class_png", "cls.png"))}
+    write_report(files, out, note="Demo: too short to show an effect.", comparisons=[("pgl-all", "byol-all")])
     assert pd.read_csv(out["per_case_csv"]).shape == (48, 7)
     assert "**Note.** Demo: too short to show an effect." in out["table_md"].read_text()
     assert "<b>Note.</b> Demo: too short to show an effect." in out["table_html"].read_text()
@@ -110,14 +111,39 @@ def test_write_report_files(files, tmp_path):
     assert "p Holm: p corrected by Holm's step-down method across the inits of the same table" in md
     assert "n = 2 test cases × 2 seeds (4 pairs per test)" in md
     assert "# Dice per class" in md and "# Provenance" in md and "ffffffffffffffff" in md
+    assert "# Head-to-head comparisons" in md
+    assert "| pgl-all vs byol-all | +10.0 | [+10.0, +20.0] | 0.125 | 0.125 | +10.0 | [+10.0, +20.0] |" in md
+    assert len(pd.read_csv(out["comparisons_csv"])) == 2
     tex = out["table_tex"].read_text()
-    assert tex.count(r"\begin{tabular}") == 2 and r"\textbf{45.0 $\pm$ 3.5}" in tex
+    assert tex.count(r"\begin{tabular}") == 3 and r"\textbf{45.0 $\pm$ 3.5}" in tex
+    assert r"\label{tab:comparisons-liver}" in tex
     assert r"10\% Dice" in tex and r"\label{tab:dice-liver}" in tex and "**" not in tex
     page = out["table_html"].read_text()
-    assert "<b>45.0 ± 3.5</b>" in page and page.count("<table") == 4 and "Wilcoxon" in page
+    assert "<b>45.0 ± 3.5</b>" in page and page.count("<table") == 5 and "Wilcoxon" in page
     for png in ("efficiency_png", "per_class_png"):
         assert out[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(pd.read_csv(out["provenance_csv"])) == 12
+
+
+def test_head_to_head_comparisons_on_hand_computed_cells(files):
+    """pgl-all is 0.2 above byol-all on the liver in every (seed, case) pair: the mean foreground Dice is 10 points
+    higher, the pairs differ by 0.1 (case c1: liver and tumour averaged) or 0.2 (c2: liver only), so the bootstrap
+    CI is [+10, +20] and the exact two-sided Wilcoxon p of 4 positive pairs is 2/16. byol-all equals scratch: p 1.
+    Holm over the two comparisons of a fraction: 2 x 0.125 = 0.25 and max(0.25, 1 x 1) = 1."""
+    long, cells, _ = collect(files)
+    table = comparisons_table(cells, long, [("pgl-all", "byol-all"), ("byol-all", "scratch"),
+                                            ("pgl-all", "genesis-all")])  # no genesis cells: no row
+    assert len(table) == 4  # 2 comparisons x 2 fractions
+    row = table[(table["fraction"] == 10) & (table["init"] == "pgl-all")].iloc[0]
+    assert row["reference"] == "byol-all" and row["delta"] == pytest.approx(10.0)
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(10.0), pytest.approx(20.0))
+    assert row["p_wilcoxon"] == pytest.approx(0.125) and row["n_pairs"] == 4 and row["p_holm"] == pytest.approx(0.25)
+    assert (row["dice_init"], row["dice_reference"]) == (pytest.approx(45.0), pytest.approx(35.0))
+    same = table[(table["fraction"] == 10) & (table["init"] == "byol-all")].iloc[0]
+    assert same["delta"] == pytest.approx(0.0) and same["p_wilcoxon"] == 1.0 and same["p_holm"] == 1.0
+    reverse = comparisons_table(cells, long, [("byol-all", "pgl-all")]).iloc[0]
+    assert reverse["delta"] == pytest.approx(-10.0) and reverse["ci_high"] == pytest.approx(-10.0)
+    assert comparisons_table(cells, long, []).empty
 
 
 def test_no_cells_is_an_error():

@@ -358,7 +358,43 @@ def _reference_problems(config: dict) -> list[str]:
     if not problems:
         problems += supervised_pool_problems(config)
     problem = head_warmup_problem(config["finetune"])
-    return problems + ([problem] if problem else []) + engine_problems(config) + _seeds_per_fraction_problems(config)
+    return (problems + ([problem] if problem else []) + engine_problems(config) + _seeds_per_fraction_problems(config)
+            + comparison_problems(config))
+
+
+def parse_comparison(text: str) -> tuple[str, str]:
+    """'pgl-all vs byol-all' -> ('pgl-all', 'byol-all'): the report's Δ is the first minus the second."""
+    mine, _, reference = text.partition(" vs ")
+    return mine.strip(), reference.strip()
+
+
+def comparison_problems(config: dict) -> list[str]:
+    """Each `comparisons` entry names two different inits of one fine-tuning engine, each either in the grid or a
+    method (or variant) and pool the grid could have: a run of a subset of the grid (say, scratch and the supervised
+    control only) keeps the config's comparisons and simply has no row for them, but a misspelt init is refused
+    at start-up rather than silently never reported."""
+    problems, grid, names = [], set(all_inits(config)), pretraining_names(config)
+    pools, engines_used = {"all", *config["datasets"]}, engines(config)
+    for k, text in enumerate(config["comparisons"]):
+        sides = parse_comparison(text)
+        for init in sides:
+            base, _, engine = init.partition("@")
+            method, _, pool = base.partition("-")
+            if engine == "ctssl":
+                problems.append(f"comparisons[{k}]: {init!r}: write {base!r} (cells fine-tuned by ctssl carry no "
+                                "engine suffix)")
+            elif engine and engine not in engines_used:
+                problems.append(f"comparisons[{k}]: {init!r}: engine {engine!r} is not one of finetune.engine "
+                                f"{engines_used}")
+            elif base not in grid and base != "scratch" and (method not in names or pool not in pools):
+                problems.append(f"comparisons[{k}]: {init!r} is not an init of the grid{_suggest(base, grid)} "
+                                f"(inits and dataset_inits: {sorted(grid)}) nor a method{_suggest(method, names)} "
+                                f"and pool it could have")
+        if sides[0] == sides[1]:
+            problems.append(f"comparisons[{k}]: {text!r} compares an init with itself")
+        elif sides[0].partition("@")[2] != sides[1].partition("@")[2]:
+            problems.append(f"comparisons[{k}]: {text!r} mixes fine-tuning engines; compare inits of one engine")
+    return problems
 
 
 def unresolvable_inits(config: dict) -> list[str]:

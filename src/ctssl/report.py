@@ -142,10 +142,40 @@ def holm(pvalues: Iterable[float]) -> np.ndarray:
     return adjusted
 
 
+class Pairing:
+    """Paired comparisons of two inits' cells of one (dataset, fraction) over their shared (seed, test case) pairs:
+    the summary's each-init-against-scratch rows and the head-to-head `comparisons` compute them the same way."""
+
+    def __init__(self, cells: pd.DataFrame, long: pd.DataFrame):
+        self.means = cells.groupby(["dataset", "fraction", "init"])["mean_fg_dice"].mean()
+        self.scores = case_scores(long)
+        self.class_dice = long.set_index(["dataset", "init", "fraction", "seed", "case", "class"])["dice"].unstack(
+            "class")
+
+    def has(self, dataset: str, fraction: float, init: str) -> bool:
+        return (dataset, fraction, init) in self.means.index
+
+    def versus(self, dataset: str, fraction: float, mine: str, reference: str) -> dict:
+        """Δ = mine - reference (difference of the seed means, Dice points), its 95 % bootstrap CI, the Wilcoxon
+        p over (seed, test case) pairs and their number."""
+        delta = 100 * (self.means[(dataset, fraction, mine)] - self.means[(dataset, fraction, reference)])
+        p, n = paired_wilcoxon(self.scores.loc[(dataset, mine, fraction)],
+                               self.scores.loc[(dataset, reference, fraction)])
+        a = self.class_dice.loc[(dataset, mine, fraction)]
+        b = self.class_dice.loc[(dataset, reference, fraction)]
+        shared = a.index.intersection(b.index)
+        low, high = bootstrap_ci(a.loc[shared].to_numpy(), b.loc[shared].to_numpy())
+        return {"delta": delta, "ci_low": 100 * low, "ci_high": 100 * high, "p_wilcoxon": p, "n_pairs": n}
+
+
+def _holm_within(table: pd.DataFrame) -> pd.Series:
+    """Holm across the rows of one table (dataset x fraction): the family of comparisons a reader scans at once."""
+    return table.groupby(["dataset", "fraction"])["p_wilcoxon"].transform(lambda p: holm(p))
+
+
 def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, fraction, init): mean/sd over seeds (Dice %), Δ vs scratch, Wilcoxon p, n, best."""
-    scores = case_scores(long)
-    class_dice = long.set_index(["dataset", "init", "fraction", "seed", "case", "class"])["dice"].unstack("class")
+    pairing = Pairing(cells, long)
     rows = []
     for (dataset, fraction), group in cells.groupby(["dataset", "fraction"]):
         means = group.groupby("init")["mean_fg_dice"].agg(["mean", "std", "count"])
@@ -162,18 +192,36 @@ def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
                    "dice_preprocessed_mean": 100 * preprocessed.get(init, np.nan)}
             row["engine"] = engine_of(init)
             if init != reference and not np.isnan(ref):
-                row["delta_vs_scratch"] = 100 * (means.loc[init, "mean"] - ref)
-                row["p_wilcoxon"], row["n_pairs"] = paired_wilcoxon(
-                    scores.loc[(dataset, init, fraction)], scores.loc[(dataset, reference, fraction)])
-                mine, theirs = class_dice.loc[(dataset, init, fraction)], class_dice.loc[(dataset, reference, fraction)]
-                shared = mine.index.intersection(theirs.index)
-                row["ci_low"], row["ci_high"] = (100 * v for v in bootstrap_ci(mine.loc[shared].to_numpy(),
-                                                                              theirs.loc[shared].to_numpy()))
+                pair = pairing.versus(dataset, fraction, init, reference)
+                row.update(delta_vs_scratch=pair.pop("delta"), **pair)
             rows.append(row)
     table = pd.DataFrame(rows)
-    # Holm across the inits of one table (dataset x fraction): the family of comparisons a reader scans at once.
-    table["p_holm"] = table.groupby(["dataset", "fraction"])["p_wilcoxon"].transform(lambda p: holm(p))
+    table["p_holm"] = _holm_within(table)
     return _mark_best(table, ["dataset", "fraction"])
+
+
+COMPARISON_COLUMNS = ["dataset", "fraction", "init", "reference", "dice_init", "dice_reference", "delta", "ci_low",
+                      "ci_high", "p_wilcoxon", "p_holm", "n_pairs"]
+
+
+def comparisons_table(cells: pd.DataFrame, long: pd.DataFrame, comparisons: Iterable[tuple[str, str]]
+                      ) -> pd.DataFrame:
+    """One row per (dataset, fraction, 'A vs B') where both inits have cells: the papers' head-to-head claims (PGL
+    vs BYOL, HSSL on many domains vs one), Δ = A - B with CI and p, Holm-corrected across the comparisons of one
+    dataset and fraction (a family of its own, apart from the against-scratch rows)."""
+    pairing = Pairing(cells, long)
+    rows = []
+    for (dataset, fraction), _ in cells.groupby(["dataset", "fraction"]):
+        for mine, reference in comparisons:
+            if pairing.has(dataset, fraction, mine) and pairing.has(dataset, fraction, reference):
+                rows.append({"dataset": dataset, "fraction": fraction, "init": mine, "reference": reference,
+                             "dice_init": 100 * pairing.means[(dataset, fraction, mine)],
+                             "dice_reference": 100 * pairing.means[(dataset, fraction, reference)],
+                             **pairing.versus(dataset, fraction, mine, reference)})
+    table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    if not table.empty:
+        table["p_holm"] = _holm_within(table)
+    return table
 
 
 CALIBRATION_GAP = 15.0  # issue 24 (a): scratch with every label minus scratch at the lowest fraction, Dice points
@@ -275,6 +323,28 @@ def dataset_block(summary: pd.DataFrame, dataset: str, bold: Callable[[str], str
     return out
 
 
+def comparison_block(comparisons: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Rows: 'A vs B'; columns per fraction: Δ (A - B), its CI, p, Holm-corrected p (displayed strings)."""
+    sub = comparisons[comparisons["dataset"] == dataset]
+    sub = sub.assign(comparison=sub["init"] + " vs " + sub["reference"])
+    out = pd.DataFrame(index=pd.Index(list(dict.fromkeys(sub["comparison"])), name="comparison"))
+    for fraction in sorted(sub["fraction"].unique()):
+        f = sub[sub["fraction"] == fraction].set_index("comparison")
+        label = f"{fraction_key(fraction)}%"
+        out[f"{label} Δ"] = [_signed(f.loc[c, "delta"]) if c in f.index else "–" for c in out.index]
+        out[f"{label} 95% CI"] = [_interval(f.loc[c, "ci_low"], f.loc[c, "ci_high"]) if c in f.index else "–"
+                                  for c in out.index]
+        out[f"{label} p"] = [_p(f.loc[c, "p_wilcoxon"]) if c in f.index else "–" for c in out.index]
+        out[f"{label} p Holm"] = [_p(f.loc[c, "p_holm"]) if c in f.index else "–" for c in out.index]
+    return out
+
+
+COMPARISONS_NOTE = ("Head-to-head comparisons named in the config (`comparisons`): Δ = first init minus second, "
+                    "in Dice points, with the same bootstrap CI and paired Wilcoxon test as above; p Holm: "
+                    "corrected across the comparisons of one dataset and fraction, a family apart from the rows "
+                    "against scratch.")
+
+
 def _interval(low: float, high: float) -> str:
     return "–" if np.isnan(low) else f"[{low:+.1f}, {high:+.1f}]"
 
@@ -317,13 +387,19 @@ NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%) on e
         "table (dataset and fraction). Best mean per column in bold.")
 
 
-def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame, note: str = "") -> str:
+def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame, note: str = "",
+                    comparisons: pd.DataFrame | None = None) -> str:
     lines = ["# Mean foreground Dice (%) by initialization and label fraction", ""]
     lines += [f"**Note.** {note}", ""] if note else []
     lines += [NOTE, ""]
     for dataset in sorted(summary["dataset"].unique()):
         lines += [f"## {dataset}", "", _counts(summary, dataset) + ".", "",
                   dataset_block(summary, dataset, _md_bold).to_markdown(disable_numparse=True), ""]
+    if comparisons is not None and not comparisons.empty:
+        lines += ["# Head-to-head comparisons", "", COMPARISONS_NOTE, ""]
+        for dataset in sorted(comparisons["dataset"].unique()):
+            lines += [f"## {dataset}", "", comparison_block(comparisons, dataset).to_markdown(disable_numparse=True),
+                      ""]
     lines += ["# Dice per class (%)", "", "Mean ± sd over seeds of each class's mean Dice over test cases.", ""]
     for dataset in sorted(per_class["dataset"].unique()):
         lines += [f"## {dataset}", "", class_block(per_class, dataset, _md_bold).to_markdown(), ""]
@@ -332,7 +408,8 @@ def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: 
     return "\n".join(lines)
 
 
-def html_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame, note: str = "") -> str:
+def html_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame, note: str = "",
+                comparisons: pd.DataFrame | None = None) -> str:
     """The Markdown report's tables as one self-contained HTML page (shown inline by `snakemake --report`)."""
     def table(frame: pd.DataFrame, index: bool = True) -> str:
         return frame.to_html(escape=False, index=index, border=0, classes="t")
@@ -343,6 +420,10 @@ def html_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.D
     for dataset in sorted(summary["dataset"].unique()):
         body += [f"<h2>{html.escape(dataset)}</h2><p>{html.escape(_counts(summary, dataset))}.</p>",
                  table(dataset_block(summary, dataset, _html_bold))]
+    if comparisons is not None and not comparisons.empty:
+        body += ["<h1>Head-to-head comparisons</h1>", f"<p>{html.escape(COMPARISONS_NOTE)}</p>"]
+        for dataset in sorted(comparisons["dataset"].unique()):
+            body += [f"<h2>{html.escape(dataset)}</h2>", table(comparison_block(comparisons, dataset))]
     body.append("<h1>Dice per class (%)</h1><p>Mean ± sd over seeds of each class's mean Dice over test cases.</p>")
     for dataset in sorted(per_class["dataset"].unique()):
         body += [f"<h2>{html.escape(dataset)}</h2>", table(class_block(per_class, dataset, _html_bold))]
@@ -398,13 +479,19 @@ def _tex_table(block: pd.DataFrame, caption: str, label: str) -> str:
                       r"\midrule", *body, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
 
 
-def latex_report(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
+def latex_report(summary: pd.DataFrame, per_class: pd.DataFrame, comparisons: pd.DataFrame | None = None) -> str:
     """LaTeX tables (booktabs) to \\input{} into a paper."""
     parts = [f"% Generated by ctssl. {NOTE}", "% Needs \\usepackage{booktabs}.", ""]
     for dataset in sorted(summary["dataset"].unique()):
         parts.append(_tex_table(dataset_block(summary, dataset, _tex_bold),
-                                f"{dataset}: mean foreground Dice (%), Δ vs scratch and Wilcoxon p; "
-                                f"{_counts(summary, dataset)}.", f"tab:dice-{dataset}"))
+                                f"{dataset}: mean foreground Dice (%), Δ vs scratch, 95 % bootstrap CI, Wilcoxon p "
+                                f"and Holm-corrected p across the inits; {_counts(summary, dataset)}.",
+                                f"tab:dice-{dataset}"))
+    for dataset in ([] if comparisons is None else sorted(comparisons["dataset"].unique())):
+        parts.append(_tex_table(comparison_block(comparisons, dataset),
+                                f"{dataset}: head-to-head comparisons, Δ = first init minus second (Dice points), "
+                                "95 % bootstrap CI, Wilcoxon p and Holm-corrected p across the comparisons.",
+                                f"tab:comparisons-{dataset}"))
     for dataset in sorted(per_class["dataset"].unique()):
         parts.append(_tex_table(class_block(per_class, dataset, _tex_bold),
                                 f"{dataset}: Dice per class (%), mean ± sd over seeds.", f"tab:dice-class-{dataset}"))
@@ -467,26 +554,29 @@ def per_class_plot(per_class: pd.DataFrame, path: str | Path) -> None:
 
 
 def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path], note: str = "",
-                 pretrain_logs: Iterable[str | Path] = (), raw_dirs: Mapping[str, str | Path] | None = None) -> None:
+                 pretrain_logs: Iterable[str | Path] = (), raw_dirs: Mapping[str, str | Path] | None = None,
+                 comparisons: Iterable[tuple[str, str]] = ()) -> None:
     """All report files; `out` maps: table_csv, table_md, table_tex, table_html, per_case_csv, per_class_csv,
-    provenance_csv, efficiency_png, per_class_png, pretraining_png, finetuning_png, and overlays_{dataset} for
-    each dataset of `raw_dirs` (dataset -> its raw MSD folder, where the CT and ground truth are read). `note`
-    (config `report_note`) heads the Markdown/HTML tables. `pretrain_logs`: the pretraining runs' train_log.csv."""
+    provenance_csv, comparisons_csv, efficiency_png, per_class_png, pretraining_png, finetuning_png, and
+    overlays_{dataset} for each dataset of `raw_dirs` (dataset -> its raw MSD folder, where the CT and ground truth
+    are read). `note` (config `report_note`) heads the Markdown/HTML tables. `pretrain_logs`: the pretraining runs'
+    train_log.csv. `comparisons`: (A, B) pairs of inits for the head-to-head table (config `comparisons`)."""
     metrics_files = [str(p) for p in metrics_files]
     long, cells, provenance = collect(metrics_files)
     summary = summary_table(cells, long)
     per_class = per_class_table(long)
+    versus = comparisons_table(cells, long, comparisons)
     tables = {"table_csv": summary, "per_case_csv": long.sort_values(LONG_COLUMNS[:6]),
-              "per_class_csv": per_class, "provenance_csv": provenance}
+              "per_class_csv": per_class, "provenance_csv": provenance, "comparisons_csv": versus}
     for key, frame in tables.items():
         with atomic_path(out[key]) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out["table_md"]) as tmp:
-        tmp.write_text(markdown_report(summary, per_class, provenance, note))
+        tmp.write_text(markdown_report(summary, per_class, provenance, note, versus))
     with atomic_path(out["table_tex"]) as tmp:
-        tmp.write_text(latex_report(summary, per_class))
+        tmp.write_text(latex_report(summary, per_class, versus))
     with atomic_path(out["table_html"]) as tmp:
-        tmp.write_text(html_report(summary, per_class, provenance, note))
+        tmp.write_text(html_report(summary, per_class, provenance, note, versus))
     label_efficiency_plot(summary, out["efficiency_png"])
     per_class_plot(per_class, out["per_class_png"])
     if "pretraining_png" in out:

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.workflow
 TINY = yaml.safe_load((ROOT / "tests" / "configs" / "tiny.yaml").read_text())
 TINY["results"] = "results"
 TINY["inits"] = ["scratch", "custom-all", "pgl-all"]
+TINY["comparisons"] = ["hssl-all vs hssl-liver"]  # multi- against single-domain HSSL, a head-to-head report row
 CELL = "results/finetune/liver/scratch/frac50/seed0/metrics.json"
 
 
@@ -67,6 +68,10 @@ def test_end_to_end(workspace):
         rows = summary[summary["init"] == init]
         assert sorted(rows["fraction"]) == [50, 100] and rows["delta_vs_scratch"].notna().all(), summary
         assert (rows["n_pairs"] == 1).all()  # 1 test case x 1 seed
+    versus = pd.read_csv(res / "report" / "comparisons.csv")
+    assert versus[["init", "reference"]].drop_duplicates().values.tolist() == [["hssl-all", "hssl-liver"]]
+    assert sorted(versus["fraction"]) == [50, 100] and (versus["n_pairs"] == 1).all()
+    assert "# Head-to-head comparisons" in md and "| hssl-all vs hssl-liver |" in md
     multi = json.loads((res / "pretrain/hssl/all/model.json").read_text())
     single = json.loads((res / "pretrain/hssl/liver/model.json").read_text())
     assert multi["pool_datasets"] == ["chest", "liver"] and single["pool_datasets"] == ["liver"]
@@ -339,7 +344,7 @@ def test_a_downstream_case_without_a_label_is_refused_once_at_import(liver_raw, 
     """A fine-tuned `folder` dataset with a label-less case stops at fetch_raw, naming the image, and is not
     retried even when the command line asks for retries (a bad input is reported once)."""
     config = json.loads(json.dumps(TINY))
-    config.update(inits=["scratch"], dataset_inits={}, downstream=["mine"],
+    config.update(inits=["scratch"], dataset_inits={}, comparisons=[], downstream=["mine"],
                   datasets={"mine": {"kind": "folder", "labels": {"0": "background", "1": "liver", "2": "tumour"},
                                      "cases": {"a": {"image": str(liver_raw / "imagesTr/liver_000.nii.gz"),
                                                      "label": str(liver_raw / "labelsTr/liver_000.nii.gz")},
