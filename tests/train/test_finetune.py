@@ -193,3 +193,30 @@ def test_several_patches_per_case_make_one_flat_batch(prepared):
     assert batch["image"].shape == (4, 1, 16, 16, 16) and batch["label"].shape == (4, 1, 16, 16, 16)
     again = next(iter(DataLoader(IndexedSamples(draw, 0, 0, 4), batch_size=2)))
     assert torch.equal(batch["image"], again["image"])  # a function of (seed, index) only
+
+
+
+def test_patches_are_drawn_without_metadata_and_are_the_same_values_as_with_it(prepared):
+    """CasePatches turns MONAI's metadata tracking off while it draws (speed): the patches must be exactly the
+    values the same transforms give with tracking on, and tracking must be back on afterwards."""
+    import numpy as np
+    from monai.data import MetaTensor, get_track_meta
+
+    from ctssl.integrity import PreprocessedFolder
+    from ctssl.train.finetune import CasePatches, load_case, training_transforms
+
+    pre, _, splits = prepared
+    folder = PreprocessedFolder(pre)
+    cases = [load_case(folder, c) for c in splits["train"]]
+    draw = CasePatches(cases, training_transforms([16, 16, 16], CFG["finetune"]))
+    for i in range(8):
+        patch = draw(np.random.default_rng(i))[0]
+        assert get_track_meta() and not isinstance(patch["image"], MetaTensor)
+        rng = np.random.default_rng(i)  # the same draw by hand, metadata on
+        case = cases[int(rng.integers(len(cases)))]
+        transforms = training_transforms([16, 16, 16], CFG["finetune"])
+        transforms.set_random_state(seed=int(rng.integers(2**31)))
+        reference = transforms(dict(case))[0]
+        assert isinstance(reference["image"], MetaTensor)
+        for key in ("image", "label"):
+            assert torch.equal(patch[key], reference[key].as_tensor()), (i, key)
