@@ -102,7 +102,10 @@ def pool_targets():
 
 
 def report_targets():
-    return [f"{R}/report/dice_table.{ext}" for ext in ("csv", "md", "tex")] + [f"{R}/report/label_efficiency.png"]
+    return [f"{R}/report/dice_table.{ext}" for ext in ("csv", "md", "tex")] + [
+        f"{R}/report/comparisons.csv",  # a results folder from before comparisons existed gets its report remade
+        f"{R}/report/label_efficiency.png",
+    ]
 
 
 def all_targets():
