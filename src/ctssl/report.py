@@ -313,11 +313,7 @@ def dataset_block(summary: pd.DataFrame, dataset: str, bold: Callable[[str], str
         label = f"{fraction_key(fraction)}%"
         out[f"{label} Dice"] = [_dice(f.loc[i, "dice_mean"], f.loc[i, "dice_sd"], f.loc[i, "best"], bold)
                                 if i in f.index else "–" for i in out.index]
-        out[f"{label} Δ"] = [_signed(f.loc[i, "delta_vs_scratch"]) if i in f.index else "–" for i in out.index]
-        out[f"{label} 95% CI"] = [_interval(f.loc[i, "ci_low"], f.loc[i, "ci_high"]) if i in f.index else "–"
-                                  for i in out.index]
-        out[f"{label} p"] = [_p(f.loc[i, "p_wilcoxon"]) if i in f.index else "–" for i in out.index]
-        out[f"{label} p Holm"] = [_p(f.loc[i, "p_holm"]) if i in f.index else "–" for i in out.index]
+        out = out.assign(**_paired_columns(f, out.index, label, "delta_vs_scratch"))
         out[f"{label} Dice (prep. grid)"] = [_number(f.loc[i, "dice_preprocessed_mean"]) if i in f.index else "–"
                                              for i in out.index]
     return out
@@ -330,13 +326,20 @@ def comparison_block(comparisons: pd.DataFrame, dataset: str) -> pd.DataFrame:
     out = pd.DataFrame(index=pd.Index(list(dict.fromkeys(sub["comparison"])), name="comparison"))
     for fraction in sorted(sub["fraction"].unique()):
         f = sub[sub["fraction"] == fraction].set_index("comparison")
-        label = f"{fraction_key(fraction)}%"
-        out[f"{label} Δ"] = [_signed(f.loc[c, "delta"]) if c in f.index else "–" for c in out.index]
-        out[f"{label} 95% CI"] = [_interval(f.loc[c, "ci_low"], f.loc[c, "ci_high"]) if c in f.index else "–"
-                                  for c in out.index]
-        out[f"{label} p"] = [_p(f.loc[c, "p_wilcoxon"]) if c in f.index else "–" for c in out.index]
-        out[f"{label} p Holm"] = [_p(f.loc[c, "p_holm"]) if c in f.index else "–" for c in out.index]
+        out = out.assign(**_paired_columns(f, out.index, f"{fraction_key(fraction)}%", "delta"))
     return out
+
+
+def _paired_columns(rows: pd.DataFrame, index: pd.Index, label: str, delta: str) -> dict[str, list[str]]:
+    """The displayed Δ, 95 % CI, p and Holm p columns of one fraction, for the rows of `index` ('–' where absent):
+    the same four columns in the against-scratch and the head-to-head tables."""
+    def shown(render: Callable[[pd.Series], str]) -> list[str]:
+        return [render(rows.loc[i]) if i in rows.index else "–" for i in index]
+
+    return {f"{label} Δ": shown(lambda r: _signed(r[delta])),
+            f"{label} 95% CI": shown(lambda r: _interval(r["ci_low"], r["ci_high"])),
+            f"{label} p": shown(lambda r: _p(r["p_wilcoxon"])),
+            f"{label} p Holm": shown(lambda r: _p(r["p_holm"]))}
 
 
 COMPARISONS_NOTE = ("Head-to-head comparisons named in the config (`comparisons`): Δ = first init minus second, "
