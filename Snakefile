@@ -26,11 +26,13 @@ if not workflow.config_settings.configfiles:
 
 # Schema (types, ranges, unknown keys, every default), per-method settings and model-aware checks, all at start-up
 # (`snakemake -n`): a wrong setting never reaches a job. Every problem is listed, each with its key path.
-from ctssl.config import resolve_config
+# `--config` values arrive as strings inside lists and mappings (fractions=[5] gives ['5']): typed by the schema.
+from ctssl.config import deep_merge, resolve_config, typed_command_line
 from ctssl.errors import ConfigError
 
 try:
-    _resolved = resolve_config(config)
+    _typed = typed_command_line(dict(workflow.config_settings.config))
+    _resolved = resolve_config(deep_merge(config, _typed))
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration:\n{exc}") from None
 config.clear()

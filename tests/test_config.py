@@ -13,6 +13,7 @@ from ctssl.config import (
     all_inits,
     build_schema,
     complete_config,
+    deep_merge,
     inits_for,
     job_resources,
     load_config,
@@ -23,6 +24,7 @@ from ctssl.config import (
     resolve_config,
     seeds_for,
     settings_for,
+    typed_command_line,
 )
 from ctssl.errors import ConfigError
 from ctssl.ssl import REGISTRY, method_declarations
@@ -144,6 +146,22 @@ def test_seeds_per_fraction_runs_the_first_seeds_of_a_named_fraction_and_every_s
     assert seeds_for(config, "2.5") == [4, 0]
     assert seeds_for(config, "10") == [4, 0, 7, 2, 9]
     assert seeds_for(resolve_config(copy.deepcopy(DEFAULT)), "100") == DEFAULT["seeds"]
+
+
+def test_command_line_values_get_the_schema_types_snakemake_leaves_as_strings():
+    from snakemake.cli import parse_config  # what `snakemake --config ...` hands the Snakefile
+
+    given = parse_config(["fractions=[5, 2.5]", "seeds=[0,1]", "seeds_per_fraction={100: 1}", "inits=[scratch]",
+                          "finetune={steps: 12, engine: [ctssl], nnunet: {epochs: 3}}", "report_note=12"])
+    assert given["fractions"] == ["5", "2.5"] and given["finetune"]["steps"] == "12"  # the reason this exists
+    typed = typed_command_line(given)
+    assert typed["fractions"] == [5, 2.5] and typed["seeds"] == [0, 1] and typed["seeds_per_fraction"] == {"100": 1}
+    assert typed["finetune"] == {"steps": 12, "engine": ["ctssl"], "nnunet": {"epochs": 3}}
+    assert typed["inits"] == ["scratch"] and typed["report_note"] == 12  # a top-level scalar: Snakemake's own int
+    config = resolve_config(deep_merge(DEFAULT, {**typed, "fractions": [5, 100], "report_note": "x"}))
+    assert seeds_for(config, "100") == [0] and seeds_for(config, "5") == [0, 1]
+    with pytest.raises(ConfigError, match=r"fractions\[0\] = 'five'"):
+        resolve_config(deep_merge(DEFAULT, typed_command_line(parse_config(["fractions=[five]"]))))
 
 
 def test_unused_methods_are_not_checked_but_configured_ones_are():

@@ -581,6 +581,55 @@ def resolve_config(raw: dict) -> dict:
     return config
 
 
+def typed_command_line(overrides: dict, schema: dict | None = None) -> dict:
+    """`--config` values with the types the schema asks for. Snakemake parses a flow list or mapping on the command
+    line with YAML's BaseLoader, so `fractions=[5]` arrives as ['5']; without this, the natural command fails the
+    schema. Only strings that spell a number (or true/false) where the schema wants one are converted."""
+    schema = schema or build_schema()
+
+    def resolve(node: dict) -> dict:
+        ref = node.get("$ref", "")
+        if ref.startswith("#/"):
+            target = schema
+            for part in ref[2:].split("/"):
+                target = target[part]
+            return {**resolve(target), **{k: v for k, v in node.items() if k != "$ref"}}
+        return node
+
+    def types(node: dict) -> set[str]:
+        node = resolve(node)
+        declared = node.get("type", [])
+        found = {declared} if isinstance(declared, str) else set(declared)
+        for key in ("oneOf", "anyOf", "allOf"):
+            for option in node.get(key, []):
+                found |= types(option)
+        return found
+
+    def convert(value, node: dict):
+        node = resolve(node)
+        if isinstance(value, dict):
+            properties = node.get("properties", {})
+            extra = node.get("additionalProperties")
+            return {k: convert(v, properties.get(k, extra if isinstance(extra, dict) else {}))
+                    for k, v in value.items()}
+        if isinstance(value, list):
+            return [convert(v, node.get("items", {})) for v in value]
+        if not isinstance(value, str):
+            return value
+        wanted = types(node)
+        if "boolean" in wanted and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        for kind, parse in (("integer", int), ("number", int), ("number", float)):
+            if kind in wanted:
+                try:
+                    return parse(value)
+                except ValueError:
+                    pass
+        return value
+
+    return convert(overrides, schema)
+
+
 def complete_config(partial: dict) -> dict:
     """Some sections of a config (e.g. `model` + `finetune` for one training call in a test or a notebook),
     validated and completed with the schema's defaults; the whole-config checks of `resolve_config` do not run."""
