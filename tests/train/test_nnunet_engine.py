@@ -1,5 +1,6 @@
 """An nnU-Net cell's own process never outlives the ctssl job that started it (a cancelled or preempted cluster
-job must not leave nnU-Net training on the node)."""
+job must not leave nnU-Net training on the node); its training record names the classes and the first epoch that
+left the all-background phase."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ pytest.importorskip("nnunetv2")
 
 from ctssl.config import complete_config  # noqa: E402
 from ctssl.io import write_json  # noqa: E402
+from ctssl.nnunet.engine import training_curve  # noqa: E402
 from ctssl.splits import make_splits  # noqa: E402
 
 CFG = complete_config({
@@ -59,3 +61,16 @@ def test_killing_the_job_kills_its_nnunet_cell(liver_preprocessed, tmp_path):
         time.sleep(0.2)
     assert not _alive(cell), "the nnU-Net cell outlived its job"
     assert not (tmp_path / "cell" / "metrics.json").exists()
+
+
+def test_training_curve_names_classes_and_finds_the_first_epoch_out_of_all_background(tmp_path):
+    record = {"pseudo_dice_per_class": [[0.0, 0.0], [0.0, 0.0], [0.21, 0.0], [0.8, 0.05]],
+              "mean_pseudo_dice": [0.0, 0.0, 0.105, 0.425], "train_loss": [1.0, 0.9, 0.5, 0.2],
+              "lr": [0.01, 0.0075, 0.005, 0.0025]}
+    write_json(tmp_path / "curve.json", record)
+    curve = training_curve(tmp_path / "curve.json", {0: "background", 2: "tumour", 1: "liver"})
+    assert curve["pseudo_dice_per_epoch"] == {"liver": [0.0, 0.0, 0.21, 0.8], "tumour": [0.0, 0.0, 0.0, 0.05]}
+    assert curve["first_epoch_above_background"] == 2 and curve["mean_pseudo_dice_per_epoch"][3] == 0.425
+    write_json(tmp_path / "stuck.json", {**record, "pseudo_dice_per_class": [[0.0, 0.0]] * 4})
+    assert training_curve(tmp_path / "stuck.json", {0: "background", 1: "liver", 2: "tumour"})[
+        "first_epoch_above_background"] is None  # never left: the all-background phase lasted the whole run

@@ -55,6 +55,10 @@ def test_both_engines_side_by_side_in_the_report(workspace):
     metrics = json.loads((cell / "metrics.json").read_text())
     ctssl_cell = json.loads((res / "finetune/liver/pgl-all/frac100/seed0/metrics.json").read_text())
     assert metrics["engine"] == "nnunet" and metrics["steps"] == 4
+    curve = metrics["nnunet_training"]  # nnU-Net's own per-epoch record, one value per configured epoch
+    assert set(curve["pseudo_dice_per_epoch"]) == {"liver", "tumour"}
+    assert all(len(v) == 2 for v in curve["pseudo_dice_per_epoch"].values()) and len(curve["lr_per_epoch"]) == 2
+    assert curve["lr_per_epoch"][1] < curve["lr_per_epoch"][0] == pytest.approx(1e-2)  # nnU-Net's poly schedule
     assert metrics["test_cases"] == ctssl_cell["test_cases"] and metrics["train_cases"] == ctssl_cell["train_cases"]
     assert metrics["init_weights"]["sha256"] == ctssl_cell["init_weights"]["sha256"]  # the same pretrained weights
     work = cell / "nnunet"  # nnUNet_raw / _preprocessed / _results of this cell only

@@ -124,8 +124,22 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     spec = json.loads(Path(argv[0]).read_text())
     trainer = train(spec, plan_and_preprocess(spec))
+    write_training_curve(spec, trainer)
     predict(spec, trainer)
     return 0
+
+
+def write_training_curve(spec: dict, trainer) -> None:
+    """nnU-Net's per-epoch record (pseudo Dice on its validation batches, loss, LR) as JSON beside the cell: whether
+    a run ever left the all-background phase (pseudo Dice 0 for every class) is read from it, not from a plot."""
+    from ctssl.io import write_json
+
+    logged = trainer.logger.my_fantastic_logging
+    write_json(Path(spec["work"]) / "training_curve.json", {
+        "pseudo_dice_per_class": [[round(float(d), 4) for d in epoch] for epoch in logged["dice_per_class_or_region"]],
+        "mean_pseudo_dice": [round(float(d), 4) for d in logged["mean_fg_dice"]],
+        "train_loss": [round(float(v), 5) for v in logged["train_losses"]],
+        "lr": [float(v) for v in logged["lrs"]]})
 
 
 if __name__ == "__main__":

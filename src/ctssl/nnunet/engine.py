@@ -51,6 +51,18 @@ def write_raw_dataset(raw: Path, folder: PreprocessedFolder, train_cases: list[s
                                       "name": manifest["dataset"], "description": "written by ctssl"})
 
 
+def training_curve(path: Path, classes: dict[int, str]) -> dict:
+    """nnU-Net's per-epoch pseudo Dice (per class, named), loss and LR for metrics.json, and the first epoch at which
+    any class's pseudo Dice rose above 0 (None: the run predicted only background to the end)."""
+    curve = read_json(path)
+    names = [name for label, name in sorted(classes.items()) if label != 0]
+    per_class = {name: [epoch[k] for epoch in curve["pseudo_dice_per_class"]] for k, name in enumerate(names)}
+    first = next((e for e, epoch in enumerate(curve["pseudo_dice_per_class"]) if max(epoch, default=0.0) > 0), None)
+    return {"pseudo_dice_per_epoch": per_class, "mean_pseudo_dice_per_epoch": curve["mean_pseudo_dice"],
+            "first_epoch_above_background": first, "train_loss_per_epoch": curve["train_loss"],
+            "lr_per_epoch": curve["lr"]}
+
+
 def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fraction: float, seed: int,
                     init: str, pretrained_run: str | Path | None, cfg: dict, out_dir: str | Path,
                     threads: int = 1) -> dict:
@@ -103,6 +115,7 @@ def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fr
         timings_s={"train": round(train_seconds, 2), "evaluate": round(time.time() - t_eval, 2),
                    "total": round(time.time() - t_start, 2)},
         steps=int(ft["nnunet"]["epochs"]) * int(ft["nnunet"]["iterations_per_epoch"]),
+        nnunet_training=training_curve(work / "training_curve.json", cell.classes),
         device=read_json(work / "probabilities" / "device.json")["device"], resumed_from_step=None)
     write_json(out_dir / "metrics.json", metrics)
     log.info("%s %s frac%s seed%d (nnU-Net): mean foreground Dice %.4f", manifest["dataset"], init,
