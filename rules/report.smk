@@ -43,6 +43,12 @@ rule report:
             category="Figures",
             labels={"figure": "Dice per class"},
         ),
+        effects_png=report(
+            f"{R}/report/effects.png",
+            caption="../report/effects.rst",
+            category="Figures",
+            labels={"figure": "effects with 95% CIs"},
+        ),
         pretraining_png=report(
             f"{R}/report/pretraining_curves.png",
             caption="../report/pretraining_curves.rst",

@@ -12,6 +12,7 @@ from ctssl.report import (
     calibration,
     collect,
     comparisons_table,
+    effects_plot,
     holm,
     paired_wilcoxon,
     per_class_table,
@@ -95,7 +96,7 @@ def test_write_report_files(files, tmp_path):
     out = {k: tmp_path / "report" / name for k, name in (
         ("table_csv", "t.csv"), ("table_md", "t.md"), ("table_tex", "t.tex"), ("table_html", "t.html"), ("per_case_csv", "case.csv"),
         ("per_class_csv", "class.csv"), ("provenance_csv", "prov.csv"), ("comparisons_csv", "versus.csv"),
-        ("efficiency_png", "eff.png"), ("per_class_png", "cls.png"))}
+        ("efficiency_png", "eff.png"), ("per_class_png", "cls.png"), ("effects_png", "effects.png"))}
     write_report(files, out, note="Demo: too short to show an effect.", comparisons=[("pgl-all", "byol-all")])
     assert pd.read_csv(out["per_case_csv"]).shape == (48, 7)
     assert "**Note.** Demo: too short to show an effect." in out["table_md"].read_text()
@@ -120,7 +121,7 @@ def test_write_report_files(files, tmp_path):
     assert r"10\% Dice" in tex and r"\label{tab:dice-liver}" in tex and "**" not in tex
     page = out["table_html"].read_text()
     assert "<b>45.0 ± 3.5</b>" in page and page.count("<table") == 5 and "Wilcoxon" in page
-    for png in ("efficiency_png", "per_class_png"):
+    for png in ("efficiency_png", "per_class_png", "effects_png"):
         assert out[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(pd.read_csv(out["provenance_csv"])) == 12
 
@@ -144,6 +145,25 @@ def test_head_to_head_comparisons_on_hand_computed_cells(files):
     reverse = comparisons_table(cells, long, [("byol-all", "pgl-all")]).iloc[0]
     assert reverse["delta"] == pytest.approx(-10.0) and reverse["ci_high"] == pytest.approx(-10.0)
     assert comparisons_table(cells, long, []).empty
+
+
+def test_the_effects_figure_draws_the_tables_numbers(files, tmp_path):
+    """Every Δ of the summary (against scratch) and of the comparisons, with its CI and Holm p, per panel."""
+    long, cells, _ = collect(files)
+    summary = summary_table(cells, long)
+    versus = comparisons_table(cells, long, [("pgl-all", "byol-all")])
+    drawn = effects_plot(summary, versus, tmp_path / "effects.png").set_index(["fraction", "label"])
+    assert (tmp_path / "effects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(drawn.index.get_level_values("label").unique()) == [
+        "byol-all − scratch", "pgl-all − byol-all", "pgl-all − scratch"]
+    pgl = drawn.loc[(10, "pgl-all − scratch")]
+    assert (pgl["delta"], pgl["ci_low"], pgl["ci_high"], pgl["p_holm"]) == (
+        pytest.approx(10.0), pytest.approx(10.0), pytest.approx(20.0), pytest.approx(0.25))
+    head = drawn.loc[(100, "pgl-all − byol-all")]
+    assert head["family"] == "head to head" and head["p_holm"] == pytest.approx(0.125)  # a family of one
+    only_scratch = summary[summary["init"] == "scratch"]
+    assert effects_plot(only_scratch, versus.iloc[0:0], tmp_path / "none.png").empty
+    assert (tmp_path / "none.png").exists()  # a figure that says why it is empty, not a missing file
 
 
 def test_no_cells_is_an_error():

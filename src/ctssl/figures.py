@@ -36,7 +36,7 @@ def save_figure(fig, path: str | Path, rect: tuple[float, float, float, float] =
     plt.close(fig)
 
 
-def _message_figure(path: str | Path, text: str) -> None:
+def message_figure(path: str | Path, text: str) -> None:
     """A figure that says why there is nothing to draw (the output still exists, so the DAG stays simple)."""
     fig, ax = plt.subplots(figsize=(6, 1.6))
     ax.axis("off")
@@ -167,7 +167,7 @@ def pretraining_curves(logs: Iterable[str | Path], path: str | Path) -> None:
     """One panel per pretraining run (method, pool): the loss and each logged loss part against the step."""
     logs = [Path(p) for p in logs if Path(p).exists()]
     if not logs:
-        _message_figure(path, "no pretrained inits in this configuration: nothing was pretrained")
+        message_figure(path, "no pretrained inits in this configuration: nothing was pretrained")
         return
     ncols = min(3, len(logs))
     nrows = -(-len(logs) // ncols)
@@ -202,7 +202,7 @@ def finetuning_curves(metrics_files: Iterable[str | Path], path: str | Path, col
         frame = pd.read_csv(log_path, usecols=["step", "loss"])
         rows.append(frame.assign(dataset=m["dataset"], init=m["init"], fraction=float(m["fraction"]), seed=m["seed"]))
     if not rows:
-        _message_figure(path, "no cells fine-tuned by ctssl's engine: nnU-Net's cells keep their own training logs")
+        message_figure(path, "no cells fine-tuned by ctssl's engine: nnU-Net's cells keep their own training logs")
         return
     frame = pd.concat(rows)
     lowest = frame.groupby("dataset")["fraction"].transform("min")

@@ -22,7 +22,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
-from ctssl.figures import finetuning_curves, overlay_cells, overlay_figure, pretraining_curves, save_figure  # noqa: E402
+from ctssl.figures import (  # noqa: E402
+    finetuning_curves,
+    message_figure,
+    overlay_cells,
+    overlay_figure,
+    pretraining_curves,
+    save_figure,
+)
 from ctssl.io import atomic_path, json_digest, read_json  # noqa: E402
 from ctssl.splits import fraction_key  # noqa: E402
 
@@ -556,11 +563,50 @@ def per_class_plot(per_class: pd.DataFrame, path: str | Path) -> None:
     save_figure(fig, path)
 
 
+def effect_rows(summary: pd.DataFrame, versus: pd.DataFrame) -> pd.DataFrame:
+    """What `effects_plot` draws, one row per effect: each init against its engine's scratch, then the head-to-head
+    comparisons, per (dataset, fraction), with Δ, its 95 % CI and the Holm p of its own family."""
+    against = summary.dropna(subset=["delta_vs_scratch"]).assign(
+        label=lambda f: f["init"] + " − " + np.where(f["engine"] == "nnunet", "scratch@nnunet", "scratch"),
+        family="against scratch", delta=lambda f: f["delta_vs_scratch"])
+    head = versus.assign(label=versus["init"] + " − " + versus["reference"], family="head to head")
+    columns = ["dataset", "fraction", "family", "label", "delta", "ci_low", "ci_high", "p_holm"]
+    return pd.concat([against[columns], head[columns]], ignore_index=True)
+
+
+def effects_plot(summary: pd.DataFrame, versus: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """One panel per (dataset, fraction): every Δ as a point with its 95 % bootstrap CI, a line at 0, the Holm p
+    beside it (filled: Holm p < 0.05). The table's numbers as a picture; returns the rows it drew."""
+    rows = effect_rows(summary, versus)
+    panels = list(rows.groupby(["dataset", "fraction"], sort=True))
+    if not panels:
+        message_figure(path, "No effects to draw: every init is scratch.")
+        return rows
+    height = max(len(frame) for _, frame in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.75 + 0.32 * height), squeeze=False)
+    for ax, ((dataset, fraction), frame) in zip(axes[0], panels, strict=True):
+        y = np.arange(len(frame))[::-1]
+        for yi, row in zip(y, frame.itertuples(), strict=True):
+            significant = row.p_holm < 0.05
+            colour = "C0" if row.family == "against scratch" else "C1"
+            ax.errorbar(row.delta, yi, xerr=[[row.delta - row.ci_low], [row.ci_high - row.delta]], fmt="o",
+                        color=colour, mfc=colour if significant else "white", capsize=3)
+            ax.annotate(f"Holm p={row.p_holm:.2g}", (row.ci_high, yi), xytext=(4, -3), textcoords="offset points",
+                        fontsize=7)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(y, frame["label"], fontsize=8)
+        ax.set_title(f"{dataset}, {fraction_key(fraction)}% labels", fontsize=10)
+        ax.set_xlabel("Δ mean foreground Dice (points), 95% CI")
+        ax.grid(axis="x", alpha=0.3)
+    save_figure(fig, path)
+    return rows
+
+
 def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path], note: str = "",
                  pretrain_logs: Iterable[str | Path] = (), raw_dirs: Mapping[str, str | Path] | None = None,
                  comparisons: Iterable[tuple[str, str]] = ()) -> None:
     """All report files; `out` maps: table_csv, table_md, table_tex, table_html, per_case_csv, per_class_csv,
-    provenance_csv, comparisons_csv, efficiency_png, per_class_png, pretraining_png, finetuning_png, and
+    provenance_csv, comparisons_csv, efficiency_png, per_class_png, effects_png, pretraining_png, finetuning_png, and
     overlays_{dataset} for each dataset of `raw_dirs` (dataset -> its raw MSD folder, where the CT and ground truth
     are read). `note` (config `report_note`) heads the Markdown/HTML tables. `pretrain_logs`: the pretraining runs'
     train_log.csv. `comparisons`: (A, B) pairs of inits for the head-to-head table (config `comparisons`)."""
@@ -582,6 +628,8 @@ def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path]
         tmp.write_text(html_report(summary, per_class, provenance, note, versus))
     label_efficiency_plot(summary, out["efficiency_png"])
     per_class_plot(per_class, out["per_class_png"])
+    if "effects_png" in out:
+        effects_plot(summary, versus, out["effects_png"])
     if "pretraining_png" in out:
         pretraining_curves(pretrain_logs, out["pretraining_png"])
     if "finetuning_png" in out:
