@@ -101,15 +101,10 @@ def pool_targets():
     return expand(f"{R}/pools/{{pool}}.csv", pool=pools())
 
 
-def report_targets():
-    return [f"{R}/report/dice_table.{ext}" for ext in ("csv", "md", "tex")] + [
-        f"{R}/report/comparisons.csv",  # a results folder from before comparisons existed gets its report remade
-        f"{R}/report/label_efficiency.png",
-    ]
-
-
 def all_targets():
-    return report_targets() + pool_targets()
+    # Every report output, not a few of them: a results folder made before an output existed (comparisons.csv,
+    # effects.png) gets its report remade, which naming only some outputs would not do.
+    return list(rules.report.output) + pool_targets()
 
 
 def init_weights(wildcards):
