@@ -134,7 +134,7 @@ def write_training_curve(spec: dict, trainer) -> None:
     a run ever left the all-background phase (pseudo Dice 0 for every class) is read from it, not from a plot."""
     from ctssl.io import write_json
 
-    logged = trainer.logger.my_fantastic_logging
+    logged = trainer.logger.get_checkpoint()  # the local logger's dict, in nnU-Net's older and newer loggers
     write_json(Path(spec["work"]) / "training_curve.json", {
         "pseudo_dice_per_class": [[round(float(d), 4) for d in epoch] for epoch in logged["dice_per_class_or_region"]],
         "mean_pseudo_dice": [round(float(d), 4) for d in logged["mean_fg_dice"]],
