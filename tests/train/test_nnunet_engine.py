@@ -33,8 +33,17 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().split()[2] != "Z"  # a zombie has exited
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:  # gone between the two looks
+        return False
+
+
+def _processes_of(folder) -> list[int]:
+    """Live processes whose command line names `folder` (a cell's spec.json lies in it), zombies excluded."""
+    found = subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True).stdout.split()
+    return [pid for pid in map(int, found) if pid != os.getpid() and _alive(pid)]
 
 
 @pytest.mark.workflow
@@ -54,12 +63,20 @@ def test_killing_the_job_kills_its_nnunet_cell(liver_preprocessed, tmp_path):
         time.sleep(0.2)
     cell = int(subprocess.run(["pgrep", "-P", str(job.pid), "-f", "ctssl.nnunet.cell"], capture_output=True,
                               text=True, check=True).stdout.split()[0])
+    deadline = time.time() + 240  # kill while the cell has forked a worker (nnU-Net's pools), the case that leaked
+    while not subprocess.run(["pgrep", "-P", str(cell)], capture_output=True).stdout:
+        assert job.poll() is None and time.time() < deadline, "the cell never forked a worker to test with"
+        time.sleep(0.05)
     job.send_signal(signal.SIGTERM)  # what SLURM sends a cancelled job
     job.wait(timeout=30)
     deadline = time.time() + 15
     while _alive(cell) and time.time() < deadline:
         time.sleep(0.2)
     assert not _alive(cell), "the nnU-Net cell outlived its job"
+    deadline = time.time() + 15  # nor any process the cell forked (nnU-Net's worker pools), whoever its parent now is
+    while (left := _processes_of(tmp_path)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes of the killed cell are still running: {left}"
     assert not (tmp_path / "cell" / "metrics.json").exists()
 
 

@@ -112,10 +112,13 @@ def predict(spec: dict, trainer) -> None:
 
 def die_with_parent() -> None:
     """Be killed when the ctssl process that started this cell dies (set here, after exec, not in a pre-exec hook:
-    the parent may run threads); exit at once if it is already gone."""
+    the parent may run threads); exit at once if it is already gone. Every process nnU-Net forks from here (its
+    fingerprinting and preprocessing pools) inherits the same rule towards its own parent: the death signal is
+    cleared at fork, and a pool worker orphaned by a killed cell was seen waiting on a lock for good."""
     from ctssl.train.launch import die_with_parent as set_parent_death_signal
 
     set_parent_death_signal()
+    os.register_at_fork(after_in_child=set_parent_death_signal)
     if "CTSSL_PARENT_PID" in os.environ and os.getppid() != int(os.environ["CTSSL_PARENT_PID"]):
         sys.exit("ctssl.nnunet.cell: the ctssl process that started this cell is gone")
 
