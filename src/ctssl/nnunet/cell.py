@@ -114,7 +114,8 @@ def die_with_parent() -> None:
     """Be killed when the ctssl process that started this cell dies (set here, after exec, not in a pre-exec hook:
     the parent may run threads); exit at once if it is already gone. Every process nnU-Net forks from here (its
     fingerprinting and preprocessing pools) inherits the same rule towards its own parent: the death signal is
-    cleared at fork, and a pool worker orphaned by a killed cell was seen waiting on a lock for good."""
+    cleared at fork, and a forked worker of a killed cell was once seen waiting on a lock, orphaned, for
+    ten minutes."""
     from ctssl.train.launch import die_with_parent as set_parent_death_signal
 
     set_parent_death_signal()
