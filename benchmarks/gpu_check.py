@@ -2,7 +2,7 @@
 it need, and does every rule of the workflow run on this device?
 
 Usage:
-  python benchmarks/gpu_check.py                          # configs/paper.yaml on the GPU (meant for <= 8 min)
+  python benchmarks/gpu_check.py                          # configs/paper.yaml on the GPU (docs/long_runs.md: an H200's figures)
   python benchmarks/gpu_check.py --device cpu --quick     # small sizes on the CPU (CI runs this: it never rots)
   python benchmarks/gpu_check.py --json gpu_check.json    # the figures as JSON too
 
@@ -11,11 +11,14 @@ Prints, in order:
    that model FLOP utilisation is taken against (a measured peak, not the data sheet's);
 2. for each pretraining method (PGL, BYOL, HSSL, Models Genesis, supervised) and fine-tuning, at the config's
    network, patch and batch, with bf16 autocast on (CUDA): step time, samples/s, peak memory and model FLOP
-   utilisation (MFU), eager vs. channels_last_3d vs. torch.compile side by side;
+   utilisation (MFU), eager vs. channels_last_3d vs. torch.compile side by side (compiled: fine-tuning only by
+   default, --compile-methods for more: compiling a ResEnc-M PGL step took over 150 s on an H200);
 3. the view sampler's rate with 1..N DataLoader workers against what one PGL step consumes, and how many workers
    the device needs (the config's pretrain.num_workers is marked);
 4. the tiny DAG (tests/configs/tiny.yaml with the device set, both fine-tuning engines) run end to end in a
-   temporary folder: every rule's path on this device (a dry run with --quick).
+   temporary folder: every rule's path on this device (a dry run with --quick), stopped after --dag-timeout.
+
+The figures are written to --json after every row, so a run stopped early keeps what it measured.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -167,9 +171,9 @@ def loader_rates(pretrain: dict, workers: list[int], volume_shape: list[int]) ->
     return rates
 
 
-def tiny_dag(device: str, dry: bool, cores: int) -> dict:
+def tiny_dag(device: str, dry: bool, cores: int, timeout_s: float) -> dict:
     """tests/configs/tiny.yaml on `device` with both engines (nnU-Net's needs the ResEnc backbone), in a temporary
-    folder: every rule's path on this device."""
+    folder: every rule's path on this device. Stopped (and reported as failed) after `timeout_s` seconds."""
     cfg = yaml.safe_load((ROOT / "tests/configs/tiny.yaml").read_text())
     cfg.update(device=device, results="results")
     cfg["model"] = {"arch": "resenc", **QUICK_MODEL}
@@ -180,15 +184,23 @@ def tiny_dag(device: str, dry: bool, cores: int) -> dict:
         cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", work, "--configfile",
                str(Path(work) / "config.yaml"), "--cores", str(cores), *(["-n"] if dry else [])]
         start = time.perf_counter()
-        run = subprocess.run(cmd, capture_output=True, text=True)
+        # Its own process group, so that a stop also ends the jobs Snakemake started, not Snakemake alone.
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) as proc:
+            try:
+                out, _ = proc.communicate(timeout=timeout_s)
+                returncode = proc.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+                returncode, out = None, out + f"\nstopped after --dag-timeout {timeout_s:.0f} s"
         seconds = time.perf_counter() - start
-        out = run.stdout + run.stderr
         jobs = sum(int(line.split()[1]) for line in out[out.find("Job stats:"):].split("\n\n")[0].splitlines()[3:]
                    if line.split() and line.split()[0] == "total") if "Job stats:" in out else 0
         cells = sorted(str(p.relative_to(work)) for p in Path(work).glob("results/finetune/**/metrics.json"))
         devices = sorted({json.loads((Path(work) / c).read_text())["device"] for c in cells})
-        return {"ok": run.returncode == 0, "dry_run": dry, "seconds": seconds, "jobs": jobs, "cells": len(cells),
-                "cell_devices": devices, "tail": "" if run.returncode == 0 else out[-3000:]}
+        return {"ok": returncode == 0, "timed_out": returncode is None, "dry_run": dry, "seconds": seconds,
+                "jobs": jobs, "cells": len(cells), "cell_devices": devices, "tail": "" if returncode == 0 else out[-3000:]}
 
 
 def main() -> int:
@@ -203,8 +215,12 @@ def main() -> int:
                         help="loader workers to measure (default 1 2 4 8 16, up to the cores; --quick 1 2)")
     parser.add_argument("--methods", nargs="+", default=METHOD_NAMES + ["finetune"])
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--compile-methods", nargs="+", default=["finetune"],
+                        help="the methods whose compile variant is timed (default: finetune; compiling a PGL step "
+                             "at the paper config took over 150 s on an H200)")
     parser.add_argument("--dag", choices=["run", "dry", "skip"], default=None,
                         help="the tiny DAG on the device: run it (default), dry-run it (--quick) or skip it")
+    parser.add_argument("--dag-timeout", type=float, default=600, help="seconds before the tiny DAG is stopped")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -249,8 +265,8 @@ def main() -> int:
         flops = count_flops(case, device, amp)
         for variant in args.variants:
             row = {"method": method, "variant": variant, "tflop_per_step": flops / 1e12}
-            if variant == "compile" and args.quick and method != "finetune":
-                row["skipped"] = "--quick compiles fine-tuning only"
+            if variant == "compile" and method not in args.compile_methods:
+                row["skipped"] = "not in --compile-methods"
                 print(f"{method:12s} {variant:17s} skipped ({row['skipped']})")
                 report["rows"].append(row)
                 continue
@@ -263,6 +279,7 @@ def main() -> int:
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 print(f"{method:12s} {variant:17s} failed: {row['error']}")
             report["rows"].append(row)
+            save(report, args.json)
         del case
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -272,33 +289,48 @@ def main() -> int:
     rates = loader_rates(pretrain, workers, volume)
     need = max((r["samples_per_s"] for r in pgl), default=float("nan"))
     configured = int(pretrain["num_workers"])
-    print(f"view sampler (PGL pairs/s from a {'x'.join(map(str, volume))} volume) vs. the fastest PGL step's "
-          f"{need:.1f} pairs/s:")
+    step_note = f"the fastest PGL step's {need:.1f} pairs/s" if math.isfinite(need) else "no PGL step (not measured)"
+    print(f"view sampler (PGL pairs/s from a {'x'.join(map(str, volume))} volume) vs. {step_note}:")
     for k, rate in rates.items():
         mark = "  <- pretrain.num_workers" if k == configured else ""
-        print(f"  {k:2d} workers: {rate:8.1f} pairs/s ({rate / need:5.2f}x the step){mark}")
+        versus = f" ({rate / need:5.2f}x the step)" if math.isfinite(need) else ""
+        print(f"  {k:2d} workers: {rate:8.1f} pairs/s{versus}{mark}")
     enough = [k for k, rate in rates.items() if rate >= need]
     per_worker = rates[min(rates)] / min(rates)
     estimate = math.ceil(need / per_worker) if math.isfinite(need) else None
-    verdict = (f"{enough[0]} workers keep up" if enough else
-               f"none of {list(rates)} workers keeps up") + f" (from one worker's rate: about {estimate} needed)"
-    print(f"  {verdict}; the configured pretrain.num_workers is {configured}")
+    if math.isfinite(need):
+        verdict = (f"{enough[0]} workers keep up" if enough else
+                   f"none of {list(rates)} workers keeps up") + f" (from one worker's rate: about {estimate} needed)"
+        print(f"  {verdict}; the configured pretrain.num_workers is {configured}")
+    else:
+        print(f"  (time PGL to compare); the configured pretrain.num_workers is {configured}")
     report["loader"] = {"volume": volume, "rates": rates, "step_consumes": need, "enough": enough[:1],
                         "estimate_from_one_worker": estimate, "configured": configured}
+    save(report, args.json)
 
     if dag != "skip":
-        result = tiny_dag(str(device), dag == "dry", min(cores, 4))
+        print(f"tiny DAG on {device}: {'dry run' if dag == 'dry' else 'running'} (stopped after "
+              f"{args.dag_timeout:.0f} s)...", flush=True)
+        result = tiny_dag(str(device), dag == "dry", min(cores, 4), args.dag_timeout)
         report["dag"] = result
         what = "dry run" if result["dry_run"] else "run"
         print(f"tiny DAG on {device} (tests/configs/tiny.yaml, both engines), {what}: "
-              f"{'OK' if result['ok'] else 'FAILED'} in {result['seconds']:.0f} s, {result['jobs']} jobs"
+              f"{'OK' if result['ok'] else 'TIMED OUT' if result['timed_out'] else 'FAILED'} in "
+              f"{result['seconds']:.0f} s, {result['jobs']} jobs"
               + ("" if result["dry_run"] else f", {result['cells']} cells scored on {result['cell_devices']}"))
         if not result["ok"]:
             print(result["tail"])
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    save(report, args.json)
     failed = [r for r in report["rows"] if "error" in r and r["variant"] != "compile"]
     return 1 if failed or (report["dag"] and not report["dag"]["ok"]) else 0
+
+
+def save(report: dict, path: Path | None) -> None:
+    """Write the figures so far (atomically: a run stopped mid-write leaves the previous complete file)."""
+    if path:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        tmp.replace(path)
 
 
 def count_flops(case: dict, device: torch.device, amp: bool) -> int:

@@ -1,6 +1,7 @@
 """The benchmark scripts run and print every figure they promise (their numbers are never asserted here)."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -56,10 +57,26 @@ def test_gpu_check_quick_on_cpu_prints_every_method_variant_loader_and_dag(tmp_p
     methods = ("pgl", "byol", "hssl", "genesis", "supervised", "finetune")
     assert {(r[0], r[1]) for r in rows} == {(m, v) for m in methods for v in ("eager", "channels_last_3d")} | {
         ("finetune", "compile")}, out
-    assert len(re.findall(r"^\w+ +compile +skipped \(--quick compiles fine-tuning only\)$", out, re.M)) == 5, out
+    assert len(re.findall(r"^\w+ +compile +skipped \(not in --compile-methods\)$", out, re.M)) == 5, out
     assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
     assert re.search(r"^ +1 workers: +[\d.]+ pairs/s", out, re.M) and re.search(r"^ +2 workers:", out, re.M)
     assert "the configured pretrain.num_workers is 8" in out
     assert re.search(r"tiny DAG on cpu .*dry run: OK in \d+ s, \d+ jobs", out), out
     report = json.loads((tmp_path / "check.json").read_text())
     assert report["dag"]["ok"] and report["dag"]["jobs"] > 10 and len(report["rows"]) == 18
+
+
+def test_gpu_check_stops_a_slow_dag_and_keeps_the_figures_it_measured(tmp_path):
+    """A DAG that outruns --dag-timeout is stopped and reported (exit 1), and the JSON still holds every row, the
+    loader rates and the stopped DAG: a GPU lease that ends early keeps what was measured."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--device", "cpu", "--quick",
+                          "--threads", "2", "--methods", "finetune", "--variants", "eager", "--workers", "1",
+                          "--dag", "run", "--dag-timeout", "2", "--json", str(tmp_path / "check.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert re.search(r"tiny DAG on cpu \(.*\), run: TIMED OUT in [23] s", run.stdout), run.stdout
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert [(r["method"], r["variant"]) for r in report["rows"]] == [("finetune", "eager")]
+    assert list(report["loader"]["rates"]) == ["1"] and math.isnan(report["loader"]["step_consumes"])
+    assert report["dag"]["timed_out"] and not report["dag"]["ok"] and "stopped after --dag-timeout 2 s" in report["dag"]["tail"]
+    assert "no PGL step (not measured)" in run.stdout
