@@ -24,7 +24,22 @@ def code_version() -> str:
     return f"{ctssl.__version__}+{commit}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict[str, str]:
+    """Versions, platform and the CPU facts that decide the last bits of a CPU run. The same config repeats
+    exactly on one host, but another host whose CPU takes another vector path (torch's `cpu_capability`:
+    AVX2, AVX512, ...) or the same job on other threads rounds differently from the first step on, and over
+    thousands of steps a cell can end points away (docs/science.md, "Same config, another host")."""
     import monai
     import torch
 
@@ -33,6 +48,9 @@ def environment() -> dict[str, str]:
         "torch": torch.__version__,
         "monai": monai.__version__,
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": str(torch.get_num_threads()),
     }
 
 
