@@ -289,16 +289,17 @@ def main() -> int:
     rates = loader_rates(pretrain, workers, volume)
     need = max((r["samples_per_s"] for r in pgl), default=float("nan"))
     configured = int(pretrain["num_workers"])
-    step_note = f"the fastest PGL step's {need:.1f} pairs/s" if math.isfinite(need) else "no PGL step (not measured)"
+    timed_pgl = math.isfinite(need)  # False when --methods leaves PGL out: rates alone, nothing to compare with
+    step_note = f"the fastest PGL step's {need:.1f} pairs/s" if timed_pgl else "no PGL step (not measured)"
     print(f"view sampler (PGL pairs/s from a {'x'.join(map(str, volume))} volume) vs. {step_note}:")
     for k, rate in rates.items():
         mark = "  <- pretrain.num_workers" if k == configured else ""
-        versus = f" ({rate / need:5.2f}x the step)" if math.isfinite(need) else ""
+        versus = f" ({rate / need:5.2f}x the step)" if timed_pgl else ""
         print(f"  {k:2d} workers: {rate:8.1f} pairs/s{versus}{mark}")
     enough = [k for k, rate in rates.items() if rate >= need]
     per_worker = rates[min(rates)] / min(rates)
-    estimate = math.ceil(need / per_worker) if math.isfinite(need) else None
-    if math.isfinite(need):
+    estimate = math.ceil(need / per_worker) if timed_pgl else None
+    if timed_pgl:
         verdict = (f"{enough[0]} workers keep up" if enough else
                    f"none of {list(rates)} workers keeps up") + f" (from one worker's rate: about {estimate} needed)"
         print(f"  {verdict}; the configured pretrain.num_workers is {configured}")

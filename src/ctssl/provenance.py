@@ -36,10 +36,10 @@ def cpu_model() -> str:
 
 
 def environment() -> dict[str, str]:
-    """Versions, platform and the CPU facts that decide the last bits of a CPU run. The same config repeats
-    exactly on one host, but another host whose CPU takes another vector path (torch's `cpu_capability`:
-    AVX2, AVX512, ...) or the same job on other threads rounds differently from the first step on, and over
-    thousands of steps a cell can end points away (docs/science.md, "Same config, another host")."""
+    """Versions, platform and the CPU facts that can change the last bits of a CPU run (the CPU, torch's vector
+    path `cpu_capability`: AVX2, AVX512, ..., and the threads). The same config repeats exactly on one host; on
+    two hosts it did not, and over thousands of steps cells ended points apart (docs/science.md, "Same config,
+    another host"), so a result says which CPU made it."""
     import monai
     import torch
 
