@@ -9,7 +9,7 @@ Usage:
 Prints, in order:
 1. the device and the bf16 matmul rate measured on it (TFLOP/s; float32 on a CPU, where autocast is off): the peak
    that model FLOP utilisation is taken against (a measured peak, not the data sheet's);
-2. for each pretraining method (PGL, BYOL, HSSL, Models Genesis, supervised) and fine-tuning, at the config's
+2. for each pretraining method (PGL, BYOL, HSSL, Models Genesis, MAE, supervised) and fine-tuning, at the config's
    network, patch and batch, with bf16 autocast on (CUDA): step time, samples/s, peak memory and model FLOP
    utilisation (MFU), eager vs. channels_last_3d vs. torch.compile side by side (compiled: fine-tuning only by
    default, --compile-methods for more: compiling a ResEnc-M PGL step took over 150 s on an H200);
@@ -52,7 +52,7 @@ from ctssl.train.loop import IndexedSamples, optimizer_step
 from ctssl.train.pretrain import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD_NAMES = ["pgl", "byol", "hssl", "genesis", "supervised"]
+METHOD_NAMES = ["pgl", "byol", "hssl", "genesis", "mae", "supervised"]
 POOL_META = {"datasets": ["chest", "kidney", "liver", "spleen"], "groups": ["abdomen", "chest"],
              "n_classes": {"kidney": 3, "spleen": 2}}
 QUICK_MODEL = {"channels": [4, 8, 16], "strides": [1, 2, 2], "kernel_sizes": [3, 3, 3], "blocks_per_stage": [1, 1, 1],

@@ -1,4 +1,4 @@
-"""Time per pretraining step of PGL vs BYOL (and HSSL, Genesis) at equal patch and batch, plus sampler throughput.
+"""Time per pretraining step of PGL vs BYOL (and HSSL, Genesis, MAE) at equal patch and batch, plus sampler throughput.
 
 Usage: python benchmarks/pretrain_step.py [--configfile config.yaml] [--device auto|cpu|cuda] [--steps 10]
        [--batch 2] [--patch 48 48 32] [--threads 2] [--channels 16 32 64 128 256 --feature-channels 32]
@@ -157,7 +157,7 @@ def main() -> int:
     print(f"patch {tuple(patch)}, batch {batch}; FLOPs = one forward + backward of the loss")
     runs = [("byol", None)]
     configured_level = method_config(config["pretrain"], "pgl")["feature_level"]
-    runs += [("pgl", lvl) for lvl in reversed(feature_levels(model_cfg))] + [("hssl", None), ("genesis", None)]
+    runs += [("pgl", lvl) for lvl in reversed(feature_levels(model_cfg))] + [("hssl", None), ("genesis", None), ("mae", None)]
     results: dict[tuple, tuple[float, int]] = {}
     for method, level in runs:
         mcfg = method_config(config["pretrain"], method)
@@ -185,6 +185,9 @@ def main() -> int:
     (pgl_s, pgl_flops), (byol_s, byol_flops) = results[("pgl", configured_level)], results[("byol", None)]
     timing = "" if args.flops_only else f"time {pgl_s / byol_s:.2f}x, "
     print(f"PGL ({configured_level}) / BYOL per step: {timing}FLOPs {pgl_flops / byol_flops:.2f}x (target <= 1.25x)")
+    mae_s, mae_flops = results[("mae", None)]
+    timing = "" if args.flops_only else f"time {mae_s / pgl_s:.2f}x, "
+    print(f"MAE / PGL ({configured_level}) per step: {timing}FLOPs {mae_flops / pgl_flops:.2f}x")
     return 0
 
 

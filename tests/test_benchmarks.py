@@ -17,11 +17,12 @@ def test_pretrain_step_benchmark_prints_every_method_and_pgl_level():
         capture_output=True, text=True, check=True, timeout=300).stdout
     flops_vs_byol = {m.group(1): float(m.group(2))
                      for m in re.finditer(r"^(\w+(?: \w+)?).*GFLOP/step +([\d.]+)x BYOL", out, re.M)}
-    assert set(flops_vs_byol) == {"byol", "pgl output", "pgl decoder0", "hssl", "genesis"}
+    assert set(flops_vs_byol) == {"byol", "pgl output", "pgl decoder0", "hssl", "genesis", "mae"}
     assert flops_vs_byol["byol"] == 1.0
     assert 1.0 < flops_vs_byol["pgl decoder0"] < flops_vs_byol["pgl output"]  # decoder0 skips the full-res up layer
     assert "backbone alone up to output" in out and "pairs/s" in out
     assert re.search(r"PGL \(output\) / BYOL per step: time [\d.]+x, FLOPs [\d.]+x", out)
+    assert re.search(r"MAE / PGL \(output\) per step: time [\d.]+x, FLOPs [\d.]+x", out)
 
 
 def test_preprocess_speed_benchmark_prints_both_tables():
@@ -54,16 +55,16 @@ def test_gpu_check_quick_on_cpu_prints_every_method_variant_loader_and_dag(tmp_p
     assert re.search(r"measured float32 matmul peak: [\d.e+-]+ TFLOP/s", out), out
     rows = re.findall(r"^(\w+) +(eager|channels_last_3d|compile) +([\d.]+) +([\d.]+) +nan +([\d.]+) +([\d.]+)%$",
                       out, re.M)
-    methods = ("pgl", "byol", "hssl", "genesis", "supervised", "finetune")
+    methods = ("pgl", "byol", "hssl", "genesis", "mae", "supervised", "finetune")
     assert {(r[0], r[1]) for r in rows} == {(m, v) for m in methods for v in ("eager", "channels_last_3d")} | {
         ("finetune", "compile")}, out
-    assert len(re.findall(r"^\w+ +compile +skipped \(not in --compile-methods\)$", out, re.M)) == 5, out
+    assert len(re.findall(r"^\w+ +compile +skipped \(not in --compile-methods\)$", out, re.M)) == 6, out
     assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
     assert re.search(r"^ +1 workers: +[\d.]+ pairs/s", out, re.M) and re.search(r"^ +2 workers:", out, re.M)
     assert "the configured pretrain.num_workers is 8" in out
     assert re.search(r"tiny DAG on cpu .*dry run: OK in \d+ s, \d+ jobs", out), out
     report = json.loads((tmp_path / "check.json").read_text())
-    assert report["dag"]["ok"] and report["dag"]["jobs"] > 10 and len(report["rows"]) == 18
+    assert report["dag"]["ok"] and report["dag"]["jobs"] > 10 and len(report["rows"]) == 21
 
 
 def test_gpu_check_stops_a_slow_dag_and_keeps_the_figures_it_measured(tmp_path):

@@ -90,6 +90,16 @@ def test_schema_problems_name_the_key_path_and_value(mutate, expected):
     (lambda c: c["pretrain"]["methods"]["hssl"].update(batch_size=1),
      "pretrain.methods.hssl.batch_size = 1: 1 is less than the minimum of 2 for hssl (NT-Xent needs"),
     (lambda c: c["pretrain"].update(batch_size=1), "pretrain.batch_size = 1: 1 is less than the minimum of 2 for pgl"),
+    (lambda c: c["pretrain"]["methods"]["mae"].update(mask_block=48),
+     "pretrain.methods.mae.mask_block = 48: a patch of [48, 48, 32] holds 1 cube(s) of 48 voxels (1 x 1 x 1), and "
+     "mask_ratio 0.75 masks no block"),
+    (lambda c: c["pretrain"]["methods"]["mae"].update(mask_ratio=0.1, mask_block=24),
+     "pretrain.methods.mae.mask_block = 24: a patch of [48, 48, 32] holds 8 cube(s) of 24 voxels (2 x 2 x 2), and "
+     "mask_ratio 0.1 masks no block"),
+    (lambda c: c["pretrain"]["methods"]["mae"].update(mask_ratio=0), "pretrain.methods.mae.mask_ratio = 0: 0 is less "
+     "than or equal to the minimum of 0"),
+    (lambda c: c["pretrain"]["methods"]["mae"].update(mask_ratio=1), "pretrain.methods.mae.mask_ratio = 1: 1 is "
+     "greater than or equal to the maximum of 1"),
     (lambda c: c["model"].update(norm="group", norm_groups=3), "model.norm_groups = 3: must divide every width"),
     (lambda c: c["model"].update(strides=[2, 2]), "model.strides = [2, 2]: needs exactly one entry fewer"),
     (lambda c: c["finetune"].update(head_warmup_steps=64),
@@ -277,7 +287,8 @@ def test_load_config_names_the_file(tmp_path):
 
 def test_inits_per_dataset():
     config = resolve_config(DEFAULT)
-    assert inits_for(config, "liver") == ["scratch", "pgl-all", "hssl-all", "byol-all", "genesis-all", "hssl-liver"]
+    assert inits_for(config, "liver") == ["scratch", "pgl-all", "hssl-all", "byol-all", "genesis-all", "mae-all",
+                                         "hssl-liver"]
     assert inits_for(config, "spleen") == ["scratch", "pgl-all", "hssl-all"]
     assert all_inits(config) == inits_for(config, "liver")
 

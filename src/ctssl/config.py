@@ -515,6 +515,11 @@ def method_problems(config: dict, method: str, required: bool = True) -> list[st
         why = constraints[key].get("description", "")
         problems.append(f"{where(key)} = {_show(error.instance)}: {error.message} for {method}"
                         + (f" ({why})" if why else ""))
+    check = method_declarations(base)["CHECK"]
+    if check:
+        module, _, function = check.partition(":")
+        problems += [f"{where(key)} = {_show(settings[key])}: {why} ({method})"
+                     for key, why in getattr(importlib.import_module(module), function)(settings)]
     if model["norm"] == "batch" and settings["batch_size"] < 2:
         problems.append(f"{where('batch_size')} = {settings['batch_size']}: model.norm 'batch' needs at least 2")
     return problems + multi_rank_problems(config, method, settings, where)

@@ -49,12 +49,12 @@ def test_spec_is_nnunet_plans_format_and_matches_the_network():
     assert kwargs["norm_op"] == "torch.nn.modules.instancenorm.InstanceNorm3d"
 
 
-@pytest.mark.parametrize("method", ["pgl", "byol", "hssl", "genesis", "supervised"])
+@pytest.mark.parametrize("method", ["pgl", "byol", "hssl", "genesis", "mae", "supervised"])
 def test_every_method_trains_the_resenc_backbone(method):
     own = {"pgl": {"grid_size": 4, "projector_hidden": 16, "projector_out": 8, "feature_level": "decoder1"},
            "byol": {"projector_hidden": 16, "projector_out": 8},
            "hssl": {"projector_hidden": 16, "projector_out": 8, "levels": ["bottleneck", "decoder1", "output"]},
-           "genesis": {}, "supervised": {}}[method]
+           "genesis": {}, "mae": {"mask_block": 8}, "supervised": {}}[method]
     settings = settings_for(method, {"views": {"scale": [1.1, 1.3], "min_overlap": 0.2}, "batch_size": 2,
                                      **own}, MODEL)
     patch = [32, 24, 8]

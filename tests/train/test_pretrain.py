@@ -55,7 +55,8 @@ def _losses(out):
 
 
 @pytest.mark.parametrize(("method", "overrides"), [("pgl", {}), ("pgl", {"feature_level": "decoder0"}),
-                                                  ("byol", {}), ("hssl", {}), ("genesis", {})])
+                                                  ("byol", {}), ("hssl", {}), ("genesis", {}),
+                                                  ("mae", {"mask_block": 4})])
 def test_short_run_learns_and_loads_for_finetuning(pool_csv, tmp_path, method, overrides):
     methods = {**PRETRAIN["methods"], method: {**PRETRAIN["methods"].get(method, {}), **overrides}}
     meta = run_pretrain(pool_csv=pool_csv, method=method, pool="all", cfg=_cfg(methods=methods), out_dir=tmp_path)

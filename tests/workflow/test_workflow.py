@@ -61,7 +61,7 @@ def test_end_to_end(workspace):
     md = (res / "report" / "dice_table.md").read_text()
     assert "| scratch" in md and "| custom-all" in md and "50% Dice" in md and "100% p" in md and "## liver" in md
     long = pd.read_csv(res / "report" / "dice_per_case.csv")
-    assert set(long["init"]) == {"scratch", "custom-all", "pgl-all", "hssl-all", "hssl-liver"}
+    assert set(long["init"]) == {"scratch", "custom-all", "pgl-all", "hssl-all", "hssl-liver", "mae-all"}
     assert set(long["class"]) == {"liver", "tumour"}
     summary = pd.read_csv(res / "report" / "dice_table.csv")
     for init in ("hssl-all", "hssl-liver"):  # single- vs multi-domain HSSL, side by side for the same dataset
@@ -80,6 +80,9 @@ def test_end_to_end(workspace):
     assert pgl["steps"] == 3 and pgl["pool_datasets"] == ["chest", "liver"]
     cell = json.loads((res / "finetune/liver/pgl-all/frac50/seed0/metrics.json").read_text())
     assert cell["init_weights"]["sha256"] == pgl["model_sha256"]  # the cell used exactly these weights
+    mae = json.loads((res / "pretrain/mae/all/model.json").read_text())  # masked image modelling, issue 37
+    assert mae["method"] == "mae" and mae["config"]["mae"]["mask_block"] == 4
+    assert all("masked_l2" in json.loads(parts) for parts in pd.read_csv(res / "pretrain/mae/all/train_log.csv")["parts"])
     assert (res / "report" / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
     splits = json.loads((res / "splits" / "liver.json").read_text())
     pool = pd.read_csv(res / "pools" / "all.csv")

@@ -6,8 +6,10 @@ on a cluster that is twice per job.
 
 A method module also declares its own settings next to its code: `SETTINGS`, a dict literal of JSON-schema
 properties (type, range, `default`) for `pretrain.methods.{name}`, and optionally `CONSTRAINTS`, extra schema
-constraints on shared settings (e.g. a minimum batch size). `ctssl.config` reads both with `ast.literal_eval` from
-the module's source, so checking a config imports no torch either.
+constraints on shared settings (e.g. a minimum batch size), and optionally `CHECK`, a "module:function" string
+naming a torch-free function (resolved settings) -> [(setting, why)] for what a schema cannot say (e.g. MAE's mask
+against the patch). `ctssl.config` reads all three with `ast.literal_eval` from the module's source, so checking a
+config imports no torch either.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ REGISTRY: dict[str, str] = {
     "byol": "ctssl.ssl.byol:BYOL",
     "genesis": "ctssl.ssl.genesis:Genesis",
     "hssl": "ctssl.ssl.hssl:HSSL",
+    "mae": "ctssl.ssl.mae:MAE",
     "pgl": "ctssl.ssl.pgl:PGL",
     "supervised": "ctssl.ssl.supervised:Supervised",
 }
@@ -51,17 +54,18 @@ METHODS: Mapping[str, type[SSLMethod]] = _Methods()
 
 @cache
 def method_declarations(name: str) -> dict[str, dict]:
-    """{"SETTINGS": ..., "CONSTRAINTS": ..., "MULTI_RANK": ...} of a registered method, read from its module's source
-    (no import). MULTI_RANK: constraints on its resolved settings (plus `world_size`) when it runs on several ranks."""
+    """{"SETTINGS": ..., "CONSTRAINTS": ..., "MULTI_RANK": ..., "CHECK": ...} of a registered method, read from its
+    module's source (no import). MULTI_RANK: constraints on its resolved settings (plus `world_size`) when it runs on
+    several ranks. CHECK: "module:function" of an extra torch-free check, or ""."""
     module = REGISTRY[name].partition(":")[0]
     origin = find_spec(module).origin
-    found: dict[str, dict] = {"SETTINGS": {}, "CONSTRAINTS": {}, "MULTI_RANK": {}}
+    found: dict[str, dict | str] = {"SETTINGS": {}, "CONSTRAINTS": {}, "MULTI_RANK": {}, "CHECK": ""}
     for node in ast.parse(Path(origin).read_text(encoding="utf-8"), origin).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
                 and node.targets[0].id in found:
             try:
                 found[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
-                raise TypeError(f"{origin}: {node.targets[0].id} must be a literal dict (it is read without "
+                raise TypeError(f"{origin}: {node.targets[0].id} must be a literal (it is read without "
                                 "importing the module)") from None
     return found
