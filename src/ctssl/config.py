@@ -30,7 +30,7 @@ from ctssl.splits import fraction_key
 from ctssl.ssl import REGISTRY, method_declarations
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
-UNLABELLED_PROFILES = {"chest"}
+UNLABELLED_PROFILES = {"chest", "ct_chest", "ct_pool"}
 REQUIRED_TO_TRAIN = ("steps", "batch_size", "patch_size")  # shared settings without a sensible default
 
 

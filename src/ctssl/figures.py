@@ -224,3 +224,26 @@ def finetuning_curves(metrics_files: Iterable[str | Path], path: str | Path, col
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save_figure(fig, path)
+
+
+def domain_figure(path: str | Path, real_hu: np.ndarray, profiles: Iterable[str], seed: int = 0,
+                  real_spacing: float = 3.0) -> None:
+    """The realism figure: the real scan (RAS, `real_spacing` mm voxels) and one generated case of each CT-like
+    profile, axial (through the liver's upper half or the middle) and coronal (through the middle), window 40/400 HU,
+    the radiological convention of CT viewers."""
+    from ctssl.data.ctlike import synthesize_ct_case
+
+    panels = [("real CT (TotalSegmentator example)", real_hu, np.full(3, real_spacing))]
+    for profile in profiles:
+        img, _, facts = synthesize_ct_case(profile, profile, seed, 0)
+        canonical = nib.as_closest_canonical(img)
+        panels.append((f"{profile}: {facts['phase'].replace('_', ' ')}, site {facts['site']}",
+                       np.asarray(canonical.dataobj, dtype=np.float32),
+                       np.asarray(canonical.header.get_zooms()[:3], dtype=float)))
+    fig, axes = plt.subplots(2, len(panels), figsize=(2.9 * len(panels), 6.2), squeeze=False)
+    for col, (title, volume, spacing) in enumerate(panels):
+        centre = (volume.shape[0] // 2, volume.shape[1] // 2, int(volume.shape[2] * 0.75))
+        views, aspect = _views(volume, centre), _aspect(spacing)
+        _draw(axes[0][col], views["axial"], None, aspect["axial"], 1, title)
+        _draw(axes[1][col], views["coronal"], None, aspect["coronal"], 1, "coronal")
+    save_figure(fig, path)

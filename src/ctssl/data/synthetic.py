@@ -226,11 +226,16 @@ def synthesize_case(profile_name: str, seed: int, case_index: int) -> tuple[nib.
 
 
 def write_msd_dataset(out_dir: str | Path, name: str, profile_name: str, n_cases: int, seed: int) -> Path:
-    """Write a whole synthetic dataset in MSD layout (imagesTr/, labelsTr/, dataset.json), atomically."""
-    if profile_name not in PROFILES:
-        raise ValueError(f"unknown synthetic profile {profile_name!r}; known: {sorted(PROFILES)}")
-    profile = PROFILES[profile_name]
+    """Write a whole synthetic dataset in MSD layout (imagesTr/, labelsTr/, dataset.json), atomically. Profiles
+    `ct_*` come from ctssl.data.ctlike (their cases depend on the dataset's name too, so shards of a pool differ);
+    dataset.json then records each case's phase, site and coverage."""
+    from ctssl.data.ctlike import CT_PROFILES, synthesize_ct_case
+
+    if profile_name not in PROFILES and profile_name not in CT_PROFILES:
+        raise ValueError(f"unknown synthetic profile {profile_name!r}; known: {sorted(PROFILES) + sorted(CT_PROFILES)}")
+    profile = PROFILES.get(profile_name) or CT_PROFILES[profile_name]
     labelled = len(profile.labels) > 1
+    case_facts = {}
     with atomic_dir(out_dir) as tmp:
         (tmp / "imagesTr").mkdir()
         if labelled:
@@ -238,7 +243,10 @@ def write_msd_dataset(out_dir: str | Path, name: str, profile_name: str, n_cases
         training = []
         for i in range(n_cases):
             case = f"{name}_{i:03d}"
-            img, seg = synthesize_case(profile_name, seed, i)
+            if profile_name in CT_PROFILES:
+                img, seg, case_facts[case] = synthesize_ct_case(profile_name, name, seed, i)
+            else:
+                img, seg = synthesize_case(profile_name, seed, i)
             nib.save(img, tmp / "imagesTr" / f"{case}.nii.gz")
             entry = {"image": f"./imagesTr/{case}.nii.gz"}
             if seg is not None:
@@ -257,6 +265,7 @@ def write_msd_dataset(out_dir: str | Path, name: str, profile_name: str, n_cases
             "numTest": 0,
             "training": training,
             "test": [],
-            "ctssl": {"group": profile.group, "profile": profile_name, "seed": seed},
+            "ctssl": {"group": profile.group, "profile": profile_name, "seed": seed,
+                      **({"cases": case_facts} if case_facts else {})},
         })
     return Path(out_dir)
