@@ -81,3 +81,15 @@ def test_gpu_check_stops_a_slow_dag_and_keeps_the_figures_it_measured(tmp_path):
     assert list(report["loader"]["rates"]) == ["1"] and math.isnan(report["loader"]["step_consumes"])
     assert report["dag"]["timed_out"] and not report["dag"]["ok"] and "stopped after --dag-timeout 2 s" in report["dag"]["tail"]
     assert "no PGL step (not measured)" in run.stdout
+
+
+def test_pool_scale_benchmark_prints_time_disk_and_memory():
+    """benchmarks/pool_scale.py at a tiny size: the pool's generation time, disk footprint, per-rule times and the
+    pretraining job's peak RSS (the 2,000-volume figures are in docs/benchmarks.md)."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/pool_scale.py"), "--cases", "6", "--shards", "2",
+                          "--steps", "2"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    assert re.search(r"pool of 6 volumes generated \+ preprocessed in [\d.]+ min .*preprocessed [\d.]+ GB", out), out
+    assert re.search(r"^  synthesize: 3 jobs", out, re.M) and re.search(r"^  preprocess: 2 jobs", out, re.M), out
+    assert re.search(r"pretraining pgl on the pool, 2 steps: \d+ s wall, peak RSS \d+ MB", out), out

@@ -214,3 +214,25 @@ def test_labelled_patch_sampler_keeps_image_and_label_aligned():
         inside = x > 0  # zero padding where the patch leaves the 10-slice volume (and voxel 0, value 0)
         assert np.array_equal(y[inside], (x[inside] % 7 == 0).astype(np.int64))
         assert y.sum() > 0  # pos_fraction 1: centred on foreground
+
+
+def test_a_large_pool_keeps_a_bounded_number_of_volumes_mapped(liver_preprocessed):
+    """PoolSampler closes the least recently used memory maps beyond `open_volumes` (their touched pages would
+    otherwise stay in the job's RSS), and draws exactly what an unbounded sampler draws."""
+    import numpy as np
+
+    from ctssl.ssl import METHODS
+    from ctssl.train.pretrain import PoolSampler
+
+    images = [str(liver_preprocessed / f"liver_{i:03d}.npy") for i in range(4)]
+    settings = complete_config({"pretrain": {"methods": {"mae": {"mask_block": 4}}}})["pretrain"]
+    sampler = METHODS["mae"].view_sampler({**settings["methods"]["mae"], "patch_size": [16, 16, 16]}, [16, 16, 16])
+    bounded = PoolSampler(images, sampler, [0] * 4, [0] * 4)
+    bounded.open_volumes = 2
+    unbounded = PoolSampler(images, sampler, [0] * 4, [0] * 4)
+    unbounded.open_volumes = 100
+    for seed in range(12):
+        a, b = bounded(np.random.default_rng(seed)), unbounded(np.random.default_rng(seed))
+        assert torch.equal(a["input"], b["input"]) and torch.equal(a["target"], b["target"])
+        assert len(bounded._cache) <= 2
+    assert len(unbounded._cache) == 4

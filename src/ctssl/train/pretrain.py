@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,21 @@ log = logging.getLogger(__name__)
 
 
 class PoolSampler:
-    """rng -> one volume of the pool (drawn by rng) through the method's sampler, plus its dataset and group ids."""
+    """rng -> one volume of the pool (drawn by rng) through the method's sampler, plus its dataset and group ids.
+
+    Volumes are memory-mapped, and at most `open_volumes` maps stay open (least recently used closed first): the
+    pages a mapping has touched count in the process's resident memory while it is open, so a pool of thousands
+    would otherwise grow a job's RSS towards the pool's size on disk (docs/benchmarks.md, "Pools of thousands").
+    """
+
+    open_volumes = 64
 
     def __init__(self, images: list[str], sampler: Sampler, dataset_ids: list[int], group_ids: list[int],
                  labels: list[str] | None = None):
         self.images, self.sampler = images, sampler
         self.labels = labels  # label maps, given only for methods that declare `uses_labels` (supervised)
         self.dataset_ids, self.group_ids = dataset_ids, group_ids
-        self._cache: dict[tuple[int, bool], np.ndarray] = {}
+        self._cache: OrderedDict[tuple[int, bool], np.ndarray] = OrderedDict()
         self._folders: dict[Path, PreprocessedFolder] = {}
 
     def volume(self, k: int, label: bool = False) -> np.ndarray:
@@ -48,6 +56,9 @@ class PoolSampler:
                 self._folders[path.parent] = PreprocessedFolder(path.parent)
             # Checked against its folder's manifest on first read (size and sha256), as every run's inputs.
             self._cache[key] = self._folders[path.parent].load(path.name, mmap_mode="r")
+            while len(self._cache) > self.open_volumes:
+                self._cache.popitem(last=False)  # the array is unmapped when its last reference goes
+        self._cache.move_to_end(key)
         return self._cache[key]
 
     def __call__(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
