@@ -187,3 +187,23 @@ def test_finetune_many_runs_uncached_runs_on_worker_processes_to_the_same_result
     assert [p.parent.name for p in paths] == [study._run_dir(study._settings(r)).name for r in runs]
     assert json.loads(paths[0].read_text())["per_case"] == first  # a worker process computes what this one does
     assert all((p.parent / "curve.csv").exists() for p in paths)
+
+
+def test_the_realism_script_writes_its_tables_and_figure(realct, tmp_path):
+    """experiments/realism.py at one case per profile: the probe on both real scans and the generated cases, the HU
+    per phase, the markdown of docs/science.md and the figure."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "experiments" / "realism.py"), "--cases", "1", "--out",
+                          str(tmp_path), "--realct", str(realct)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    text = (tmp_path / "realism.md").read_text()
+    assert "| liver (ct_liver) | 38.6 / 55.9 | 66.9 / 75.4 |" in text  # the real scans' probe, fixed numbers
+    assert "| aorta | " in text and "(250-350)" in text
+    assert (tmp_path / "domains.png").read_bytes()[:4] == b"\x89PNG"
+    cases = pd.read_csv(tmp_path / "probe_cases.csv")
+    assert set(cases["profile"]) == {"ct_btcv", "ct_liver", "ct_spleen", "ct_kidney"}
+    assert cases["dice_raw"].between(0, 100).all()
