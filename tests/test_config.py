@@ -440,3 +440,25 @@ def test_ctssl_config_prints_the_resolved_settings_or_every_problem(tmp_path, ca
     assert main(["config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "fractions[0] = 0:" in err and "fractions[1] = 150:" in err
+
+
+def test_a_missing_folder_is_refused_at_dry_run(tmp_path):
+    """Own data: a configured folder that does not exist stops `snakemake -n` with the key, the path and the
+    working directory (before, the first fetch_raw job found out)."""
+    import subprocess
+    import sys
+
+    images = tmp_path / "images"
+    images.mkdir()
+    config = yaml.safe_load((ROOT / "tests" / "configs" / "tiny.yaml").read_text())
+    config.update(results=str(tmp_path / "results"), downstream=["mine"], inits=["scratch"], dataset_inits={},
+                  datasets={"mine": {"kind": "folder", "images_dir": str(images), "labels_dir": str(tmp_path / "lables"),
+                                     "labels": {"0": "background", "1": "liver"}}})
+    config["pretrain"]["pool_datasets"] = ["mine"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "Snakefile"), "--directory",
+                          str(tmp_path), "--configfile", str(tmp_path / "c.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert f"datasets.mine.labels_dir = '{tmp_path / 'lables'}': does not exist" in run.stdout + run.stderr
+    assert "images_dir" not in (run.stdout + run.stderr).split("invalid configuration", 1)[-1]

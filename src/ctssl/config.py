@@ -567,6 +567,21 @@ def _layout_problems(config: dict) -> list[str]:
     return problems
 
 
+def _path_problems(config: dict) -> list[str]:
+    """Your own data's paths (`folder` datasets) must exist when the DAG is built: a typo then fails at
+    `snakemake -n`, not in the first job. (A `manual` archive may still be downloading: it is checked by its job.)"""
+    problems = []
+    for name, spec in config["datasets"].items():
+        if spec.get("kind") != "folder":
+            continue
+        paths = [(key, spec[key]) for key in ("images_dir", "labels_dir", "nnunet_raw") if spec.get(key)]
+        paths += [(f"cases.{case}.{key}", entry[key]) for case, entry in (spec.get("cases") or {}).items()
+                  for key in ("image", "label") if isinstance(entry, dict) and entry.get(key)]
+        problems += [f"datasets.{name}.{key} = {str(path)!r}: does not exist (relative paths are read from "
+                     f"{Path.cwd()})" for key, path in paths if not Path(str(path)).expanduser().exists()]
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------------- entry points
 def resolve_config(raw: dict) -> dict:
     """A validated copy of `raw` with every default filled in; ConfigError listing every problem otherwise."""
@@ -578,6 +593,7 @@ def resolve_config(raw: dict) -> dict:
         config["pretrain"].setdefault("pool_datasets", sorted(config["datasets"]))
         problems += _expand_variants(config)
         problems += _layout_problems(config) + _reference_problems(config) + _model_problems(config, configured)
+        problems += _path_problems(config)
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
         if not problems:  # only a config that failed the schema may be too broken for the later checks
             raise

@@ -1,0 +1,39 @@
+"""The SLURM profile routes every job that asks for a GPU to the GPU partition, for every shipped config: a dry run
+(`snakemake -n --profile profiles/slurm`, no cluster needed) lists each job's resources, and a GPU job on the CPU
+partition would be queued where no GPU exists (an nnU-Net cell did, before `finetune_nnunet` was listed)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = [ROOT / "config.yaml", *sorted((ROOT / "configs").glob("*.yaml")), ROOT / "tests" / "configs" / "tiny.yaml"]
+GPU_PARTITION = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())["set-resources"][
+    "pretrain"]["slurm_partition"]
+
+
+def _jobs(config: Path, workdir: Path) -> list[tuple[str, str]]:
+    """(rule, resources line) of every job of a dry run under the SLURM profile."""
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "Snakefile"), "--directory",
+                          str(workdir), "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", str(config)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return re.findall(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", run.stdout, re.M)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_gpu_job_lands_on_the_gpu_partition(config, tmp_path):
+    jobs = _jobs(config, tmp_path)
+    assert jobs, "the dry run listed no job"
+    gpu_jobs = [(rule, res) for rule, res in jobs if re.search(r"\bgpu=[1-9]|gres=gpu", res)]
+    asks = any(spec.get("gpu") for spec in (yaml.safe_load(config.read_text()).get("resources") or {}).values())
+    assert bool(gpu_jobs) == asks, "the config's resources ask for GPUs, so its training jobs must"
+    wrong = {rule for rule, res in gpu_jobs if f"slurm_partition={GPU_PARTITION}" not in res}
+    assert not wrong, f"GPU jobs outside the {GPU_PARTITION!r} partition: {sorted(wrong)}"
+    assert {rule for rule, _ in gpu_jobs} <= {"pretrain", "finetune", "finetune_nnunet"}
