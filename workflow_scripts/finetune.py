@@ -6,10 +6,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the checkout's code, also in --sdm conda
 
 from ctssl.logutil import setup_logging  # noqa: E402
+from ctssl.train.common import check_job_device  # noqa: E402
 from ctssl.train.finetune import run_finetune  # noqa: E402
 from ctssl.train.interrupt import run_interruptible  # noqa: E402
 
 log = setup_logging(snakemake.log[0])
+check_job_device(snakemake.params.cfg["device"], f"{snakemake.rule} {dict(snakemake.wildcards.items())}",
+                 dict(snakemake.resources.items()), log)  # a job that asked for a GPU stops without one
 w = snakemake.wildcards
 sys.exit(run_interruptible(
     lambda: run_finetune(preprocessed_dir=snakemake.input.preprocessed, splits_path=snakemake.input.splits,

@@ -7,9 +7,12 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent / "src"))  # the checkou
 
 from ctssl.logutil import setup_logging  # noqa: E402
 from ctssl.nnunet.engine import run_nnunet_cell  # noqa: E402
+from ctssl.train.common import check_job_device  # noqa: E402
 from ctssl.train.interrupt import run_interruptible  # noqa: E402
 
 log = setup_logging(snakemake.log[0])
+check_job_device(snakemake.params.cfg["device"], f"{snakemake.rule} {dict(snakemake.wildcards.items())}",
+                 dict(snakemake.resources.items()), log)  # a job that asked for a GPU stops without one
 w = snakemake.wildcards
 sys.exit(run_interruptible(
     lambda: run_nnunet_cell(preprocessed_dir=snakemake.input.preprocessed, splits_path=snakemake.input.splits,

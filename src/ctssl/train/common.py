@@ -22,10 +22,58 @@ def seed_everything(seed: int) -> None:
     set_determinism(seed=seed)
 
 
-def pick_device(requested: str = "auto") -> torch.device:
+class NoGPUError(RuntimeError):
+    """A job asked for a GPU and none is usable: it must stop, not train for weeks on the CPU."""
+
+
+def gpu_report() -> str:
+    """What this process can see of CUDA, for the one line a job without its GPU stops with."""
+    found = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}, " \
+            f"torch.cuda.is_available()={torch.cuda.is_available()}"
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return found + ", torch is a CPU build"
+        try:
+            torch.cuda.init()
+        except Exception as exc:  # the driver's own words (no driver, too old, no device)
+            return found + f", driver: {str(exc).splitlines()[0]}"
+    return found
+
+
+def pick_device(requested: str = "auto", job: str = "this job", gpus_requested: int = 0) -> torch.device:
+    """`auto`: CUDA if usable, else the CPU (a laptop). `cuda`, or a job that asked its scheduler for GPUs
+    (`gpus_requested` > 0 inside a SLURM job): CUDA or NoGPUError, never a silent fall-back to the CPU."""
+    asked = [f"device: {requested}"] if requested.startswith("cuda") else []
+    if gpus_requested and os.environ.get("SLURM_JOB_ID"):
+        asked.append(f"{gpus_requested} GPU(s) from SLURM (job {os.environ['SLURM_JOB_ID']})")
+    if asked and not torch.cuda.is_available():
+        raise NoGPUError(f"{job}: asked for a GPU ({'; '.join(asked)}) but found none ({gpu_report()}); "
+                         "refusing to train on the CPU. Check the job's GPU request (resources.*.gpu, the "
+                         "profile's partition) and the node's driver, or set device: cpu to train on the CPU.")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def requested_gpus(resources: dict) -> int:
+    """GPUs a Snakemake job asked its scheduler for: `gpu`, or `gres` (gpu:N or gpu:model:N, per node)."""
+    if resources.get("gpu"):
+        return int(resources["gpu"])
+    gres = str(resources.get("gres") or "")
+    if gres.startswith("gpu"):
+        return int(gres.rsplit(":", 1)[-1]) * int(resources.get("nodes") or 1)
+    return 0
+
+
+def check_job_device(device: str, job: str, resources: dict, log) -> None:
+    """First thing a training job does: stop with one logged line (exit 1, nothing written) when it asked for a
+    GPU and has none; otherwise log the device it will train on."""
+    try:
+        chosen = pick_device(device, job, requested_gpus(resources))
+    except NoGPUError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+    log.info("%s: device %s (%s)", job, chosen, gpu_report())
 
 
 def set_threads(threads: int | None) -> None:
