@@ -30,7 +30,7 @@ def test_asking_for_a_gpu_without_one_is_refused(monkeypatch):
                                          r"\(CUDA_VISIBLE_DEVICES=, "):
         pick_device("auto", "finetune x", 1)
     assert pick_device("auto", "finetune x", 0) == torch.device("cpu")  # asked for none: the CPU is what it asked
-    assert pick_device("cpu", "finetune x", 0) == torch.device("cpu")
+    assert pick_device("cpu", "finetune x", 1) == torch.device("cpu")  # the CPU on purpose, GPUs or not
 
 
 def test_gpus_requested_from_resources():

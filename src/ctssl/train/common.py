@@ -41,10 +41,11 @@ def gpu_report() -> str:
 
 
 def pick_device(requested: str = "auto", job: str = "this job", gpus_requested: int = 0) -> torch.device:
-    """`auto`: CUDA if usable, else the CPU (a laptop). `cuda`, or a job that asked its scheduler for GPUs
-    (`gpus_requested` > 0 inside a SLURM job): CUDA or NoGPUError, never a silent fall-back to the CPU."""
+    """`auto`: CUDA if usable, else the CPU (a laptop). `cuda`, or `auto` in a job that asked its scheduler for GPUs
+    (`gpus_requested` > 0 inside a SLURM job): CUDA or NoGPUError, never a silent fall-back to the CPU. `cpu` is
+    the CPU, whatever the job asked for (training on the CPU on purpose, e.g. the tests' fake-GPU cluster)."""
     asked = [f"device: {requested}"] if requested.startswith("cuda") else []
-    if gpus_requested and os.environ.get("SLURM_JOB_ID"):
+    if gpus_requested and os.environ.get("SLURM_JOB_ID") and requested != "cpu":
         asked.append(f"{gpus_requested} GPU(s) from SLURM (job {os.environ['SLURM_JOB_ID']})")
     if asked and not torch.cuda.is_available():
         raise NoGPUError(f"{job}: asked for a GPU ({'; '.join(asked)}) but found none ({gpu_report()}); "
