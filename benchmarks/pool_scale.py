@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from ctssl.provenance import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,16 +44,6 @@ def snakemake(work: Path, cores: int, target: str) -> float:
     if run.returncode:
         raise SystemExit(f"snakemake failed for {target}: see {work / 'snakemake.log'} (run with --keep to keep it)")
     return time.perf_counter() - start
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:

@@ -499,21 +499,15 @@ def render(subject: Subject, rng: np.random.Generator) -> np.ndarray:
 def synthesize_ct_case(profile_name: str, dataset: str, seed: int, index: int
                        ) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None, dict]:
     """(image, label or None, facts: phase, site, coverage, spacing, lesion kinds) of one CT-like case."""
+    from ctssl.data.synthetic import scanner_nifti  # synthetic imports this module when it writes a dataset
+
     subject = draw_subject(profile_name, dataset, seed, index)
     rng = np.random.default_rng([seed, zlib.crc32(dataset.encode()), index, 1])
     image = render(subject, rng)
-    img = nib.Nifti1Image(image, subject.affine)
-    for im in (img,):
-        im.header.set_xyzt_units("mm")
-        im.set_qform(subject.affine, code=1)
-        im.set_sform(subject.affine, code=1)
+    img = scanner_nifti(image, subject.affine)
     facts = {"phase": subject.phase, "site": subject.site, "coverage": subject.coverage,
              "spacing_mm": [round(float(s), 3) for s in subject.spacing],
              "lesions": [kind for _, kind in subject.extras["lesions"]]}
     if len(CT_PROFILES[profile_name].labels) == 1:
         return img, None, facts
-    seg = nib.Nifti1Image(subject.label, subject.affine)
-    seg.header.set_xyzt_units("mm")
-    seg.set_qform(subject.affine, code=1)
-    seg.set_sform(subject.affine, code=1)
-    return img, seg, facts
+    return img, scanner_nifti(subject.label, subject.affine), facts

@@ -211,18 +211,19 @@ def synthesize_case(profile_name: str, seed: int, case_index: int) -> tuple[nib.
     hu = hu + texture * body + rng.normal(scale=noise_sd, size=shape) + profile.hu_shift * body
     image = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
-    img = nib.Nifti1Image(image, affine)
+    img = scanner_nifti(image, affine)
+    if len(profile.labels) == 1:
+        return img, None
+    return img, scanner_nifti(_label_map(profile_name, occupancy).reshape(shape), affine)
+
+
+def scanner_nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A NIfTI as a scanner export writes it: millimetres, qform and sform both set (code 1, scanner)."""
+    img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    if len(profile.labels) == 1:
-        return img, None
-    label = _label_map(profile_name, occupancy).reshape(shape)
-    seg = nib.Nifti1Image(label, affine)
-    seg.header.set_xyzt_units("mm")
-    seg.set_qform(affine, code=1)
-    seg.set_sform(affine, code=1)
-    return img, seg
+    return img
 
 
 def write_msd_dataset(out_dir: str | Path, name: str, profile_name: str, n_cases: int, seed: int) -> Path:
