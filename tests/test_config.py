@@ -242,7 +242,9 @@ NOT_CONFIG = {("report.py", "init"), ("report.py", "path"), ("report.py", "steps
               # a cell's metrics.json (engine), a fine-tuned model's model.json (its recorded preprocessing), an
               # nnU-Net raw folder's dataset.json (labels)
               ("sources.py", "labels"),
-              ("figures.py", "engine"), ("predict.py", "engine"), ("predict.py", "image_order")}
+              ("figures.py", "engine"), ("predict.py", "engine"), ("predict.py", "image_order"),
+              # a Snakemake job's resources (what it asked its scheduler for), not the config
+              ("common.py", "gpu"), ("common.py", "nodes")}
 
 
 def test_no_second_default_in_the_code():
