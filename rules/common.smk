@@ -132,6 +132,15 @@ def pretrain_params(wildcards):
     }
 
 
+def splits_params(wildcards):
+    """The split settings of one dataset; its own test cases only when the user fixed them (so a results folder made
+    before `splits.test_cases` existed, or another dataset's list, reruns nothing)."""
+    params = {"test_fraction": config["splits"]["test_fraction"], "min_test": config["splits"]["min_test"]}
+    if wildcards.dataset in config["splits"]["test_cases"]:
+        params["test_cases"] = sorted(config["splits"]["test_cases"][wildcards.dataset])
+    return params
+
+
 def splits_if_downstream(wildcards):
     return [f"{R}/splits/{wildcards.dataset}.json"] if wildcards.dataset in DOWNSTREAM else []
 

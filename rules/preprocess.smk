@@ -15,7 +15,7 @@ rule splits:
     resources:
         **job_resources(config, "cpu"),
     params:  # not fractions/seeds: adding one must not rewrite the splits and so retrain every cell
-        splits=config["splits"],
+        splits=splits_params,
         split_seed=config["split_seed"],
     script:
         "../workflow_scripts/splits.py"

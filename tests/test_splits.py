@@ -1,6 +1,6 @@
 import pytest
 
-from ctssl.splits import fraction_key, holdout_splits, label_subset, make_splits, subset_size
+from ctssl.splits import dataset_splits, fraction_key, holdout_splits, label_subset, make_splits, subset_size
 
 IDS = [f"case_{i:02d}" for i in range(23)]
 KW = {"test_fraction": 0.25, "min_test": 2, "split_seed": 7}
@@ -76,3 +76,48 @@ def test_holdout_takes_development_cases_out_of_training_only():
     assert all(subset_size(100.0 * k / len(held["train"]), len(held["train"])) == k for k in range(1, 10))
     with pytest.raises(ValueError, match="cannot hold out 14 of 14"):
         holdout_splits(splits, 14)
+
+
+def test_the_users_own_test_cases_fix_the_test_split():
+    from types import SimpleNamespace
+
+    cases = [SimpleNamespace(case_id=f"c{i}", label=None if i == 5 else f"c{i}.nii.gz") for i in range(6)]
+    splits = dataset_splits(cases, test_fraction=0.5, min_test=1, split_seed=0, test_cases=["c3", "c1"])
+    assert splits["test"] == ["c1", "c3"] and splits["train"] == ["c0", "c2", "c4"] and splits["unlabelled"] == ["c5"]
+    assert all(set(label_subset(splits["train"], f, s, 0)) <= set(splits["train"]) for f in (10, 50) for s in (0, 1))
+    with pytest.raises(ValueError, match=r"^splits.test_cases.x: not cases of the dataset: \['c9'\]"):
+        dataset_splits(cases, test_fraction=0.5, min_test=1, split_seed=0, test_cases=["c1", "c9"],
+                       where="splits.test_cases.x")
+    with pytest.raises(ValueError, match=r"have no label, so cannot be scored: \['c5'\]"):
+        dataset_splits(cases, test_fraction=0.5, min_test=1, split_seed=0, test_cases=["c5"])
+
+
+def test_own_test_cases_are_checked_at_dry_run_and_used_by_the_splits_job(tmp_path):
+    """Refused at `snakemake -n` when a listed case does not exist (a synthetic dataset's ids are known then); a
+    valid list becomes the splits file's test set."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "tests" / "configs" / "tiny.yaml").read_text())
+    config.update(results="results", splits={**config["splits"], "test_cases": {"liver": ["liver_001", "liver_007"]}})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+
+    def snakemake(*args):
+        return subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(root / "Snakefile"), "--directory",
+                               str(tmp_path), "--configfile", str(tmp_path / "c.yaml"), "--cores", "1"],
+                              capture_output=True, text=True, timeout=300)
+
+    refused = snakemake("-n")
+    assert refused.returncode != 0
+    assert "splits.test_cases.liver = ['liver_007']: not cases of 'liver'" in refused.stdout + refused.stderr
+    config["splits"]["test_cases"] = {"liver": ["liver_002"]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake("results/splits/liver.json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    splits = json.loads((tmp_path / "results" / "splits" / "liver.json").read_text())
+    assert splits["test"] == ["liver_002"] and "liver_002" not in splits["train"] and len(splits["train"]) == 3

@@ -13,7 +13,8 @@ log = setup_logging(snakemake.log[0])
 dataset = read_msd_dataset(snakemake.input[0])
 p = snakemake.params
 splits = dataset_splits(dataset.cases, test_fraction=p.splits["test_fraction"], min_test=p.splits["min_test"],
-                        split_seed=p.split_seed)
+                        split_seed=p.split_seed, test_cases=p.splits.get("test_cases"),  # only when the user fixed them
+                        where=f"splits.test_cases.{snakemake.wildcards.dataset}")
 write_json(snakemake.output[0], {"dataset": snakemake.wildcards.dataset, **splits})
 unlabelled = splits["unlabelled"]
 if unlabelled:

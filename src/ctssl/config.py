@@ -582,6 +582,39 @@ def _path_problems(config: dict) -> list[str]:
     return problems
 
 
+def known_case_ids(name: str, spec: dict) -> set[str] | None:
+    """A dataset's case ids when they are known before any job runs (synthetic: `{name}_000`...; a folder's files or
+    `cases`), else None (downloads, archives, nnU-Net raw folders: their splits job checks)."""
+    if spec["kind"] == "synthetic":
+        return {f"{name}_{i:03d}" for i in range(int(spec["n_cases"]))}
+    if spec["kind"] == "folder" and not spec.get("nnunet_raw"):
+        from ctssl.data.sources import folder_cases  # reads a folder listing only
+        from ctssl.errors import InputDataError
+
+        try:
+            return set(folder_cases(spec))
+        except (InputDataError, OSError):  # a missing folder is reported by _path_problems
+            return None
+    return None
+
+
+def _test_case_problems(config: dict) -> list[str]:
+    """`splits.test_cases`: a downstream dataset's own ids (where they can be known at `snakemake -n`)."""
+    problems = []
+    for name, cases in config["splits"]["test_cases"].items():
+        where = f"splits.test_cases.{name}"
+        if name not in config["datasets"]:
+            problems.append(f"{where}: unknown dataset{_suggest(name, config['datasets'])}")
+            continue
+        if name not in config["downstream"]:
+            problems.append(f"{where}: {name!r} is not downstream (only fine-tuned datasets are split)")
+        known = known_case_ids(name, config["datasets"][name])
+        unknown = sorted(set(cases) - known) if known is not None else []
+        if unknown:
+            problems.append(f"{where} = {unknown}: not cases of {name!r} (e.g. {sorted(known)[:3]})")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------------- entry points
 def resolve_config(raw: dict) -> dict:
     """A validated copy of `raw` with every default filled in; ConfigError listing every problem otherwise."""
@@ -593,7 +626,7 @@ def resolve_config(raw: dict) -> dict:
         config["pretrain"].setdefault("pool_datasets", sorted(config["datasets"]))
         problems += _expand_variants(config)
         problems += _layout_problems(config) + _reference_problems(config) + _model_problems(config, configured)
-        problems += _path_problems(config)
+        problems += _path_problems(config) + _test_case_problems(config)
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
         if not problems:  # only a config that failed the schema may be too broken for the later checks
             raise

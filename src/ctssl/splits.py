@@ -70,9 +70,20 @@ def holdout_splits(splits: dict, n_dev: int) -> dict:
     return {**splits, "train": [c for c in train if c not in set(development)], "development": development}
 
 
-def dataset_splits(cases, *, test_fraction: float, min_test: int, split_seed: int) -> dict:
+def dataset_splits(cases, *, test_fraction: float, min_test: int, split_seed: int,
+                   test_cases: Sequence[str] | None = None, where: str = "splits.test_cases") -> dict:
     """Splits of a dataset's cases (`ctssl.data.msd.Case`): only labelled cases can be test or fine-tuning cases;
-    those without a label (marked unlabelled) are listed apart and used for pretraining only."""
+    those without a label (marked unlabelled) are listed apart and used for pretraining only. `test_cases`: the
+    user's own test split (`splits.test_cases.{dataset}`, named `where` in errors) instead of a drawn one."""
     labelled = [c.case_id for c in cases if c.label is not None]
-    splits = make_splits(labelled, test_fraction=test_fraction, min_test=min_test, split_seed=split_seed)
+    if test_cases is not None:
+        known = {c.case_id for c in cases}
+        unknown = sorted(set(test_cases) - known)
+        unlabelled = sorted(set(test_cases) & known - set(labelled))
+        if unknown or unlabelled:
+            raise ValueError(f"{where}: " + "; ".join(
+                ([f"not cases of the dataset: {unknown} (its cases: {sorted(known)[:5]}...)"] if unknown else [])
+                + ([f"have no label, so cannot be scored: {unlabelled}"] if unlabelled else [])))
+    splits = make_splits(labelled, test_fraction=test_fraction, min_test=min_test, split_seed=split_seed,
+                         official_test=test_cases)
     return {**splits, "unlabelled": sorted(c.case_id for c in cases if c.label is None)}
