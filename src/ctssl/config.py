@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
 
+from ctssl.data import synthetic_case_id
 from ctssl.errors import ConfigError
 from ctssl.models.spec import feature_levels, patch_problems, tap_widths
 from ctssl.splits import fraction_key
@@ -586,7 +587,7 @@ def known_case_ids(name: str, spec: dict) -> set[str] | None:
     """A dataset's case ids when they are known before any job runs (synthetic: `{name}_000`...; a folder's files or
     `cases`), else None (downloads, archives, nnU-Net raw folders: their splits job checks)."""
     if spec["kind"] == "synthetic":
-        return {f"{name}_{i:03d}" for i in range(int(spec["n_cases"]))}
+        return {synthetic_case_id(name, i) for i in range(int(spec["n_cases"]))}
     if spec["kind"] == "folder" and not spec.get("nnunet_raw"):
         from ctssl.data.sources import folder_cases  # reads a folder listing only
         from ctssl.errors import InputDataError

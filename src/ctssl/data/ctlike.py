@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from functools import cache
 
 import nibabel as nib
 import numpy as np
@@ -155,13 +156,12 @@ def _scan_grid(rng, site: Site, coverage: str, template: np.ndarray, scale: np.n
     """Output spacing and shape, and the template point of each output axis origin (RAS, template voxels)."""
     inplane, thick = rng.uniform(*site.inplane_mm), rng.uniform(*site.slice_mm)
     spacing = np.array([inplane, inplane, thick])
-    body = template > 0
-    xs, ys = np.where(body.any(2).any(1))[0], np.where(body.any(2).any(0))[0]
+    body_lo, body_hi = _body_box()
     (z0a, z0b), (z1a, z1b) = COVERAGES[coverage]
     z0, z1 = rng.uniform(z0a, z0b), min(rng.uniform(z1a, z1b), template.shape[2] - 1)
     margin = rng.uniform(4, 12, size=2)  # template voxels of air around the body: the field of view
-    lo = np.array([xs.min() - margin[0], ys.min() - margin[1], z0])
-    hi = np.array([xs.max() + margin[0], ys.max() + margin[1], z1])
+    lo = np.array([*(body_lo - margin), z0])
+    hi = np.array([*(body_hi + margin), z1])
     extent_mm = (hi - lo) * TEMPLATE_SPACING_MM * scale
     shape = tuple(int(max(8, round(e / s))) for e, s in zip(extent_mm, spacing, strict=True))
     return spacing, shape, lo
@@ -191,17 +191,21 @@ def _deformation(rng, shape, spacing, lo, scale, stride: int = 4) -> np.ndarray:
     return np.stack([ndimage.zoom(c.astype(np.float32), zoom, order=1, grid_mode=False) for c in q])
 
 
-_CENTRES: dict = {}
-
-
+@cache
 def _centres() -> dict[str, tuple[np.ndarray, float]]:
-    """(centre, equivalent radius) in template voxels of the organs that grow, computed once."""
-    if not _CENTRES:
-        template, _ = load_template()
-        for name, centre in organ_centres(template).items():
-            if name in GROWING:
-                _CENTRES[name] = (centre, float((3 * (template == ID[name]).sum() / (4 * math.pi)) ** (1 / 3)))
-    return _CENTRES
+    """(centre, equivalent radius) in template voxels of the organs that grow, computed once per process."""
+    template, _ = load_template()
+    return {name: (centre, float((3 * (template == ID[name]).sum() / (4 * math.pi)) ** (1 / 3)))
+            for name, centre in organ_centres(template).items() if name in GROWING}
+
+
+@cache
+def _body_box() -> tuple[np.ndarray, np.ndarray]:
+    """(lowest, highest) x and y template voxel of the body, computed once per process."""
+    template, _ = load_template()
+    body = template > 0
+    xs, ys = np.where(body.any(2).any(1))[0], np.where(body.any(2).any(0))[0]
+    return np.array([xs.min(), ys.min()]), np.array([xs.max(), ys.max()])
 
 
 def _depth(mask: np.ndarray, spacing) -> np.ndarray:
@@ -262,6 +266,14 @@ def _incidental_cysts(rng, organ: np.ndarray, spacing, p: float, n_max: int, rad
     return cysts & organ
 
 
+def _segment_distance(points_mm: np.ndarray, start_mm: np.ndarray, end_mm: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(distance to the segment, position t in [0, 1] along it) of each point (..., 3), all in mm."""
+    seg = end_mm - start_mm
+    t = np.clip(((points_mm - start_mm) @ seg) / max(1e-6, float(seg @ seg)), 0, 1)
+    return np.linalg.norm(points_mm - (start_mm + t[..., None] * seg), axis=-1), t
+
+
 def _vessel_tree(rng, liver: np.ndarray, spacing, hilum: np.ndarray) -> np.ndarray:
     """Intrahepatic vessels: 10-20 tubes (radius 2-5 mm, tapering) from the hilum to random points of the liver
     (portal and hepatic veins alike: both enhance from the portal venous phase on)."""
@@ -272,10 +284,7 @@ def _vessel_tree(rng, liver: np.ndarray, spacing, hilum: np.ndarray) -> np.ndarr
     tree = np.zeros(len(pts), dtype=bool)
     start = hilum * spacing
     for _ in range(int(rng.integers(10, 21))):
-        end = mm[int(rng.integers(len(mm)))]
-        seg = end - start
-        t = np.clip(((mm - start) @ seg) / max(1e-6, seg @ seg), 0, 1)
-        dist = np.linalg.norm(mm - (start + t[:, None] * seg), axis=1)
+        dist, t = _segment_distance(mm, start, mm[int(rng.integers(len(mm)))])
         tree |= dist < rng.uniform(2, 5) * (1.2 - 0.6 * t)  # tapering
     out = np.zeros_like(liver)
     out[tuple(pts[tree].T)] = True
@@ -291,9 +300,7 @@ def _tube(shape, spacing, start: np.ndarray, end: np.ndarray, radius_mm: float) 
     if np.any(hi <= lo):
         return mask
     grid = np.stack(np.meshgrid(*[np.arange(lo[a], hi[a]) for a in range(3)], indexing="ij"), -1) * spacing
-    a, seg = start * spacing, (end - start) * spacing
-    t = np.clip(((grid - a) @ seg) / max(1e-6, float(seg @ seg)), 0, 1)
-    mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = np.linalg.norm(grid - (a + t[..., None] * seg), axis=-1) < radius_mm
+    mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = _segment_distance(grid, start * spacing, end * spacing)[0] < radius_mm
     return mask
 
 

@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ctssl.data import synthetic_case_id
 from ctssl.io import atomic_dir, write_json
 
 # Tissue values in HU (contrast-enhanced portal-venous phase, roughly).
@@ -243,7 +244,7 @@ def write_msd_dataset(out_dir: str | Path, name: str, profile_name: str, n_cases
             (tmp / "labelsTr").mkdir()
         training = []
         for i in range(n_cases):
-            case = f"{name}_{i:03d}"
+            case = synthetic_case_id(name, i)
             if profile_name in CT_PROFILES:
                 img, seg, case_facts[case] = synthesize_ct_case(profile_name, name, seed, i)
             else:
