@@ -10,6 +10,7 @@ from ctssl.config import (
     pretrain_section_for,
     pretraining_names,
     seeds_for,
+    slurm_gpu_problem,
 )
 from ctssl.splits import fraction_key
 
@@ -107,6 +108,23 @@ def all_targets():
     return list(rules.report.output) + pool_targets()
 
 
+def gpu_request_check(rule_name):
+    """An input function that adds no input: in a SLURM run (the profile sets `slurm_*` resources), it refuses a
+    training rule whose jobs would reach the cluster without a GPU request (ctssl.config.slurm_gpu_problem), while
+    the DAG is built, so at `-n` too. The profile's resources are known only then: an input function, not a start-up
+    check."""
+
+    def check(wildcards):
+        settings = workflow.resource_settings
+        rule_keys = set(settings.overwrite_resources.get(rule_name, {}))
+        if any(k.startswith("slurm_") for k in rule_keys | set(settings.default_resources or {})):
+            problem = slurm_gpu_problem(config, rule_name, rule_keys)
+            if problem:
+                raise WorkflowError(problem)
+        return []
+
+    return check
+
 def init_weights(wildcards):
     """scratch -> no input; {method}-{pool} -> that pretraining run's backbone weights."""
     parsed = parse_init(wildcards.init)
@@ -123,11 +141,11 @@ def nnunet_export_input(wildcards):
 
 
 def pretrain_params(wildcards):
-    """Only what this method's run depends on, so editing another method's settings retrains nothing here."""
+    """Only what this method's run depends on, so editing another method's settings retrains nothing here. Not
+    `device`: it names hardware (the job reads it from the config), so moving work to another GPU reruns nothing."""
     return {
         "model": config["model"],
         "pretrain": pretrain_section_for(config["pretrain"], wildcards.method),
-        "device": config["device"],
         "amp": config["amp"],
     }
 
@@ -172,10 +190,10 @@ def finetune_params(wildcards):
     """What a ctssl fine-tuning cell depends on besides its inputs (not the engine choice or nnU-Net's settings,
     so adding nnU-Net cells reruns none of ctssl's)."""
     finetune = {k: v for k, v in config["finetune"].items() if k not in ("engine", "nnunet")}
-    return {"model": config["model"], "finetune": finetune, "device": config["device"], "amp": config["amp"]}
+    return {"model": config["model"], "finetune": finetune, "amp": config["amp"]}
 
 
 def finetune_nnunet_params(wildcards):
     """What an nnU-Net fine-tuning cell depends on: the network, patch, batch, overlap and nnU-Net's settings."""
     keys = ("patch_size", "batch_size", "sw_overlap", "save_probabilities", "nnunet")
-    return {"model": config["model"], "finetune": {k: config["finetune"][k] for k in keys}, "device": config["device"]}
+    return {"model": config["model"], "finetune": {k: config["finetune"][k] for k in keys}}

@@ -5,6 +5,7 @@
 
 rule finetune:
     input:
+        gpu_request=gpu_request_check("finetune"),
         preprocessed=f"{R}/preprocessed/{{dataset}}",
         splits=f"{R}/splits/{{dataset}}.json",
         weights=init_weights,
@@ -30,6 +31,7 @@ rule finetune:
 
 rule finetune_nnunet:
     input:
+        gpu_request=gpu_request_check("finetune_nnunet"),
         preprocessed=f"{R}/preprocessed/{{dataset}}",
         splits=f"{R}/splits/{{dataset}}.json",
         weights=init_weights,

@@ -5,6 +5,7 @@
 
 rule pretrain:
     input:
+        gpu_request=gpu_request_check("pretrain"),
         pool=f"{R}/pools/{{pool}}.csv",
         preprocessed=pool_preprocessed,
     output:

@@ -17,7 +17,7 @@ import copy
 import difflib
 import importlib.util
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from pathlib import Path
 
@@ -142,6 +142,8 @@ def _messages(error: ValidationError, model: dict | None = None, location: str |
         what = {"decoder_level": "decoder level", "tap_level": "feature level"}[error.validator_value]
         return [f"{location or key_path(path)} = {_show(error.instance)}: not a {what} of this model "
                 f"(model.channels has {len(model['channels'])} widths); available: {', '.join(levels)}"]
+    if error.validator == "enum" and error.schema.get("description"):  # the choices' meaning, e.g. device: cuda:1
+        return [f"{key_path(path)} = {_show(error.instance)}: {error.message} ({error.schema['description']})"]
     return [f"{key_path(path)} = {_show(error.instance)}: {error.message}"]
 
 
@@ -718,6 +720,33 @@ def load_config(path: str | Path) -> dict:
     except ConfigError as exc:
         raise ConfigError(f"{path}: invalid configuration:\n{exc}") from None
 
+
+def requested_gpus(resources: Mapping) -> int:
+    """GPUs a Snakemake job asked its scheduler for: `gpu`, or `gres` (gpu:N or gpu:model:N, per node)."""
+    if resources.get("gpu"):
+        return int(resources["gpu"])
+    gres = str(resources.get("gres") or "")
+    if gres.startswith("gpu"):
+        return int(gres.rsplit(":", 1)[-1]) * int(resources.get("nodes") or 1)
+    return 0
+
+
+TRAINING_RULES = {"pretrain": "pretrain", "finetune": "finetune", "finetune_nnunet": "finetune"}  # rule -> stage
+
+
+def slurm_gpu_problem(config: dict, rule: str, profile_keys: Iterable[str]) -> str | None:
+    """Why a training job sent to SLURM would train without a GPU (None if it asks for one, or trains on the CPU on
+    purpose with `device: cpu`). `profile_keys`: the resource names the profile sets for the rule (set-resources).
+    SLURM gives a job no GPU it did not request, and the job would stop at its start (ctssl.train.common.pick_device)
+    or, before that check existed, train on the CPU for weeks: refused while the DAG is built, before any queueing."""
+    if config["device"] == "cpu" or {"gpu", "gpus", "gres"} & set(profile_keys):
+        return None
+    stage = TRAINING_RULES[rule]
+    if requested_gpus(job_resources(config, stage)):
+        return None
+    return (f"resources.{stage}.gpu = {config['resources'][stage].get('gpu', 0)}: rule {rule} would be submitted to "
+            f"SLURM without a GPU request (device: {config['device']}), so it would get no GPU. Set resources.{stage}: "
+            "{gpu: 1, cpus_per_gpu: ...} in the config (docs/clusters.md), or device: cpu to train on CPUs on purpose.")
 
 def job_resources(config: dict, stage: str) -> dict:
     """`resources.{stage}` as Snakemake rule resources. Memory and runtime become functions of the attempt (k x the

@@ -39,3 +39,27 @@ def test_every_gpu_job_lands_on_the_gpu_partition(config):
     wrong = {rule for rule, res in gpu_jobs if f"slurm_partition={GPU_PARTITION}" not in res}
     assert not wrong, f"GPU jobs outside the {GPU_PARTITION!r} partition: {sorted(wrong)}"
     assert {rule for rule, _ in gpu_jobs} <= {"pretrain", "finetune", "finetune_nnunet"}
+
+
+def _dry_run(config: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "-s", str(ROOT / "Snakefile"),
+                           "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", str(config)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda", "cpu"])
+def test_a_training_job_without_a_gpu_request_is_refused_at_dry_run(tmp_path, device):
+    """A config with no `resources:` for training (docs/datasets.md's own-data example once had none) would send
+    pretraining to SLURM without a GPU: refused at -n, naming the key, unless the config trains on CPUs on purpose."""
+    cfg = yaml.safe_load((ROOT / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg["resources"] = {"cpu": {"mem_mb": 1000}}
+    cfg["device"] = device
+    cfg["results"] = str(tmp_path / "results")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run = _dry_run(tmp_path / "c.yaml", tmp_path)
+    if device == "cpu":
+        assert run.returncode == 0, run.stderr[-3000:]
+    else:
+        assert run.returncode != 0
+        assert re.search(r"resources\.(pretrain|finetune)\.gpu = 0: rule (pretrain|finetune) would be submitted to "
+                         r"SLURM without a GPU request", run.stdout + run.stderr)

@@ -132,7 +132,8 @@ def job_counts(output: str) -> dict[str, int]:
 
 def test_touching_code_reruns_nothing_but_a_config_change_reruns_what_it_affects(workspace, tmp_path):
     """The rerun triggers of profiles/default (loaded for every run): a git checkout (new mtimes on rules and
-    scripts) retrains nothing; a changed `finetune:` value reruns the cells and the report, not pretraining."""
+    scripts) or another `device` retrains nothing; a changed `finetune:` value reruns the cells and the report, not
+    pretraining."""
     code = [*ROOT.glob("rules/*.smk"), *ROOT.glob("workflow_scripts/*.py"), ROOT / "Snakefile"]
     times = {path: path.stat() for path in code}
     try:
@@ -143,6 +144,10 @@ def test_touching_code_reruns_nothing_but_a_config_change_reruns_what_it_affects
     finally:
         for path, st in times.items():  # leave the checkout's mtimes as they were
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    moved = {**TINY, "device": "auto" if TINY["device"] == "cpu" else "cpu"}  # hardware, not an experiment
+    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(moved))
+    run = snakemake(workspace, "-n", config=tmp_path / "moved.yaml")
+    assert run.returncode == 0 and "Nothing to be done" in run.stdout + run.stderr, run.stdout[-3000:]
     changed = json.loads(json.dumps(TINY))
     changed["finetune"]["lr"] = 0.02
     path = tmp_path / "changed.yaml"

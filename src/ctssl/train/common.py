@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import random
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ctssl.config import requested_gpus
 
 
 def seed_everything(seed: int) -> None:
@@ -56,16 +59,6 @@ def pick_device(requested: str = "auto", job: str = "this job", gpus_requested: 
     return torch.device(requested)
 
 
-def requested_gpus(resources: dict) -> int:
-    """GPUs a Snakemake job asked its scheduler for: `gpu`, or `gres` (gpu:N or gpu:model:N, per node)."""
-    if resources.get("gpu"):
-        return int(resources["gpu"])
-    gres = str(resources.get("gres") or "")
-    if gres.startswith("gpu"):
-        return int(gres.rsplit(":", 1)[-1]) * int(resources.get("nodes") or 1)
-    return 0
-
-
 def check_job_device(device: str, job: str, resources: dict, log) -> None:
     """First thing a training job does: stop with one logged line (exit 1, nothing written) when it asked for a
     GPU and has none; otherwise log the device it will train on."""
@@ -75,6 +68,22 @@ def check_job_device(device: str, job: str, resources: dict, log) -> None:
         log.error("%s", exc)
         raise SystemExit(1) from None
     log.info("%s: device %s (%s)", job, chosen, gpu_report())
+
+
+def start_training_job(smk) -> tuple[logging.Logger, dict]:
+    """What every training job's entry point does first: log to the job's log, take GPUs of its own on a local
+    multi-GPU machine (ctssl.train.gpu_slots), stop with one line if it asked for a GPU and has none, log the device.
+    Returns the logger and the training settings with `device` added: the device is read from the config, not the
+    rule's params, because it names hardware, not an experiment (changing it reruns nothing)."""
+    from ctssl.logutil import setup_logging
+    from ctssl.train.gpu_slots import assign_job_gpus
+
+    log = setup_logging(smk.log[0])
+    device, resources = smk.config["device"], dict(smk.resources.items())
+    job = f"{smk.rule} {dict(smk.wildcards.items())}"
+    assign_job_gpus(device, requested_gpus(resources), job, log)
+    check_job_device(device, job, resources, log)
+    return log, {**smk.params.cfg, "device": device}
 
 
 def set_threads(threads: int | None) -> None:
