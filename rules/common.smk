@@ -12,6 +12,7 @@ from ctssl.config import (
     seeds_for,
     slurm_gpu_problem,
 )
+from ctssl.data.manifest import LISTED_KINDS, refresh_source_manifest
 from ctssl.splits import fraction_key
 
 R = config["results"]
@@ -157,6 +158,17 @@ def splits_params(wildcards):
     if wildcards.dataset in config["splits"]["test_cases"]:
         params["test_cases"] = sorted(config["splits"]["test_cases"][wildcards.dataset])
     return params
+
+
+def source_manifest(wildcards):
+    """The listing of a user's own source files (folder, manual kinds), refreshed now: an added, removed or edited
+    scan or label makes it newer than the imported data, so the import and what it feeds rerun
+    (ctssl.data.manifest). Downloads and synthetic data have none."""
+    spec = config["datasets"][wildcards.dataset]
+    if spec["kind"] not in LISTED_KINDS:
+        return []
+    path = f"{R}/sources/{wildcards.dataset}.json"
+    return str(refresh_source_manifest(path, spec, imported=f"{R}/raw/{wildcards.dataset}"))
 
 
 def splits_if_downstream(wildcards):

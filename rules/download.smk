@@ -23,6 +23,8 @@ rule synthesize:
 
 
 rule fetch_raw:
+    input:
+        sources=source_manifest,
     output:
         directory(f"{R}/raw/{{dataset}}"),
     log:
