@@ -1,6 +1,8 @@
 # Helpers shared by the rules: cross-key config checks, wildcard constraints, target lists, paths.
 # The config is resolved (validated, defaults filled) by the Snakefile: read every key directly.
 from ctssl.config import (
+    FINETUNE_BOOKKEEPING,
+    NNUNET_BOOKKEEPING,
     all_inits,
     engines,
     inits_for,
@@ -13,6 +15,7 @@ from ctssl.config import (
     slurm_gpu_problem,
 )
 from ctssl.data.manifest import LISTED_KINDS, refresh_source_manifest
+from ctssl.data.sources import nnunet_test_cases
 from ctssl.splits import fraction_key
 
 R = config["results"]
@@ -155,8 +158,12 @@ def splits_params(wildcards):
     """The split settings of one dataset; its own test cases only when the user fixed them (so a results folder made
     before `splits.test_cases` existed, or another dataset's list, reruns nothing)."""
     params = {"test_fraction": config["splits"]["test_fraction"], "min_test": config["splits"]["min_test"]}
-    if wildcards.dataset in config["splits"]["test_cases"]:
-        params["test_cases"] = sorted(config["splits"]["test_cases"][wildcards.dataset])
+    own = config["splits"]["test_cases"]
+    fixed = own[wildcards.dataset] if wildcards.dataset in own else []
+    if fixed == "imagesTs":  # the ids themselves, so a changed imagesTs/ reruns the split
+        fixed = nnunet_test_cases(Path(config["datasets"][wildcards.dataset]["nnunet_raw"]))
+    if fixed:
+        params["test_cases"] = sorted(fixed)
     return params
 
 
@@ -176,8 +183,12 @@ def splits_if_downstream(wildcards):
 
 
 def dataset_settings(wildcards):
-    """The `datasets.{dataset}` section (kind and its keys)."""
-    return config["datasets"][wildcards.dataset]
+    """The `datasets.{dataset}` section (kind and its keys); for an nnU-Net raw folder whose imagesTs/ is the test
+    split, a flag that imports those cases too (only then: other datasets' settings are unchanged)."""
+    spec, own = config["datasets"][wildcards.dataset], config["splits"]["test_cases"]
+    if wildcards.dataset in own and own[wildcards.dataset] == "imagesTs":
+        return {**spec, "import_images_ts": True}
+    return spec
 
 
 def is_downstream(wildcards):
@@ -199,13 +210,17 @@ def pool_preprocessed(wildcards):
 
 
 def finetune_params(wildcards):
-    """What a ctssl fine-tuning cell depends on besides its inputs (not the engine choice or nnU-Net's settings,
-    so adding nnU-Net cells reruns none of ctssl's)."""
-    finetune = {k: v for k, v in config["finetune"].items() if k not in ("engine", "nnunet")}
+    """What a ctssl fine-tuning cell depends on besides its inputs: not the engine choice or nnU-Net's settings (so
+    adding nnU-Net cells reruns none of ctssl's), nor how often it logs or checkpoints (a resumed run computes the
+    same numbers as an uninterrupted one)."""
+    left_out = ("engine", "nnunet", *FINETUNE_BOOKKEEPING)
+    finetune = {k: v for k, v in config["finetune"].items() if k not in left_out}
     return {"model": config["model"], "finetune": finetune, "amp": config["amp"]}
 
 
 def finetune_nnunet_params(wildcards):
     """What an nnU-Net fine-tuning cell depends on: the network, patch, batch, overlap and nnU-Net's settings."""
-    keys = ("patch_size", "batch_size", "sw_overlap", "save_probabilities", "nnunet")
-    return {"model": config["model"], "finetune": {k: config["finetune"][k] for k in keys}}
+    keys = ("patch_size", "batch_size", "sw_overlap", "save_probabilities")
+    finetune = {k: config["finetune"][k] for k in keys}
+    finetune["nnunet"] = {k: v for k, v in config["finetune"]["nnunet"].items() if k not in NNUNET_BOOKKEEPING}
+    return {"model": config["model"], "finetune": finetune}

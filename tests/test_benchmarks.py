@@ -93,3 +93,11 @@ def test_pool_scale_benchmark_prints_time_disk_and_memory():
     assert re.search(r"pool of 6 volumes generated \+ preprocessed in [\d.]+ min .*preprocessed [\d.]+ GB", out), out
     assert re.search(r"^  synthesize: 3 jobs", out, re.M) and re.search(r"^  preprocess: 2 jobs", out, re.M), out
     assert re.search(r"pretraining pgl on the pool, 2 steps: \d+ s wall, peak RSS \d+ MB", out), out
+
+
+def test_checkpoint_cost_benchmark_prints_size_time_and_overhead():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/checkpoint_cost.py"), "--configfile",
+                          str(ROOT / "tests/configs/tiny.yaml"), "--repeats", "1"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    assert re.search(r"tiny.yaml: [\d.]+ M parameters, checkpoint \d+ MB, write [\d.]+ s", out), out
+    assert re.search(r"checkpoint_minutes 10: overhead [\d.]+ % of a cell's time", out), out

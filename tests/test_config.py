@@ -244,7 +244,9 @@ NOT_CONFIG = {("report.py", "init"), ("report.py", "path"), ("report.py", "steps
               ("sources.py", "labels"),
               ("figures.py", "engine"), ("predict.py", "engine"), ("predict.py", "image_order"),
               # a Snakemake job's resources (what it asked its scheduler for), not the config
-              ("common.py", "gpu"), ("common.py", "nodes")}
+              ("common.py", "gpu"), ("common.py", "nodes"),
+              # a folder dataset's optional own-case list (absent: none), as config.py reads it
+              ("manifest.py", "cases")}
 
 
 def test_no_second_default_in_the_code():

@@ -125,7 +125,7 @@ def test_predict_refuses_what_it_cannot_do_and_writes_nothing(cell, tmp_path, ca
     (no_model / "metrics.json").write_text(json.dumps({"engine": "nnunet"}))
     assert main(["predict", str(no_model), raw_image, "-o", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
-    assert "fine-tuned by nnU-Net" in err and "nnUNetv2_predict" in err
+    assert "an nnU-Net cell without predictor.json" in err and "snakemake --cores N -f" in err
     assert not (tmp_path / "a").exists()
 
 
@@ -143,3 +143,104 @@ def test_predict_refuses_a_changed_model(cell, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{damaged / 'model.pt'}: sha256" in err and "recorded when the weights were written" in err
     assert not (tmp_path / "pred").exists()
+
+
+def _images_ts(metrics, preprocessed, folder):
+    """nnU-Net's imagesTs/ layout for the cell's test cases: {case}_0000.nii.gz."""
+    folder.mkdir()
+    for case in metrics["test_cases"]:
+        (folder / f"{case}_0000.nii.gz").symlink_to(read_json(preprocessed / f"{case}.json")["source_image"])
+    return folder
+
+
+def test_predict_a_folder_as_nnunet_does_with_probabilities_and_mirroring(cell, tmp_path, capsys):
+    out, metrics, preprocessed = cell
+    images = _images_ts(metrics, preprocessed, tmp_path / "imagesTs")
+    assert main(["predict", str(out), str(images), "-o", str(tmp_path / "pred"), "--save-probabilities"]) == 0
+    for case in metrics["test_cases"]:  # `_0000` stripped, the cell's own voxels and probabilities
+        mine = np.asanyarray(nib.load(tmp_path / "pred" / f"{case}.nii.gz").dataobj)
+        assert np.array_equal(mine, np.asanyarray(nib.load(out / "predictions" / f"{case}.nii.gz").dataobj))
+        kept = np.load(out / "predictions" / f"{case}_probabilities.npz")["probabilities"]
+        assert np.array_equal(np.load(tmp_path / "pred" / f"{case}.npz")["probabilities"], kept)
+    assert main(["predict", str(out), str(images), "-o", str(tmp_path / "pred")]) == 2  # refused, not overwritten
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main(["predict", str(out), str(images), "-o", str(tmp_path / "tta"), "--tta", "--save-probabilities"]) == 0
+    case = metrics["test_cases"][0]
+    mirrored = np.load(tmp_path / "tta" / f"{case}.npz")["probabilities"].astype(np.float32)
+    plain = np.load(tmp_path / "pred" / f"{case}.npz")["probabilities"].astype(np.float32)
+    assert np.allclose(mirrored.sum(0), 1.0, atol=5e-3) and not np.allclose(mirrored, plain, atol=1e-3)
+
+
+def test_inputs_files_folders_and_dicom_series(tmp_path, realct):
+    from ctssl.errors import InputDataError
+    from ctssl.predict import expand_inputs
+
+    dicom = next(p.parent for p in sorted(realct.rglob("*")) if p.is_file() and p.suffix.lower() == ".dcm")
+    assert expand_inputs([dicom]) == [(dicom, dicom.name)]  # a folder holding DICOM files is one series
+    nnunet = tmp_path / "imagesTs"
+    nnunet.mkdir()
+    for name in ("a_0000.nii.gz", "b_0000.nrrd"):
+        (nnunet / name).write_bytes(b"x")
+    (nnunet / "notes.txt").write_text("not a scan")
+    assert [n for _, n in expand_inputs([nnunet])] == ["a", "b"]
+    numbered = tmp_path / "numbered"  # cases that happen to be numbered are not channels
+    numbered.mkdir()
+    for name in ("ct_0001.nii.gz", "ct_0002.nii.gz"):
+        (numbered / name).write_bytes(b"x")
+    assert [n for _, n in expand_inputs([numbered])] == ["ct_0001", "ct_0002"]
+    (nnunet / "a_0001.nii.gz").write_bytes(b"x")
+    with pytest.raises(InputDataError, match="channels other than _0000 \\(a_0001.nii.gz\\)"):
+        expand_inputs([nnunet])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputDataError, match="no scans in this folder"):
+        expand_inputs([tmp_path / "empty"])
+
+
+def test_mirroring_averages_every_flip_of_each_window():
+    import torch
+
+    from ctssl.inference import mirrored
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1)
+    x = torch.randn(1, 1, 6, 5, 4)
+    flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    expected = sum(torch.flip(net(torch.flip(x, f)), f) if f else net(x) for f in flips) / 8
+    with torch.no_grad():
+        assert torch.allclose(mirrored(net, (0, 1, 2))(x), expected, atol=1e-6)
+        assert torch.allclose(mirrored(net, (1,))(x), (net(x) + torch.flip(net(torch.flip(x, (3,))), (3,))) / 2)
+
+
+def test_predict_on_the_paper_configs_path_from_an_nrrd_scan(liver_raw, tmp_path):
+    """configs/paper.yaml's path: z-score statistics, cubic image resampling, the ResEnc backbone; the scan given as
+    NRRD (through ITK's LPS and back). The prediction must not be mostly background, or an error on the foreground's
+    geometry would go unseen."""
+    import SimpleITK as sitk
+
+    from ctssl.preprocess.pipeline import preprocess_dataset
+
+    pre_cfg = complete_config({"preprocess": {"target_spacing": [3.0, 3.0, 4.0], "image_order": 3,
+                                              "normalization": {"scheme": "zscore", "percentiles": [0.5, 99.5]}}})
+    preprocessed = preprocess_dataset(liver_raw, tmp_path / "pre", "liver", pre_cfg["preprocess"], "abdomen")
+    cfg = complete_config({
+        "model": {"arch": "resenc", "channels": [8, 16, 32], "strides": [1, 2, 2], "feature_channels": 8},
+        "finetune": {"patch_size": [32, 32, 16], "batch_size": 2, "steps": 60, "lr": 0.01, "weight_decay": 0.0,
+                     "warmup_steps": 1, "log_every": 30},
+        "device": "cpu"})
+    splits = make_splits([f"liver_{i:03d}" for i in range(4)], test_fraction=0.25, min_test=1, split_seed=0)
+    write_json(tmp_path / "splits.json", {"dataset": "liver", **splits})
+    out = tmp_path / "cell"
+    metrics = run_finetune(preprocessed_dir=preprocessed, splits_path=tmp_path / "splits.json", fraction=100, seed=0,
+                           init="scratch", init_weights=None, cfg=cfg, out_dir=out)
+    case = metrics["test_cases"][0]
+    card = read_json(out / "model.json")["preprocessing"]
+    assert card["image_order"] == 3 and card["normalization"]["scheme"] == "zscore" and card["statistics"]
+    cells = np.asanyarray(nib.load(out / "predictions" / f"{case}.nii.gz").dataobj)
+    assert metrics["per_case"][case]["liver"] > 0.5  # learnt, so the foreground is large and in place
+    nrrd = tmp_path / "scan" / f"{case}.nrrd"
+    nrrd.parent.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(liver_raw / "imagesTr" / f"{case}.nii.gz")), str(nrrd), useCompression=True)
+    assert main(["predict", str(out), str(nrrd.parent), "-o", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    mine = nib.load(tmp_path / "pred" / f"{case}.nii.gz")
+    assert np.allclose(mine.affine, nib.load(liver_raw / "imagesTr" / f"{case}.nii.gz").affine, atol=1e-4)
+    assert np.array_equal(np.asanyarray(mine.dataobj), cells)

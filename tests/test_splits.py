@@ -96,8 +96,6 @@ def test_own_test_cases_are_checked_at_dry_run_and_used_by_the_splits_job(tmp_pa
     """Refused at `snakemake -n` when a listed case does not exist (a synthetic dataset's ids are known then); a
     valid list becomes the splits file's test set."""
     import json
-    import subprocess
-    import sys
     from pathlib import Path
 
     import yaml
@@ -107,17 +105,62 @@ def test_own_test_cases_are_checked_at_dry_run_and_used_by_the_splits_job(tmp_pa
     config.update(results="results", splits={**config["splits"], "test_cases": {"liver": ["liver_001", "liver_007"]}})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
 
-    def snakemake(*args):
-        return subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(root / "Snakefile"), "--directory",
-                               str(tmp_path), "--configfile", str(tmp_path / "c.yaml"), "--cores", "1"],
-                              capture_output=True, text=True, timeout=300)
-
-    refused = snakemake("-n")
+    refused = _snakemake(tmp_path, "-n")
     assert refused.returncode != 0
     assert "splits.test_cases.liver = ['liver_007']: not cases of 'liver'" in refused.stdout + refused.stderr
     config["splits"]["test_cases"] = {"liver": ["liver_002"]}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    done = snakemake("results/splits/liver.json")
+    done = _snakemake(tmp_path, "results/splits/liver.json")
     assert done.returncode == 0, done.stderr[-2000:]
     splits = json.loads((tmp_path / "results" / "splits" / "liver.json").read_text())
     assert splits["test"] == ["liver_002"] and "liver_002" not in splits["train"] and len(splits["train"]) == 3
+
+
+def test_an_nnunet_raw_folders_images_ts_is_the_test_split(tmp_path, liver_raw):
+    """`splits.test_cases: {dataset: imagesTs}`: the cases nnU-Net keeps apart (imagesTs/, labelled in labelsTs/)
+    are imported and become the test split; without their labels, refused at `snakemake -n`."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    raw = tmp_path / "Dataset003_Liver"
+    for k, case in enumerate(f"liver_{i:03d}" for i in range(4)):
+        images, labels = ("imagesTs", "labelsTs") if k == 3 else ("imagesTr", "labelsTr")
+        (raw / images).mkdir(parents=True, exist_ok=True)
+        (raw / labels).mkdir(parents=True, exist_ok=True)
+        (raw / images / f"{case}_0000.nii.gz").symlink_to(liver_raw / "imagesTr" / f"{case}.nii.gz")
+        (raw / labels / f"{case}.nii.gz").symlink_to(liver_raw / "labelsTr" / f"{case}.nii.gz")
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "numTraining": 3,
+                                                  "labels": {"background": 0, "liver": 1, "tumour": 2},
+                                                  "file_ending": ".nii.gz"}))
+    config = yaml.safe_load((root / "tests" / "configs" / "tiny.yaml").read_text())
+    config.pop("dataset_inits")
+    config.update(results="results", downstream=["mine"], inits=["scratch"],
+                  datasets={"mine": {"kind": "folder", "group": "abdomen", "nnunet_raw": str(raw)}},
+                  splits={**config["splits"], "test_cases": {"mine": "imagesTs"}})
+    config["pretrain"]["pool_datasets"] = ["mine"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+
+    done = _snakemake(tmp_path, "results/splits/mine.json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    splits = json.loads((tmp_path / "results" / "splits" / "mine.json").read_text())
+    assert splits["test"] == ["liver_003"] and sorted(splits["train"]) == ["liver_000", "liver_001", "liver_002"]
+    (raw / "labelsTs" / "liver_003.nii.gz").unlink()
+    refused = _snakemake(tmp_path, "-n")
+    assert refused.returncode != 0
+    assert "splits.test_cases.mine = imagesTs:" in refused.stdout + refused.stderr
+    assert "lacks ['liver_003.nii.gz']" in refused.stdout + refused.stderr
+
+
+def _snakemake(workdir, *args):
+    """snakemake on this checkout with the workdir's c.yaml, one core, output captured."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(root / "Snakefile"), "--directory",
+                           str(workdir), "--configfile", str(workdir / "c.yaml"), "--cores", "1"],
+                          capture_output=True, text=True, timeout=300)

@@ -136,7 +136,8 @@ def _predict(args: argparse.Namespace) -> int:
     from ctssl.predict import predict_files
 
     setup_logging(None)
-    written, status = _refused(lambda: predict_files(args.cell_dir, args.images, args.out, args.device),
+    written, status = _refused(lambda: predict_files(args.cell_dir, args.images, args.out, args.device, args.tta,
+                                                     args.save_probabilities),
                                (InputDataError, FileExistsError))  # IntegrityError is one
     for path in written or []:
         print(path)
@@ -179,11 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
                                       "in model.json (the old one is kept under 'rehashed')")
     r.add_argument("run_dir", help="a pretraining run folder, e.g. results/pretrain/pgl/all")
     r.set_defaults(func=_rehash)
-    q = sub.add_parser("predict", help="segment scans with a fine-tuned cell's model: label maps on each scan's own grid")
-    q.add_argument("cell_dir", help="a fine-tuning cell, e.g. results/finetune/liver/pgl-all/frac10/seed0")
-    q.add_argument("images", nargs="+", help="scans: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd files or DICOM series folders")
+    q = sub.add_parser("predict", help="segment scans with a fine-tuned cell's model (either engine): label maps on "
+                                       "each scan's own grid")
+    q.add_argument("cell_dir", help="a fine-tuning cell, e.g. results/finetune/liver/pgl-all/frac10/seed0 or "
+                                    ".../scratch@nnunet/frac10/seed0")
+    q.add_argument("images", nargs="+", help="scans: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd files, DICOM series folders, "
+                                             "or folders of those (nnU-Net's imagesTs/: case_0000.nii.gz -> case.nii.gz)")
     q.add_argument("-o", "--out", required=True, help="output folder: one {case}.nii.gz per scan (existing files "
                                                        "are refused, never overwritten)")
+    q.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror along every axis and average (nnU-Net's test-time augmentation); default: as the cell "
+                        "predicted its test cases (ctssl cells: off; nnU-Net cells: finetune.nnunet.mirroring)")
+    q.add_argument("--save-probabilities", action="store_true",
+                   help="also write {case}.npz: class probabilities (float16) on the preprocessed grid, with its affine")
     q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     q.set_defaults(func=_predict)
     s = sub.add_parser("synthesize", help="write a synthetic CT dataset in MSD layout")

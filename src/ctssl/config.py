@@ -611,7 +611,20 @@ def _test_case_problems(config: dict) -> list[str]:
             continue
         if name not in config["downstream"]:
             problems.append(f"{where}: {name!r} is not downstream (only fine-tuned datasets are split)")
-        known = known_case_ids(name, config["datasets"][name])
+        spec = config["datasets"][name]
+        if cases == "imagesTs":
+            if not spec.get("nnunet_raw"):
+                problems.append(f"{where} = imagesTs: {name!r} is not an nnU-Net raw folder (datasets.{name}.nnunet_raw)")
+            elif Path(str(spec["nnunet_raw"])).is_dir():
+                from ctssl.data.sources import nnunet_test_cases
+                from ctssl.errors import InputDataError
+
+                try:
+                    nnunet_test_cases(Path(str(spec["nnunet_raw"])))
+                except InputDataError as exc:
+                    problems.append(f"{where} = imagesTs: {exc}")
+            continue
+        known = known_case_ids(name, spec)
         unknown = sorted(set(cases) - known) if known is not None else []
         if unknown:
             problems.append(f"{where} = {unknown}: not cases of {name!r} (e.g. {sorted(known)[:3]})")
@@ -731,6 +744,10 @@ def requested_gpus(resources: Mapping) -> int:
     return 0
 
 
+# finetune.* keys that change how a cell logs and checkpoints, not what it computes (a resumed cell computes what an
+# uninterrupted one would): not job parameters (changing them reruns nothing) nor part of a checkpoint's fingerprint.
+FINETUNE_BOOKKEEPING = ("log_every", "checkpoint_every", "checkpoint_minutes")
+NNUNET_BOOKKEEPING = ("save_every",)  # finetune.nnunet.* of the same kind
 TRAINING_RULES = {"pretrain": "pretrain", "finetune": "finetune", "finetune_nnunet": "finetune"}  # rule -> stage
 
 

@@ -27,6 +27,7 @@ from ctssl.models.backbone import SegmentationNet
 
 log = logging.getLogger(__name__)
 MODEL_FORMAT = "ctssl-finetuned/1"
+NNUNET_CARD = "predictor.json"  # an nnU-Net cell's record of what predicting with it needs (ctssl.nnunet.engine)
 NETWORK_CLASS = f"{SegmentationNet.__module__}.{SegmentationNet.__qualname__}"
 
 
@@ -100,17 +101,57 @@ class FinetunedModel:
         net.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
         return model, net.eval()
 
-    def predict(self, net: SegmentationNet, image: np.ndarray, affine: np.ndarray,
-                device: torch.device) -> np.ndarray:
-        """A label map of one scan (HU array and affine) on the scan's own grid."""
-        from ctssl.preprocess.pipeline import preprocess_arrays
-        from ctssl.preprocess.spatial import to_original_grid
 
-        preprocessed, _, geometry = preprocess_arrays(image, affine, self.preprocessing,
-                                                      self.preprocessing["statistics"])
-        probabilities = predict_probabilities(net, preprocessed, self.patch_size, sw_batch_size=self.sw_batch_size,
-                                              overlap=self.sw_overlap, device=device)
-        return to_original_grid(probabilities, geometry)
+
+class CtsslCellModel:
+    """A ctssl cell's network, ready to predict preprocessed volumes."""
+
+    def __init__(self, cell_dir: Path, device: torch.device):
+        self.card, self.net = FinetunedModel.load(cell_dir)
+        self.net.to(device)
+        self.device, self.classes, self.preprocessing = device, self.card.classes, self.card.preprocessing
+        self.mirrors_by_default = False  # a ctssl cell predicts its test cases without mirroring
+
+    def probabilities(self, preprocessed: np.ndarray, mirror: bool) -> torch.Tensor:
+        card = self.card
+        return predict_probabilities(self.net, preprocessed, card.patch_size, sw_batch_size=card.sw_batch_size,
+                                     overlap=card.sw_overlap, device=self.device,
+                                     mirror_axes=(0, 1, 2) if mirror else ())
+
+
+class NnunetCellModel:
+    """An nnU-Net cell's trained network (nnU-Net's checkpoint_final.pth) behind nnU-Net's own predictor, fed the
+    preprocessing ctssl recorded for the cell (`nnunet/predictor.json`): what the cell did with its test cases."""
+
+    def __init__(self, cell_dir: Path, device: torch.device):
+        from ctssl.nnunet.cell import nnunet_predictor
+
+        card_path = cell_dir / "nnunet" / NNUNET_CARD
+        if not card_path.exists():
+            raise InputDataError(f"{cell_dir}: an nnU-Net cell without {NNUNET_CARD} (made before ctssl predict took "
+                                 f"nnU-Net cells); rerun it: snakemake --cores N -f {cell_dir / 'metrics.json'}")
+        self.card = read_json(card_path)
+        self.classes = {int(k): v for k, v in self.card["classes"].items()}
+        self.preprocessing = self.card["preprocessing"]
+        self.mirrors_by_default = bool(self.card["mirroring"])
+        self.spacing = [float(v) for v in self.preprocessing["target_spacing"]]
+        self.predictor = nnunet_predictor(cell_dir / "nnunet" / self.card["model_folder"], device,
+                                          float(self.card["tile_step_size"]), self.mirrors_by_default)
+
+    def probabilities(self, preprocessed: np.ndarray, mirror: bool) -> torch.Tensor:
+        from ctssl.nnunet.cell import nnunet_probabilities
+
+        self.predictor.use_mirroring = mirror
+        return torch.from_numpy(nnunet_probabilities(self.predictor, preprocessed, self.spacing))
+
+
+def load_cell_model(cell_dir: str | Path, device: torch.device) -> CtsslCellModel | NnunetCellModel:
+    """Either engine's fine-tuned network, from its cell folder."""
+    cell_dir = Path(cell_dir)
+    metrics_path = cell_dir / "metrics.json"
+    if metrics_path.exists() and read_json(metrics_path).get("engine") == "nnunet":
+        return NnunetCellModel(cell_dir, device)
+    return CtsslCellModel(cell_dir, device)
 
 
 def _no_model_reason(cell_dir: Path) -> str:
@@ -119,31 +160,83 @@ def _no_model_reason(cell_dir: Path) -> str:
     if not metrics_path.exists():
         return (f"{cell_dir}: not a fine-tuning cell (no model.json, no metrics.json); give a cell folder such as "
                 "results/finetune/liver/pgl-all/frac10/seed0")
-    metrics = read_json(metrics_path)
-    if metrics.get("engine") == "nnunet":
-        return (f"{cell_dir}: fine-tuned by nnU-Net, whose network is nnU-Net's own: its checkpoint is under "
-                f"{cell_dir / 'nnunet' / 'nnUNet_results'}; predict with nnU-Net (nnUNetv2_predict) or use the "
-                "ctssl engine's cell of the same init")
     return (f"{cell_dir}: no model.json; the cell ran with finetune.save_model false (or before models were kept). "
             f"Rerun it with save_model true: snakemake --cores N -f {metrics_path}")
 
 
-def predict_files(cell_dir: str | Path, sources: Sequence[str | Path], out_dir: str | Path,
-                  device: str = "auto") -> list[Path]:
-    """`ctssl predict`: label maps of `sources` by a cell's model, written to `out_dir/{case}.nii.gz` on each input's
-    grid. Every output name is checked before any work (an existing file is never overwritten, two inputs never
-    write one file); each file appears complete or not at all."""
+def _holds_dicom(folder: Path) -> bool:
+    """A folder is a DICOM series only when it holds DICOM files itself (the 'DICM' marker, or a .dcm name)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            if path.suffix.lower() == ".dcm":
+                return True
+            with open(path, "rb") as fh:
+                if fh.read(132)[128:] == b"DICM":
+                    return True
+    return False
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
+    """(source, case name) for every scan named by `inputs`: image files; DICOM series folders (a folder that holds
+    DICOM files); and folders of those (nnU-Net's imagesTs/), whose `{case}_0000` names lose their channel suffix
+    as nnU-Net writes them. A folder with several channels per case is refused: ctssl reads one CT per case."""
+    from ctssl.data.images import case_id, is_image_file
+    from ctssl.data.sources import NNUNET_CHANNEL
+
+    found: list[tuple[Path, str]] = []
+    for given in map(Path, inputs):
+        if not given.exists():
+            raise InputDataError(f"{given}: no such file or folder")
+        if given.is_file() or _holds_dicom(given):
+            found.append((given, case_id(given)))
+            continue
+        entries = [p for p in sorted(given.iterdir()) if is_image_file(p) or (p.is_dir() and _holds_dicom(p))]
+        if not entries:
+            raise InputDataError(f"{given}: no scans in this folder (image files: .nii/.nii.gz, .nrrd/.nhdr, "
+                                 ".mha/.mhd; or DICOM series folders)")
+        names = [case_id(p) for p in entries]
+        channels = [NNUNET_CHANNEL.match(n) for n in names]
+        if all(channels) and any(m["channel"] == "0000" for m in channels):
+            others = [p.name for p, m in zip(entries, channels, strict=True) if m["channel"] != "0000"]
+            if others:
+                raise InputDataError(f"{given}: nnU-Net names with channels other than _0000 ({', '.join(others[:3])}"
+                                     "); ctssl predicts from one CT per case: give the _0000 files only")
+            names = [m["case"] for m in channels]
+        found += list(zip(entries, names, strict=True))
+    return found
+
+
+def predict_files(cell_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, device: str = "auto",
+                  tta: bool | None = None, probabilities: bool = False) -> list[Path]:
+    """`ctssl predict`: label maps of the scans named by `inputs` (files, folders of files, DICOM series folders) by a
+    cell of either engine, written to `out_dir/{case}.nii.gz` on each input's grid. `tta`: mirror along every axis
+    and average (nnU-Net's test-time augmentation); None: as the cell predicted its own test cases.
+    `probabilities`: also `{case}.npz`, the class probabilities on the preprocessed grid (as a cell saves them).
+    Every output name is checked before any work (an existing file is never overwritten, two inputs never write
+    one file); each file appears complete or not at all."""
     from ctssl.data.images import nifti_targets, read_image
+    from ctssl.preprocess.pipeline import preprocess_arrays
+    from ctssl.preprocess.spatial import to_original_grid
     from ctssl.train.common import pick_device
 
-    targets = nifti_targets(sources, out_dir)
-    model, net = FinetunedModel.load(cell_dir)
-    torch_device = pick_device(device)
-    net.to(torch_device)
-    for source, target in zip(sources, targets, strict=True):
+    scans = expand_inputs(inputs)
+    targets = nifti_targets([source for source, _ in scans], out_dir, names=[name for _, name in scans])
+    npz = [t.with_name(t.name.removesuffix(".nii.gz") + ".npz") for t in targets] if probabilities else []
+    existing = [str(p) for p in npz if p.exists()]
+    if existing:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); refusing to overwrite (remove them or choose "
+                              "another output folder)")
+    model = load_cell_model(cell_dir, pick_device(device))
+    mirror = model.mirrors_by_default if tta is None else tta
+    for k, ((source, _), target) in enumerate(zip(scans, targets, strict=True)):
         image, affine = read_image(source)
-        label = model.predict(net, image, affine, torch_device)
+        preprocessed, _, geometry = preprocess_arrays(image, affine, model.preprocessing,
+                                                      model.preprocessing["statistics"])
+        probs = model.probabilities(preprocessed, mirror)
+        label = to_original_grid(probs, geometry)
         write_label_map(label, affine, target, like=source)
+        if probabilities:
+            save_probabilities(probs, geometry, npz[k])
         values, counts = np.unique(label, return_counts=True)
         present = {model.classes.get(int(v), str(v)): int(n) for v, n in zip(values, counts, strict=True) if v != 0}
         log.info("%s -> %s %s, voxels per class %s", source, target, label.shape, present)

@@ -130,3 +130,17 @@ def test_train_log_has_wait_and_compute_columns_and_a_loader_bound_run_is_named_
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1, warnings  # one per run, not one per interval
     assert "toy.num_workers (now 0)" in warnings[0] and "waited for batches" in warnings[0]
+
+
+@pytest.mark.parametrize(("minutes", "written"), [(0.0, False), (1e-9, True), (60.0, False)])
+def test_checkpoints_by_wall_clock_time(tmp_path, monkeypatch, minutes, written):
+    """finetune.checkpoint_minutes: a checkpoint once that much time passed since the last (here: every step, or
+    never within a run shorter than an hour); 0 turns it off. The last step writes none (results follow at once)."""
+    net, params, optimizer, scheduler, batches = _setup(4)
+    saved = []
+    monkeypatch.setattr("ctssl.train.checkpoint.save_checkpoint", lambda path, step, *a: saved.append(step))
+    task = Task(name="toy", steps=4, batch_size=2, loss=lambda b: (net(b["x"]).pow(2).mean(), {}), batches=batches)
+    settings = LoopSettings(grad_clip=1.0, use_amp=False, log_every=100, checkpoint_every=0,
+                            checkpoint_minutes=minutes)
+    run_loop(task, net, optimizer, scheduler, params, settings, tmp_path, "fp", torch.device("cpu"))
+    assert saved == ([1, 2, 3] if written else [])

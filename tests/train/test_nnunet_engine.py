@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,3 +92,57 @@ def test_training_curve_names_classes_and_finds_the_first_epoch_out_of_all_backg
     write_json(tmp_path / "stuck.json", {**record, "pseudo_dice_per_class": [[0.0, 0.0]] * 4})
     assert training_curve(tmp_path / "stuck.json", {0: "background", 1: "liver", 2: "tumour"})[
         "first_epoch_above_background"] is None  # never left: the all-background phase lasted the whole run
+
+
+def _cell_args(preprocessed, tmp_path, cfg) -> dict:
+    ids = [f"liver_{i:03d}" for i in range(4)]
+    write_json(tmp_path / "splits.json", {"dataset": "liver", **make_splits(ids, test_fraction=0.25, min_test=1,
+                                                                            split_seed=0)})
+    return {"preprocessed_dir": str(preprocessed), "splits_path": str(tmp_path / "splits.json"), "fraction": 100,
+            "seed": 0, "init": "scratch", "pretrained_run": None, "cfg": cfg, "out_dir": str(tmp_path / "cell")}
+
+
+@pytest.mark.workflow
+def test_a_killed_nnunet_cell_continues_from_nnunets_latest_checkpoint(liver_preprocessed, tmp_path):
+    cfg = complete_config({**CFG, "finetune": {**CFG["finetune"], "nnunet": {
+        "epochs": 6, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1, "save_every": 1}}})
+    args = _cell_args(liver_preprocessed, tmp_path, cfg)
+    job = subprocess.Popen([sys.executable, "-c", "import json, sys\nfrom ctssl.nnunet.engine import "
+                            f"run_nnunet_cell\nrun_nnunet_cell(**json.loads({json.dumps(json.dumps(args))}))"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "cell" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("nnUNet_results/*/*/fold_all/checkpoint_latest.pth")):
+        assert job.poll() is None and time.time() < deadline, "no checkpoint_latest.pth before the cell ended"
+        time.sleep(0.1)
+    job.kill()  # SIGKILL: no clean-up; the nnU-Net process dies with it
+    job.wait()
+    deadline = time.time() + 15
+    while _processes_of(tmp_path) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not (tmp_path / "cell" / "metrics.json").exists()
+    shutil.rmtree(tmp_path / "cell" / "nnunet")  # what Snakemake does with a failed job's outputs
+
+    from ctssl.nnunet.engine import run_nnunet_cell
+
+    metrics = run_nnunet_cell(**args)
+    work = tmp_path / "cell" / "nnunet"
+    assert "ctssl: resuming from nnU-Net's" in (work / "nnunet.log").read_text()
+    assert metrics["resumed_from_step"] and metrics["resumed_from_step"] % 2 == 0
+    assert list(work.glob("nnUNet_results/*/*/fold_all/checkpoint_final.pth"))  # the model, in the cell's output
+    assert not checkpoints.exists()
+
+
+def test_nnunet_checkpoints_of_other_settings_are_set_aside(tmp_path):
+    from ctssl.nnunet.engine import resumable_results
+
+    spec = {"seed": 0, "device": "cpu", "threads": 1, "nnunet": {"epochs": 5, "save_every": 50}}
+    results = resumable_results(tmp_path, spec)
+    (results / "kept.pth").parent.mkdir(parents=True)
+    (results / "kept.pth").write_bytes(b"x")
+    same = resumable_results(tmp_path, {**spec, "device": "cuda", "threads": 8, "nnunet": {"epochs": 5, "save_every": 1}})
+    assert (same / "kept.pth").exists()  # hardware and save interval do not make another run
+    other = resumable_results(tmp_path, {**spec, "nnunet": {"epochs": 6, "save_every": 50}})
+    assert not other.exists()
+    (aside,) = tmp_path.glob("checkpoints.bad-*")
+    assert (aside / "nnUNet_results" / "kept.pth").read_bytes() == b"x"  # kept, never deleted

@@ -85,6 +85,34 @@ def test_an_nnunet_cell_is_repeatable_on_cpu(workspace):
     assert after["per_case"] == before["per_case"] and after["timings_s"] != before["timings_s"]  # really rerun
 
 
+def test_ctssl_predict_takes_a_folder_for_either_engines_cell(workspace, tmp_path):
+    """`ctssl predict CELL imagesTs/ -o OUT` with an nnU-Net cell: ctssl's recorded preprocessing, nnU-Net's predictor
+    on the cell's checkpoint, back on the input's grid: the cell's own test predictions, voxel for voxel."""
+    import nibabel as nib
+    import numpy as np
+
+    res = workspace / "results"
+    images = tmp_path / "imagesTs"
+    images.mkdir()
+    for case in json.loads((res / "splits" / "liver.json").read_text())["test"]:
+        (images / f"{case}_0000.nii.gz").symlink_to(res / "raw" / "liver" / "imagesTr" / f"{case}.nii.gz")
+    for init in ("pgl-all@nnunet", "pgl-all"):
+        cell = res / "finetune" / "liver" / init / "frac100" / "seed0"
+        out = tmp_path / init
+        run = subprocess.run([sys.executable, "-m", "ctssl.cli", "predict", str(cell), str(images), "-o", str(out),
+                              "--device", "cpu"], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        for image in images.iterdir():
+            case = image.name.removesuffix("_0000.nii.gz")
+            mine, cells = nib.load(out / f"{case}.nii.gz"), nib.load(cell / "predictions" / f"{case}.nii.gz")
+            assert np.array_equal(np.asanyarray(mine.dataobj), np.asanyarray(cells.dataobj)), (init, case)
+            assert np.allclose(mine.affine, cells.affine, atol=1e-6)
+    run = subprocess.run([sys.executable, "-m", "ctssl.cli", "predict", str(res / "finetune/liver/scratch@nnunet/"
+                          "frac100/seed0"), str(images), "-o", str(tmp_path / "tta"), "--tta", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and len(list((tmp_path / "tta").glob("*.nii.gz"))) == len(list(images.iterdir()))
+
+
 def test_nnunet_export_on_request_and_nnunet_refused_for_the_monai_unet(workspace, tmp_path):
     run = snakemake(workspace, "results/export/nnunet/pgl-all")
     assert run.returncode == 0, run.stderr[-3000:]

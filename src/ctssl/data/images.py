@@ -128,10 +128,11 @@ def to_nifti(path: str | Path, assume: dict | None = None) -> nib.Nifti1Image:
     return image
 
 
-def nifti_targets(sources: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """`out_dir/{case}.nii.gz` for each source (file or DICOM folder), checked before any work: two sources that
-    would write one file, or a file that already exists, are refused (nothing the user made is overwritten)."""
-    targets = [Path(out_dir) / f"{case_id(s)}.nii.gz" for s in sources]
+def nifti_targets(sources: list[str | Path], out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
+    """`out_dir/{case}.nii.gz` for each source (file or DICOM folder; `names`: the cases' names, else each source's
+    own), checked before any work: two sources that would write one file, or a file that already exists, are
+    refused (nothing the user made is overwritten)."""
+    targets = [Path(out_dir) / f"{name}.nii.gz" for name in (names or [case_id(s) for s in sources])]
     clashes = sorted({str(t) for t in targets if targets.count(t) > 1})
     if clashes:
         raise InputDataError(f"two inputs would be written to {', '.join(clashes)}; rename one or run them separately")

@@ -124,11 +124,34 @@ def _nnunet_labels(meta_path: Path, labels: object) -> dict[int, str]:
     return out
 
 
+def _labelled_nnunet_cases(images: Path, labels: Path, ending: str, where: str, why: str) -> list[str]:
+    """The case ids of `images` ({case}_0000{ending}), each with its label `labels/{case}{ending}` (refused otherwise,
+    saying `why` a label is needed)."""
+    if not images.is_dir():
+        raise InputDataError(f"{where}: {images} is not a folder")
+    stems = (p.name[: -len(ending)] for p in sorted(images.iterdir()) if p.name.endswith(ending))
+    cases = sorted({m["case"] for m in map(NNUNET_CHANNEL.match, stems) if m})
+    if not cases:
+        raise InputDataError(f"{where}: {images} holds no {{case}}_0000{ending} images (file_ending {ending!r})")
+    missing = [f"{case}{ending}" for case in cases if not (labels / f"{case}{ending}").is_file()]
+    if missing:
+        raise InputDataError(f"{where}: {labels} lacks {missing[:5]} ({len(missing)} of {len(cases)} cases); {why}")
+    return cases
+
+
+def nnunet_test_cases(folder: Path) -> list[str]:
+    """The case ids of an nnU-Net raw folder's imagesTs/, each with its label in labelsTs/ (needed to score them): a
+    user's fixed test split (`splits.test_cases.{dataset}: imagesTs`)."""
+    meta = read_json(folder / "dataset.json") if (folder / "dataset.json").is_file() else {}
+    return _labelled_nnunet_cases(folder / "imagesTs", folder / "labelsTs", str(meta.get("file_ending", ".nii.gz")),
+                                  str(folder), "test cases are scored, so each needs its label")
+
+
 def nnunet_raw_dataset(folder: Path, name: str, configured: dict[int, str]) -> tuple[dict, dict[int, str]]:
     """An nnU-Net v2 raw dataset folder (dataset.json, imagesTr/{id}_0000{ending}, labelsTr/{id}{ending}) as the
     folder kind's images_dir/labels_dir and its classes (dataset.json `labels`: name -> value). Checked against
     dataset.json as nnU-Net itself would: one channel, `file_ending`, a label for every training image. imagesTs/
-    (nnU-Net's unlabelled test images) is not imported."""
+    (nnU-Net's test images) is imported only as the test split (`nnunet_test_cases`)."""
     where = f"datasets.{name}.nnunet_raw"
     meta_path = folder / "dataset.json"
     if not meta_path.is_file():
@@ -149,18 +172,9 @@ def nnunet_raw_dataset(folder: Path, name: str, configured: dict[int, str]) -> t
         raise InputDataError(f"{meta_path}: file_ending {ending!r} is not a format ctssl reads "
                              f"({', '.join(IMAGE_SUFFIXES)})")
     images, labels_dir = folder / "imagesTr", folder / "labelsTr"
-    if not images.is_dir():
-        raise InputDataError(f"{where}: {images} is not a folder")
-    stems = (p.name[: -len(ending)] for p in sorted(images.iterdir()) if p.name.endswith(ending))
-    cases = sorted({m["case"] for m in map(NNUNET_CHANNEL.match, stems) if m})
-    if not cases:
-        raise InputDataError(f"{where}: {images} holds no {{case}}_0000{ending} images (file_ending {ending!r})")
-    missing = [f"{case}{ending}" for case in cases if not (labels_dir / f"{case}{ending}").is_file()]
-    if missing:
-        raise InputDataError(f"{where}: {labels_dir} lacks {missing[:5]} ({len(missing)} of {len(cases)} cases); "
-                             "every nnU-Net training image has its label")
+    _labelled_nnunet_cases(images, labels_dir, ending, where, "every nnU-Net training image has its label")
     if (folder / "imagesTs").is_dir():
-        log.info("%s: imagesTs/ (unlabelled test images) is not imported", folder)
+        log.info("%s: imagesTs/ is not imported unless it is the test split (splits.test_cases: imagesTs)", folder)
     return {"images_dir": str(images), "labels_dir": str(labels_dir)}, labels
 
 
@@ -191,6 +205,12 @@ def import_folder(out_dir: Path, name: str, cfg: dict, require_labels: bool = Fa
     if cfg.get("nnunet_raw"):
         folders, labels = nnunet_raw_dataset(Path(cfg["nnunet_raw"]), name, labels)
         cfg = {**cfg, **folders}
+        if cfg.get("import_images_ts"):  # splits.test_cases.{name}: imagesTs, the test cases nnU-Net keeps apart
+            raw, ending = Path(cfg["nnunet_raw"]), str(read_json(Path(cfg["nnunet_raw"]) / "dataset.json").get(
+                "file_ending", ".nii.gz"))
+            cfg["cases"] = {case: {"image": str(raw / "imagesTs" / f"{case}_0000{ending}"),
+                                   "label": str(raw / "labelsTs" / f"{case}{ending}")}
+                            for case in nnunet_test_cases(raw)}
     mapping = {int(k): int(v) for k, v in cfg["label_map"].items()}
     assume = cfg.get("assume_geometry")  # absent: no opt-in, a file without geometry is refused
     marked = set(cfg["unlabelled"])

@@ -75,39 +75,81 @@ def train(spec: dict, plans: dict):
     trainer = trainer_class({**plans, "continue_training": False}, "3d_fullres", "all", dataset_json,
                             device=pick_device(spec["device"]))
     trainer.initialize()
-    if spec["pretrained_run"]:
+    # checkpoint_final.pth: killed after training, before predicting (nnU-Net then trains no further epoch).
+    final, latest = (Path(trainer.output_folder) / f"checkpoint_{k}.pth" for k in ("final", "latest"))
+    latest = final if final.exists() else latest
+    if latest.exists():  # a killed run of this cell (ctssl.nnunet.engine.resumable_results): continue it
+        trainer.load_checkpoint(str(latest))
+        print(f"ctssl: resuming from nnU-Net's {latest} at epoch {trainer.current_epoch}", flush=True)
+    elif spec["pretrained_run"]:
         load_pretrained_weights(trainer.network, str(Path(spec["work"]) / "weights" / "checkpoint_nnunet.pth"),
                                 verbose=True)
+    resumed_from_epoch = trainer.current_epoch
     trainer.run_training()
+    trainer.resumed_from_epoch = resumed_from_epoch
     return trainer
+
+
+def nnunet_probabilities(predictor, image: np.ndarray, spacing: list[float]) -> np.ndarray:
+    """Class probabilities (C, X, Y, Z) of one volume on ctssl's preprocessed grid by nnU-Net's predictor: the one
+    path of the cell's own test cases and of `ctssl predict`, so both give the same voxels."""
+    # As nnU-Net reads an (x, y, z)-stored NIfTI: axes reversed; it applies transpose_forward itself.
+    _, probs = predictor.predict_single_npy_array(np.asarray(image, dtype=np.float32).transpose(2, 1, 0)[None],
+                                                  {"spacing": [float(s) for s in spacing[::-1]]}, None, None, True)
+    return np.asarray(probs, dtype=np.float32).transpose(0, 3, 2, 1)
+
+
+def _predictor(network, plans_manager, configuration_manager, weights: dict, dataset_json: dict, trainer_name: str,
+               mirroring_axes, device, tile_step_size: float, mirroring: bool):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
+                                perform_everything_on_device=device.type == "cuda", device=device, allow_tqdm=False)
+    predictor.manual_initialization(network, plans_manager, configuration_manager, [weights], dataset_json,
+                                    trainer_name, mirroring_axes)
+    return predictor
+
+
+def nnunet_predictor(model_folder: Path, device, tile_step_size: float, mirroring: bool):
+    """nnU-Net's predictor for a finished cell's model folder (plans.json, dataset.json, fold_all/
+    checkpoint_final.pth), as nnU-Net's initialize_from_trained_model_folder builds it, except that the trainer class
+    is ctssl's (nnU-Net looks trainers up inside its own package only)."""
+    import torch
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from ctssl.io import read_json
+    from ctssl.nnunet.trainer import nnUNetTrainerCtssl
+
+    dataset_json = read_json(model_folder / "dataset.json")
+    plans_manager = PlansManager(read_json(model_folder / "plans.json"))
+    checkpoint = torch.load(model_folder / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    configuration = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
+    network = nnUNetTrainerCtssl.build_network_architecture(
+        plans_manager, configuration, determine_num_input_channels(plans_manager, configuration, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+    network.load_state_dict(checkpoint["network_weights"])
+    return _predictor(network, plans_manager, configuration, checkpoint["network_weights"], dataset_json,
+                      checkpoint["trainer_name"], checkpoint.get("inference_allowed_mirroring_axes"), device,
+                      tile_step_size, mirroring)
 
 
 def predict(spec: dict, trainer) -> None:
     """Class probabilities of every test case on ctssl's preprocessed grid, back in ctssl's (x, y, z) order, and
     the device they were computed on."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     from ctssl.io import write_json
 
     trainer.set_deep_supervision_enabled(False)
-    predictor = nnUNetPredictor(tile_step_size=float(spec["tile_step_size"]), use_gaussian=True,
-                                use_mirroring=bool(spec["nnunet"]["mirroring"]),
-                                perform_everything_on_device=trainer.device.type == "cuda", device=trainer.device,
-                                allow_tqdm=False)
-    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager,
-                                    [trainer.network.state_dict()],
-                                    trainer.dataset_json, type(trainer).__name__,
-                                    trainer.inference_allowed_mirroring_axes)
+    predictor = _predictor(trainer.network, trainer.plans_manager, trainer.configuration_manager,
+                           trainer.network.state_dict(), trainer.dataset_json, type(trainer).__name__,
+                           trainer.inference_allowed_mirroring_axes, trainer.device, float(spec["tile_step_size"]),
+                           bool(spec["nnunet"]["mirroring"]))
     out = Path(spec["probabilities"])
     out.mkdir(parents=True, exist_ok=True)
     for case in spec["test_cases"]:
-        image = np.load(case["image"]).astype(np.float32)
-        # As nnU-Net reads an (x, y, z)-stored NIfTI: axes reversed; it applies transpose_forward itself.
-        _, probs = predictor.predict_single_npy_array(image.transpose(2, 1, 0)[None],
-                                                      {"spacing": [float(s) for s in spec["spacing"][::-1]]},
-                                                      None, None, True)
-        np.save(out / f"{case['case']}.npy", np.asarray(probs, dtype=np.float32).transpose(0, 3, 2, 1))
-    write_json(out / "device.json", {"device": str(trainer.device)})
+        np.save(out / f"{case['case']}.npy", nnunet_probabilities(predictor, np.load(case["image"]), spec["spacing"]))
+    write_json(out / "device.json", {"device": str(trainer.device), "resumed_from_epoch": trainer.resumed_from_epoch,
+                                     "model_folder": str(Path(trainer.output_folder).parent)})
 
 
 def die_with_parent() -> None:

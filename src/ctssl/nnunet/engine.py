@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctssl.config import NNUNET_BOOKKEEPING
 from ctssl.integrity import PreprocessedFolder, verify_weights
 from ctssl.io import read_json, save_nifti, write_json
+from ctssl.predict import NNUNET_CARD
 from ctssl.splits import fraction_key
 from ctssl.train.finetune import Cell
 from ctssl.train.launch import python_env
@@ -49,6 +52,24 @@ def write_raw_dataset(raw: Path, folder: PreprocessedFolder, train_cases: list[s
     write_json(raw / "dataset.json", {"channel_names": {"0": "noNorm"}, "labels": labels,
                                       "numTraining": len(train_cases), "file_ending": ".nii.gz",
                                       "name": manifest["dataset"], "description": "written by ctssl"})
+
+
+def resumable_results(out_dir: Path, spec: dict) -> Path:
+    """nnU-Net's results folder for this cell, under `checkpoints/` beside the cell's outputs: Snakemake deletes a
+    failed job's outputs (the `nnunet/` work folder among them) but not this, so a killed cell continues from
+    nnU-Net's checkpoint_latest.pth. A folder left by a run with other settings is set aside, never reused or
+    deleted (the spec it was made with is kept beside it; device, threads and save interval do not count)."""
+    folder = (out_dir / "checkpoints").resolve()
+    results, made_with = folder / "nnUNet_results", folder / "spec.json"
+    settings = {k: v for k, v in spec.items() if k not in ("device", "threads")}
+    settings["nnunet"] = {k: v for k, v in settings["nnunet"].items() if k not in NNUNET_BOOKKEEPING}
+    if results.exists() and (not made_with.exists() or read_json(made_with) != settings):
+        aside = folder.with_name(f"checkpoints.bad-{time.strftime('%Y%m%dT%H%M%S')}")
+        folder.rename(aside)
+        log.warning("nnU-Net checkpoints in %s were made with other settings: set aside as %s", folder, aside.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(made_with, settings)
+    return results
 
 
 def training_curve(path: Path, classes: dict[int, str]) -> dict:
@@ -86,10 +107,11 @@ def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fr
             "probabilities": str(work / "probabilities"),
             "test_cases": [{"case": c, "image": str(cell.folder.path(f"{c}.npy").resolve())} for c in cell.test_cases]}
     write_json(work / "spec.json", spec)
+    results = resumable_results(out_dir, spec)
     log.info("nnU-Net fine-tune %s %s frac%s seed%d in %s", manifest["dataset"], init, fraction_key(fraction), seed,
              work)
     env = {**python_env(), "nnUNet_raw": str(work / "nnUNet_raw"),
-           "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"), "nnUNet_results": str(work / "nnUNet_results"),
+           "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"), "nnUNet_results": str(results),
            "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false",
            "OMP_NUM_THREADS": str(threads)}
     t_train = time.time()
@@ -104,6 +126,16 @@ def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fr
         raise NnunetCellError(f"nnU-Net failed (exit {done.returncode}); its log: {work / 'nnunet.log'}\n"
                               + "\n".join(tail))
     train_seconds = time.time() - t_train
+    shutil.move(results, work / "nnUNet_results")  # the trained model, now an output of the cell
+    shutil.rmtree(results.parent)
+    trained = read_json(work / "probabilities" / "device.json")
+    write_json(work / NNUNET_CARD, {  # what `ctssl predict` needs to use this cell on new scans
+        "format": "ctssl-nnunet/1", "classes": {str(k): v for k, v in cell.classes.items()},
+        "preprocessing": {key: manifest.get(key) for key in ("target_spacing", "normalization", "statistics",
+                                                             "image_order")},
+        "model_folder": str(Path("nnUNet_results") / Path(trained["model_folder"]).relative_to(results)),
+        "tile_step_size": spec["tile_step_size"], "mirroring": bool(ft["nnunet"]["mirroring"]),
+        "dataset": cell.dataset, "init": init, "fraction": fraction, "seed": seed})
 
     t_eval = time.time()
     scores = cell.score(lambda case: torch.from_numpy(np.load(work / "probabilities" / f"{case}.npy")),
@@ -116,7 +148,8 @@ def run_nnunet_cell(*, preprocessed_dir: str | Path, splits_path: str | Path, fr
                    "total": round(time.time() - t_start, 2)},
         steps=int(ft["nnunet"]["epochs"]) * int(ft["nnunet"]["iterations_per_epoch"]),
         nnunet_training=training_curve(work / "training_curve.json", cell.classes),
-        device=read_json(work / "probabilities" / "device.json")["device"], resumed_from_step=None)
+        device=trained["device"],
+        resumed_from_step=trained["resumed_from_epoch"] * int(ft["nnunet"]["iterations_per_epoch"]) or None)
     write_json(out_dir / "metrics.json", metrics)
     log.info("%s %s frac%s seed%d (nnU-Net): mean foreground Dice %.4f", manifest["dataset"], init,
              fraction_key(fraction), seed, scores["mean_foreground_dice"])

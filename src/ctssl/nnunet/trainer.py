@@ -17,7 +17,7 @@ class nnUNetTrainerCtssl(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming conven
     """Epochs and iterations from ctssl. nnU-Net's end-of-training validation is never called (nnUNetv2_train calls
     it, not the trainer): ctssl scores the cell's test cases instead."""
 
-    settings: dict = {"epochs": 1, "iterations_per_epoch": 1, "val_iterations_per_epoch": 1}
+    settings: dict = {"epochs": 1, "iterations_per_epoch": 1, "val_iterations_per_epoch": 1, "save_every": 50}
 
     def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict,
                  device: torch.device = CUDA):
@@ -25,6 +25,7 @@ class nnUNetTrainerCtssl(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming conven
         self.num_epochs = int(self.settings["epochs"])
         self.num_iterations_per_epoch = int(self.settings["iterations_per_epoch"])
         self.num_val_iterations_per_epoch = int(self.settings["val_iterations_per_epoch"])
+        self.save_every = int(self.settings["save_every"])
 
     @classmethod
     def configured(cls, settings: dict) -> type[nnUNetTrainerCtssl]:

@@ -104,19 +104,22 @@ def load_checkpoint(path: Path, fingerprint: str, modules: dict, device: torch.d
 
 
 def checkpoint_after_step(flag: SignalFlag, stop: bool, step: int, total: int, every: int, path: Path,
-                          fingerprint: str, modules: dict, csv_log, world: World = SINGLE) -> None:
+                          fingerprint: str, modules: dict, csv_log, world: World = SINGLE, due: bool = False) -> bool:
     """Call after completed step `step` (1-based) of `total`: writes the periodic checkpoint (`every` steps, 0 =
-    never) and, when a stop was asked (`stop`: a signal reached this rank or, agreed by all-reduce, any rank), a
-    checkpoint, then closes the log and raises TrainingInterrupted. Rank 0 writes; the others wait for it, so no
-    rank exits before the checkpoint is complete. The last step writes none: the results follow at once."""
+    never, or `due`: the loop's wall-clock interval has passed) and, when a stop was asked (`stop`: a signal reached
+    this rank or, agreed by all-reduce, any rank), a checkpoint, then closes the log and raises TrainingInterrupted.
+    Rank 0 writes; the others wait for it, so no rank exits before the checkpoint is complete. The last step writes
+    none: the results follow at once. Returns whether this rank wrote one."""
     if step >= total:
-        return
-    if (stop or (every and step % every == 0)) and world.is_main:
+        return False
+    written = (stop or due or bool(every and step % every == 0)) and world.is_main
+    if written:
         save_checkpoint(path, step, fingerprint, modules, csv_log.rows)
     if stop:
         barrier(world)
         csv_log.close()
         raise flag.interrupted(step, total, path)
+    return written
 
 
 def discard_checkpoint(path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctssl.config import requested_gpus
+from ctssl.config import FINETUNE_BOOKKEEPING, NNUNET_BOOKKEEPING, requested_gpus
 
 
 def seed_everything(seed: int) -> None:
@@ -73,8 +73,9 @@ def check_job_device(device: str, job: str, resources: dict, log) -> None:
 def start_training_job(smk) -> tuple[logging.Logger, dict]:
     """What every training job's entry point does first: log to the job's log, take GPUs of its own on a local
     multi-GPU machine (ctssl.train.gpu_slots), stop with one line if it asked for a GPU and has none, log the device.
-    Returns the logger and the training settings with `device` added: the device is read from the config, not the
-    rule's params, because it names hardware, not an experiment (changing it reruns nothing)."""
+    Returns the logger and the training settings with `device` (and fine-tuning's log/checkpoint intervals) added:
+    read from the config, not the rule's params, because they name hardware or bookkeeping, not an experiment
+    (changing them reruns nothing)."""
     from ctssl.logutil import setup_logging
     from ctssl.train.gpu_slots import assign_job_gpus
 
@@ -83,7 +84,14 @@ def start_training_job(smk) -> tuple[logging.Logger, dict]:
     job = f"{smk.rule} {dict(smk.wildcards.items())}"
     assign_job_gpus(device, requested_gpus(resources), job, log)
     check_job_device(device, job, resources, log)
-    return log, {**smk.params.cfg, "device": device}
+    cfg = {**smk.params.cfg, "device": device}
+    if "finetune" in cfg:  # how a cell logs and checkpoints: read from the config too, not a parameter
+        given = smk.config["finetune"]
+        cfg["finetune"] = {**{k: given[k] for k in FINETUNE_BOOKKEEPING}, **cfg["finetune"]}
+        if "nnunet" in cfg["finetune"]:
+            cfg["finetune"]["nnunet"] = {**{k: given["nnunet"][k] for k in NNUNET_BOOKKEEPING},
+                                         **cfg["finetune"]["nnunet"]}
+    return log, cfg
 
 
 def set_threads(threads: int | None) -> None:

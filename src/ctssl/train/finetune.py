@@ -24,7 +24,7 @@ from monai.transforms import (
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ctssl.config import head_warmup_problem
+from ctssl.config import FINETUNE_BOOKKEEPING, head_warmup_problem
 from ctssl.data.nifti import load_nifti
 from ctssl.evaluate import dice_per_class, summarize
 from ctssl.inference import predict_probabilities
@@ -227,14 +227,16 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
         return dice_ce(net(batch["image"]), batch["label"]), {}
 
     optimizer, scheduler, params = optimizer_and_schedule(net, ft)
-    fingerprint = json_digest({"cfg": {"finetune": ft, "model": model_cfg}, "init": init, "fraction": fraction,
+    computed = {k: v for k, v in ft.items() if k not in FINETUNE_BOOKKEEPING}  # resumable across log/ckpt changes
+    fingerprint = json_digest({"cfg": {"finetune": computed, "model": model_cfg}, "init": init, "fraction": fraction,
                                "seed": seed, "train_cases": list(cell.train_cases), "weights": weights_info.get("sha256")})
     task = Task(name=f"finetune {init} frac{fraction_key(fraction)} seed{seed}", steps=steps,
                 batch_size=batch_size * int(ft["patches_per_case"]), loss=loss, batches=batches,
                 on_step=None if on_step is None else (lambda step: on_step(step, net)),
                 loader_setting=f"finetune.num_workers (now {workers})")
     settings = LoopSettings(grad_clip=float(ft["grad_clip"]), use_amp=device.type == "cuda" and bool(cfg["amp"]),
-                            log_every=int(ft["log_every"]), checkpoint_every=int(ft["checkpoint_every"]))
+                            log_every=int(ft["log_every"]), checkpoint_every=int(ft["checkpoint_every"]),
+                            checkpoint_minutes=float(ft["checkpoint_minutes"]))
     result = run_loop(task, net, optimizer, scheduler, params, settings, out_dir, fingerprint, device)
     value, start, train_seconds = result.final_loss, result.start, result.seconds
 

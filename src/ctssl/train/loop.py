@@ -98,6 +98,7 @@ class LoopSettings:
     use_amp: bool
     log_every: int
     checkpoint_every: int   # 0: only when a signal asks for one
+    checkpoint_minutes: float = 0.0  # also one whenever this much wall-clock time passed since the last (0: off)
 
 
 @dataclass
@@ -176,6 +177,7 @@ def run_loop(task: Task, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
     t0, value, step = time.time(), float("nan"), start
     watch = LoaderWatch(task.loader_setting)
     batches = iter(task.batches(start))
+    last_checkpoint = time.monotonic()
     with SignalFlag() as flag, tqdm(total=task.steps, initial=start, desc=task.name,
                                     disable=None if world.is_main else True) as bar:
         while True:
@@ -208,8 +210,10 @@ def run_loop(task: Task, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 log.info("step %d/%d loss %.4f lr %.3g %.1f samples/s %s", step, task.steps, value, lr, rate,
                          " ".join(f"{k} {v:.4g}" for k, v in parts.items()))
                 watch.end_interval(task.name, step)
-            checkpoint_after_step(flag, stop, step, task.steps, settings.checkpoint_every, ckpt_path, fingerprint,
-                                  state, csv_log, world)
+            due = 0 < settings.checkpoint_minutes * 60 <= time.monotonic() - last_checkpoint
+            if checkpoint_after_step(flag, stop, step, task.steps, settings.checkpoint_every, ckpt_path, fingerprint,
+                                     state, csv_log, world, due=due):
+                last_checkpoint = time.monotonic()
             if task.on_step is not None:
                 task.on_step(step)
     csv_log.close()
