@@ -246,3 +246,18 @@ def test_calibration_reads_both_criteria_off_the_summary():
     assert not calibration(_summary_rows(48.0, 86.0, 8.1, (-0.5, 13.0), 0.004), "liver")["passed"][1]
     with pytest.raises(ValueError, match="no 'supervised-all' cells for liver at 10 %"):
         calibration(_summary_rows(48.0, 86.0, 8.1, (3.0, 13.0), 0.004).iloc[:2], "liver")
+
+
+def test_bootstrap_interval_matches_the_known_interval_of_a_mean():
+    """1,000 pairs whose Δ are draws from N(2, 3²): the percentile bootstrap of the mean must give the sample mean
+    ± 1.96 s/√n (the interval the central limit theorem gives), not e.g. the range of the Δ."""
+    import numpy as np
+
+    from ctssl.report import bootstrap_ci
+
+    deltas = np.random.default_rng(7).normal(2.0, 3.0, size=1000)
+    mine, reference = (deltas + 50.0)[:, None], np.full((1000, 1), 50.0)
+    low, high = bootstrap_ci(mine, reference)
+    half = 1.96 * deltas.std(ddof=1) / np.sqrt(len(deltas))  # 0.186
+    assert low == pytest.approx(deltas.mean() - half, abs=0.1 * half)
+    assert high == pytest.approx(deltas.mean() + half, abs=0.1 * half)
