@@ -129,6 +129,7 @@ def gpu_request_check(rule_name):
 
     return check
 
+
 def init_weights(wildcards):
     """scratch -> no input; {method}-{pool} -> that pretraining run's backbone weights."""
     parsed = parse_init(wildcards.init)
