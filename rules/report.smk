@@ -31,6 +31,7 @@ rule report:
         per_class_csv=f"{R}/report/dice_per_class.csv",
         provenance_csv=f"{R}/report/provenance.csv",
         comparisons_csv=f"{R}/report/comparisons.csv",
+        per_seed_csv=f"{R}/report/delta_per_seed.csv",
         efficiency_png=report(
             f"{R}/report/label_efficiency.png",
             caption="../report/label_efficiency.rst",

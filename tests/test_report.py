@@ -95,7 +95,7 @@ def test_per_class_table(files):
 def test_write_report_files(files, tmp_path):
     out = {k: tmp_path / "report" / name for k, name in (
         ("table_csv", "t.csv"), ("table_md", "t.md"), ("table_tex", "t.tex"), ("table_html", "t.html"), ("per_case_csv", "case.csv"),
-        ("per_class_csv", "class.csv"), ("provenance_csv", "prov.csv"), ("comparisons_csv", "versus.csv"),
+        ("per_class_csv", "class.csv"), ("provenance_csv", "prov.csv"), ("comparisons_csv", "versus.csv"), ("per_seed_csv", "per_seed.csv"),
         ("efficiency_png", "eff.png"), ("per_class_png", "cls.png"), ("effects_png", "effects.png"))}
     write_report(files, out, note="Demo: too short to show an effect.", comparisons=[("pgl-all", "byol-all")])
     assert pd.read_csv(out["per_case_csv"]).shape == (48, 7)
@@ -261,3 +261,46 @@ def test_bootstrap_interval_matches_the_known_interval_of_a_mean():
     half = 1.96 * deltas.std(ddof=1) / np.sqrt(len(deltas))  # 0.186
     assert low == pytest.approx(deltas.mean() - half, abs=0.1 * half)
     assert high == pytest.approx(deltas.mean() + half, abs=0.1 * half)
+
+
+def test_run_level_bootstrap_on_hand_computed_grids():
+    """The crossed bootstrap resamples seeds and test cases independently (ctssl.report.run_bootstrap_ci)."""
+    import numpy as np
+
+    from ctssl.report import bootstrap_ci, run_bootstrap_ci
+
+    zeros = np.zeros((2, 1, 1))
+    # Two seeds, one case, Δ 0 and 2: resampled means 0, 1, 2 with probability 1/4, 1/2, 1/4 -> [0, 2] exactly.
+    assert run_bootstrap_ci(np.array([[[0.0]], [[2.0]]]), zeros) == (0.0, 2.0)
+    # One seed, two cases, Δ 0 and 2: the cases are resampled the same way.
+    assert run_bootstrap_ci(np.array([[[0.0], [2.0]]]), np.zeros((1, 2, 1))) == (0.0, 2.0)
+    # A seed effect only (Δ = 0 on every case of seed 0, 2 on every case of seed 1, 10 cases): by run the interval
+    # is still [0, 2]: which seed was drawn decides everything. Pairs taken as independent (20 of them) would
+    # claim [0.6, 1.4] or so, and a verdict of "> 0" on two runs.
+    grid = np.repeat(np.array([[[0.0]], [[2.0]]]), 10, axis=1)
+    assert run_bootstrap_ci(grid, np.zeros_like(grid)) == (0.0, 2.0)
+    low, high = bootstrap_ci(grid.reshape(20, 1), np.zeros((20, 1)))
+    assert 0.4 < low < high < 1.6
+    # A known interval: 1,000 seeds x 1 case from N(2, 3^2) -> mean +- 1.96 s / sqrt(n).
+    deltas = np.random.default_rng(7).normal(2.0, 3.0, size=1000)
+    low, high = run_bootstrap_ci(deltas[:, None, None], np.zeros((1000, 1, 1)))
+    half = 1.96 * deltas.std(ddof=1) / np.sqrt(1000)
+    assert low == pytest.approx(deltas.mean() - half, abs=0.1 * half)
+    assert high == pytest.approx(deltas.mean() + half, abs=0.1 * half)
+    # A missing (seed, case) cell is NaN and skipped.
+    holed = np.array([[[1.0], [np.nan]], [[1.0], [1.0]]])
+    assert run_bootstrap_ci(holed, np.zeros((2, 2, 1))) == (1.0, 1.0)
+
+
+def test_delta_per_seed_shows_which_draws_carry_a_result():
+    import pandas as pd
+
+    from ctssl.report import delta_per_seed, seed_lines
+
+    cells = pd.DataFrame({"dataset": "liver", "fraction": 5.0, "init": ["scratch"] * 3 + ["pgl-all"] * 3 + ["x@nnunet"],
+                          "seed": [0, 1, 2, 0, 1, 2, 0], "mean_fg_dice": [0.5, 0.6, 0.4, 0.62, 0.59, 0.41, 0.3]})
+    per_seed = delta_per_seed(cells)
+    assert per_seed[["init", "reference", "seed"]].values.tolist() == [
+        ["pgl-all", "scratch", 0], ["pgl-all", "scratch", 1], ["pgl-all", "scratch", 2]]  # no scratch@nnunet cell
+    assert per_seed["delta"].tolist() == pytest.approx([12.0, -1.0, 1.0])
+    assert seed_lines(per_seed) == ["- liver, 5 %, pgl-all: +12.0 (seed 0), -1.0 (seed 1), +1.0 (seed 2)"]

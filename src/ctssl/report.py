@@ -113,27 +113,61 @@ BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0  # fixed: the same cells always give the same interval
 
 
+def _delta(mine: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Δ of stacks of resampled pair sets (..., pairs, classes): the mean over classes of each class's mean (NaN
+    skipped), as the table computes it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample in which a class is NaN throughout
+        return np.nanmean(np.nanmean(mine, axis=-2), axis=-1) - np.nanmean(np.nanmean(reference, axis=-2), axis=-1)
+
+
 def bootstrap_ci(mine: np.ndarray, reference: np.ndarray, level: float = 0.95,
                  resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile bootstrap interval of Δ, the difference in mean foreground Dice, over paired (seed, test case)
-    units: `mine` and `reference` are (pairs, classes) Dice arrays (NaN: class absent from both prediction and
-    reference, skipped as in the table); each resample draws pairs with replacement and computes Δ as the table
-    does, the mean over classes of each class's mean. (NaN, NaN) without pairs."""
+    """Percentile bootstrap interval of Δ, the difference in mean foreground Dice, treating every paired unit as
+    independent: `mine` and `reference` are (pairs, classes) Dice arrays (NaN: class absent from both prediction
+    and reference, skipped as in the table); each resample draws pairs with replacement and computes Δ as the table
+    does, the mean over classes of each class's mean. (NaN, NaN) without pairs. For (seed, case) pairs use
+    `run_bootstrap_ci`: seeds are not independent of each other's cases."""
     mine, reference = np.asarray(mine, dtype=float), np.asarray(reference, dtype=float)
     if len(mine) == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     deltas = np.empty(resamples)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a resample in which a class is NaN throughout
-        for start in range(0, resamples, 1000):  # chunks: a paper grid has thousands of pairs
-            stop = min(resamples, start + 1000)
-            idx = rng.integers(0, len(mine), size=(stop - start, len(mine)))
-            deltas[start:stop] = (np.nanmean(np.nanmean(mine[idx], axis=1), axis=1)
-                                  - np.nanmean(np.nanmean(reference[idx], axis=1), axis=1))
+    for start in range(0, resamples, 1000):  # chunks: a paper grid has thousands of pairs
+        stop = min(resamples, start + 1000)
+        idx = rng.integers(0, len(mine), size=(stop - start, len(mine)))
+        deltas[start:stop] = _delta(mine[idx], reference[idx])
+    return _percentiles(deltas, level)
+
+
+def _percentiles(deltas: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1 - level) / 2
     low, high = np.nanquantile(deltas, [tail, 1 - tail])
     return float(low), float(high)
+
+
+def run_bootstrap_ci(mine: np.ndarray, reference: np.ndarray, level: float = 0.95,
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of Δ over a (seeds, cases, classes) grid of Dice, resampling seeds and test cases
+    independently (the crossed, "pigeonhole" bootstrap of Owen 2007): each resample draws S of the S seeds (runs:
+    each seed is one labelled subset and one training trajectory, the main source of variance at one labelled case)
+    and C of the C test cases with replacement and takes Δ over their S x C sub-grid. So the interval widens with the
+    spread between seeds and with the spread between cases, and a result carried by one or two seeds gets the wide
+    interval it deserves; treating the S x C pairs as independent (`bootstrap_ci`) does not. Missing cells: NaN."""
+    mine, reference = np.asarray(mine, dtype=float), np.asarray(reference, dtype=float)
+    if mine.size == 0:
+        return float("nan"), float("nan")
+    n_seeds, n_cases = mine.shape[:2]
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(resamples)
+    chunk = max(1, 2_000_000 // max(1, mine.size))  # resamples per chunk: bounded memory on big grids
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        seeds = rng.integers(0, n_seeds, size=(stop - start, n_seeds, 1))
+        cases = rng.integers(0, n_cases, size=(stop - start, 1, n_cases))
+        shape = (stop - start, n_seeds * n_cases, mine.shape[2])
+        deltas[start:stop] = _delta(mine[seeds, cases].reshape(shape), reference[seeds, cases].reshape(shape))
+    return _percentiles(deltas, level)
 
 
 def holm(pvalues: Iterable[float]) -> np.ndarray:
@@ -168,11 +202,21 @@ class Pairing:
         delta = 100 * (self.means[(dataset, fraction, mine)] - self.means[(dataset, fraction, reference)])
         p, n = paired_wilcoxon(self.scores.loc[(dataset, mine, fraction)],
                                self.scores.loc[(dataset, reference, fraction)])
+        a, b = self.grid(dataset, fraction, mine, reference)
+        low, high = run_bootstrap_ci(a, b)
+        return {"delta": delta, "ci_low": 100 * low, "ci_high": 100 * high, "p_wilcoxon": p, "n_pairs": n}
+
+    def grid(self, dataset: str, fraction: float, mine: str, reference: str) -> tuple[np.ndarray, np.ndarray]:
+        """Both inits' class Dice on their shared (seed, test case) pairs as (seeds, cases, classes) arrays."""
         a = self.class_dice.loc[(dataset, mine, fraction)]
         b = self.class_dice.loc[(dataset, reference, fraction)]
         shared = a.index.intersection(b.index)
-        low, high = bootstrap_ci(a.loc[shared].to_numpy(), b.loc[shared].to_numpy())
-        return {"delta": delta, "ci_low": 100 * low, "ci_high": 100 * high, "p_wilcoxon": p, "n_pairs": n}
+        seeds = shared.get_level_values("seed").unique()
+        cases = shared.get_level_values("case").unique()
+        full = pd.MultiIndex.from_product([seeds, cases], names=["seed", "case"])
+        shape = (len(seeds), len(cases), a.shape[1])
+        return (a.loc[shared].reindex(full).to_numpy().reshape(shape),
+                b.loc[shared].reindex(full).to_numpy().reshape(shape))
 
 
 def _holm_within(table: pd.DataFrame) -> pd.Series:
@@ -262,6 +306,28 @@ def calibration(summary: pd.DataFrame, dataset: str, control: str = "supervised-
          "n": f"{int(ctrl['n_pairs'])} (case, seed) pairs",
          "passed": bool(ctrl["delta_vs_scratch"] > 0 and ctrl["ci_low"] > 0 and ctrl["p_wilcoxon"] < CALIBRATION_P)},
     ])
+
+
+def delta_per_seed(cells: pd.DataFrame) -> pd.DataFrame:
+    """Δ of every init against its engine's scratch per seed (one labelled subset and one run each), in Dice points:
+    whether a table's Δ is carried by one or two draws is read here."""
+    runs = cells.set_index(["dataset", "fraction", "init", "seed"])["mean_fg_dice"]
+    rows = []
+    for (dataset, fraction, init, seed), value in runs.items():
+        reference = reference_for(init)
+        if init != reference and (dataset, fraction, reference, seed) in runs.index:
+            rows.append({"dataset": dataset, "fraction": fraction, "init": init, "reference": reference, "seed": seed,
+                         "delta": 100 * (value - runs[(dataset, fraction, reference, seed)])})
+    return pd.DataFrame(rows, columns=["dataset", "fraction", "init", "reference", "seed", "delta"])
+
+
+def seed_lines(per_seed: pd.DataFrame) -> list[str]:
+    """The Markdown list of Δ per seed: one line per (dataset, fraction, init)."""
+    lines = []
+    for (dataset, fraction, init), rows in per_seed.groupby(["dataset", "fraction", "init"], sort=False):
+        deltas = ", ".join(f"{_signed(d)} (seed {s})" for s, d in zip(rows["seed"], rows["delta"], strict=True))
+        lines.append(f"- {dataset}, {fraction_key(fraction)} %, {init}: {deltas}")
+    return lines
 
 
 def per_class_table(long: pd.DataFrame) -> pd.DataFrame:
@@ -389,8 +455,9 @@ NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%) on e
         "NaN skipped as in nnU-Net. Dice (prep. grid): the same mean scored on the preprocessed grid (RAS, target "
         "spacing). Rows ending in @nnunet were fine-tuned by nnU-Net's own trainer (finetune.engine nnunet) and "
         "are compared with scratch@nnunet; the others by ctssl's and compared with scratch. "
-        "Δ: difference of means to scratch, in Dice points. 95% CI: percentile bootstrap interval of Δ (10,000 "
-        "resamples of the (seed, test case) pairs with replacement, Δ recomputed from each, fixed seed). "
+        "Δ: difference of means to scratch, in Dice points. 95% CI: of Δ by run, a percentile bootstrap that "
+        "resamples seeds (runs) and test cases independently and recomputes Δ on each resampled seed x case grid "
+        "(10,000 resamples, fixed seed): a Δ carried by one or two seeds gets a wide interval. "
         "p: two-sided Wilcoxon "
         "signed-rank test of the init against scratch, paired over (seed, test case), each pair's values being the "
         "case's mean foreground Dice. p Holm: p corrected by Holm's step-down method across the inits of the same "
@@ -398,7 +465,7 @@ NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%) on e
 
 
 def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame, note: str = "",
-                    comparisons: pd.DataFrame | None = None) -> str:
+                    comparisons: pd.DataFrame | None = None, per_seed: pd.DataFrame | None = None) -> str:
     lines = ["# Mean foreground Dice (%) by initialization and label fraction", ""]
     lines += [f"**Note.** {note}", ""] if note else []
     lines += [NOTE, ""]
@@ -410,6 +477,9 @@ def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: 
         for dataset in sorted(comparisons["dataset"].unique()):
             lines += [f"## {dataset}", "", comparison_block(comparisons, dataset).to_markdown(disable_numparse=True),
                       ""]
+    if per_seed is not None and not per_seed.empty:
+        lines += ["# Δ per seed", "", "Each init minus its engine's scratch, per seed (one labelled subset and one "
+                  "training run each), in Dice points (delta_per_seed.csv).", "", *seed_lines(per_seed), ""]
     lines += ["# Dice per class (%)", "", "Mean ± sd over seeds of each class's mean Dice over test cases.", ""]
     for dataset in sorted(per_class["dataset"].unique()):
         lines += [f"## {dataset}", "", class_block(per_class, dataset, _md_bold).to_markdown(), ""]
@@ -494,13 +564,13 @@ def latex_report(summary: pd.DataFrame, per_class: pd.DataFrame, comparisons: pd
     parts = [f"% Generated by ctssl. {NOTE}", "% Needs \\usepackage{booktabs}.", ""]
     for dataset in sorted(summary["dataset"].unique()):
         parts.append(_tex_table(dataset_block(summary, dataset, _tex_bold),
-                                f"{dataset}: mean foreground Dice (%), Δ vs scratch, 95 % bootstrap CI, Wilcoxon p "
+                                f"{dataset}: mean foreground Dice (%), Δ vs scratch, 95 % run-level bootstrap CI, Wilcoxon p "
                                 f"and Holm-corrected p across the inits; {_counts(summary, dataset)}.",
                                 f"tab:dice-{dataset}"))
     for dataset in ([] if comparisons is None else sorted(comparisons["dataset"].unique())):
         parts.append(_tex_table(comparison_block(comparisons, dataset),
                                 f"{dataset}: head-to-head comparisons, Δ = first init minus second (Dice points), "
-                                "95 % bootstrap CI, Wilcoxon p and Holm-corrected p across the comparisons.",
+                                "95 % run-level bootstrap CI, Wilcoxon p and Holm-corrected p across the comparisons.",
                                 f"tab:comparisons-{dataset}"))
     for dataset in sorted(per_class["dataset"].unique()):
         parts.append(_tex_table(class_block(per_class, dataset, _tex_bold),
@@ -606,7 +676,7 @@ def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path]
                  pretrain_logs: Iterable[str | Path] = (), raw_dirs: Mapping[str, str | Path] | None = None,
                  comparisons: Iterable[tuple[str, str]] = ()) -> None:
     """All report files; `out` maps: table_csv, table_md, table_tex, table_html, per_case_csv, per_class_csv,
-    provenance_csv, comparisons_csv, efficiency_png, per_class_png, effects_png, pretraining_png, finetuning_png, and
+    provenance_csv, comparisons_csv, per_seed_csv, efficiency_png, per_class_png, effects_png, pretraining_png, finetuning_png, and
     overlays_{dataset} for each dataset of `raw_dirs` (dataset -> its raw MSD folder, where the CT and ground truth
     are read). `note` (config `report_note`) heads the Markdown/HTML tables. `pretrain_logs`: the pretraining runs'
     train_log.csv. `comparisons`: (A, B) pairs of inits for the head-to-head table (config `comparisons`)."""
@@ -615,13 +685,15 @@ def write_report(metrics_files: Iterable[str | Path], out: dict[str, str | Path]
     summary = summary_table(cells, long)
     per_class = per_class_table(long)
     versus = comparisons_table(cells, long, comparisons)
+    per_seed = delta_per_seed(cells)
     tables = {"table_csv": summary, "per_case_csv": long.sort_values(LONG_COLUMNS[:6]),
-              "per_class_csv": per_class, "provenance_csv": provenance, "comparisons_csv": versus}
+              "per_class_csv": per_class, "provenance_csv": provenance, "comparisons_csv": versus,
+              "per_seed_csv": per_seed}
     for key, frame in tables.items():
         with atomic_path(out[key]) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out["table_md"]) as tmp:
-        tmp.write_text(markdown_report(summary, per_class, provenance, note, versus))
+        tmp.write_text(markdown_report(summary, per_class, provenance, note, versus, per_seed))
     with atomic_path(out["table_tex"]) as tmp:
         tmp.write_text(latex_report(summary, per_class, versus))
     with atomic_path(out["table_html"]) as tmp:
