@@ -239,7 +239,7 @@ def test_calibration_reads_both_criteria_off_the_summary():
     table = calibration(_summary_rows(48.0, 86.0, 8.1, (3.0, 13.0), 0.004), "liver")
     assert list(table["passed"]) == [True, True]
     assert table["value"].tolist() == ["+38.0", "Δ +8.1 [+3.0, +13.0], p 0.004"]
-    assert table["n"].tolist() == ["3 + 5 seeds x 12 test cases", "60 (case, seed) pairs"]
+    assert table["n"].tolist() == ["3 + 5 seeds x 12 test cases", "60 (case, seed) pairs, CI by run"]
     # (a) fails under a 15-point gap; (b) fails on p, on a CI that reaches 0, or on a negative Δ
     assert list(calibration(_summary_rows(70.0, 84.9, 8.1, (3.0, 13.0), 0.004), "liver")["passed"]) == [False, True]
     assert not calibration(_summary_rows(48.0, 86.0, 8.1, (3.0, 13.0), 0.02), "liver")["passed"][1]

@@ -678,7 +678,8 @@ def exp_calibration(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
     inits = sorted(set(summary["init"]))
     header = (f"# calibration: can {study.dataset} under this schedule see transfer? (test cases)\n\n"
               f"From {source} (inits in it: {', '.join(inits)}); the pre-registered criteria of issue 24, checked "
-              f"before any SSL row is read. Dice in points; Δ with its 95 % bootstrap CI over (case, seed) pairs and "
+              f"before any SSL row is read. Dice in points; Δ with its run-level 95 % CI (seeds and test cases "
+              f"resampled independently) and "
               f"the two-sided Wilcoxon signed-rank p (one comparison, uncorrected).\n\n")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)

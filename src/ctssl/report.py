@@ -282,7 +282,7 @@ CALIBRATION_P = 0.01  # issue 24 (b): the supervised control above scratch at th
 def calibration(summary: pd.DataFrame, dataset: str, control: str = "supervised-all") -> pd.DataFrame:
     """Whether the instrument can see transfer, read off a report's summary table (`dice_table.csv`) before any
     SSL row: (a) scratch's label gap, highest minus lowest fraction, at least CALIBRATION_GAP points; (b) the
-    `control` init above scratch at the lowest fraction, Wilcoxon p < CALIBRATION_P and the 95 % bootstrap CI of Δ
+    `control` init above scratch at the lowest fraction, Wilcoxon p < CALIBRATION_P and the run-level 95 % CI of Δ
     above 0 (one pre-registered comparison: the uncorrected p). One row per criterion, with `passed`."""
     rows = summary[(summary["dataset"] == dataset) & (summary["engine"] == "ctssl")]
     lowest, highest = rows["fraction"].min(), rows["fraction"].max()
@@ -303,7 +303,7 @@ def calibration(summary: pd.DataFrame, dataset: str, control: str = "supervised-
         {"criterion": f"(b) {control} > scratch at {fraction_key(lowest)} %: p < {CALIBRATION_P:g} and CI above 0",
          "value": f"Δ {ctrl['delta_vs_scratch']:+.1f} [{ctrl['ci_low']:+.1f}, {ctrl['ci_high']:+.1f}], "
                   f"p {ctrl['p_wilcoxon']:.2g}",
-         "n": f"{int(ctrl['n_pairs'])} (case, seed) pairs",
+         "n": f"{int(ctrl['n_pairs'])} (case, seed) pairs, CI by run",
          "passed": bool(ctrl["delta_vs_scratch"] > 0 and ctrl["ci_low"] > 0 and ctrl["p_wilcoxon"] < CALIBRATION_P)},
     ])
 
