@@ -24,9 +24,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default: experiments/results/EXPERIMENT")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (experiments that support it)")
+    parser.add_argument("--dataset", default="liver", help="the config's downstream dataset the study fine-tunes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    study = Study(args.config, threads=args.threads)
+    study = Study(args.config, dataset=args.dataset, threads=args.threads)
     study.ensure_data()
     out = Path(args.out or ROOT / "experiments" / "results" / args.experiment)
     experiment = EXPERIMENTS[args.experiment]
