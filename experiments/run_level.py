@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ctssl.report import Pairing, bootstrap_ci, init_order, reference_for, run_bootstrap_ci
+from ctssl.report import Pairing, bootstrap_ci, delta_per_seed, init_order, reference_for, run_bootstrap_ci
 
 
 def cells_of(long: pd.DataFrame) -> pd.DataFrame:
@@ -27,7 +27,7 @@ def both_intervals(long: pd.DataFrame, versus: list[tuple[str, str]]) -> pd.Data
     """Every init against its engine's scratch, and the `versus` pairs (A, B): Δ = A − B."""
     cells = cells_of(long)
     pairing = Pairing(cells, long)
-    runs = cells.set_index(["dataset", "fraction", "init", "seed"])["mean_fg_dice"]
+    per_seed = delta_per_seed(cells, versus)
     rows = []
     for (dataset, fraction), group in cells.groupby(["dataset", "fraction"]):
         inits = init_order(group["init"].unique())
@@ -38,15 +38,14 @@ def both_intervals(long: pd.DataFrame, versus: list[tuple[str, str]]) -> pd.Data
             a, b = pairing.grid(dataset, fraction, mine, reference)
             pair_low, pair_high = bootstrap_ci(a.reshape(-1, a.shape[2]), b.reshape(-1, b.shape[2]))
             run_low, run_high = run_bootstrap_ci(a, b)
-            seeds = sorted(set(runs[(dataset, fraction, mine)].index) & set(runs[(dataset, fraction, reference)].index))
-            per_seed = [100 * (runs[(dataset, fraction, mine, s)] - runs[(dataset, fraction, reference, s)])
-                        for s in seeds]
+            seeds = per_seed[(per_seed["dataset"] == dataset) & (per_seed["fraction"] == fraction)
+                             & (per_seed["init"] == mine) & (per_seed["reference"] == reference)]["delta"]
             rows.append({"dataset": dataset, "fraction": fraction, "comparison": f"{mine} - {reference}",
                          "delta": pairing.versus(dataset, fraction, mine, reference)["delta"],
                          "pairs_ci": f"[{100 * pair_low:+.1f}, {100 * pair_high:+.1f}]",
                          "run_ci": f"[{100 * run_low:+.1f}, {100 * run_high:+.1f}]",
                          "seeds_x_cases": f"{a.shape[0]} x {a.shape[1]}",
-                         "delta_per_seed": " ".join(f"{d:+.1f}" for d in per_seed)})
+                         "delta_per_seed": " ".join(f"{d:+.1f}" for d in seeds)})
     return pd.DataFrame(rows)
 
 

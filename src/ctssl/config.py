@@ -573,15 +573,15 @@ def _layout_problems(config: dict) -> list[str]:
 def _path_problems(config: dict) -> list[str]:
     """Your own data's paths (`folder` datasets) must exist when the DAG is built: a typo then fails at
     `snakemake -n`, not in the first job. (A `manual` archive may still be downloading: it is checked by its job.)"""
+    from ctssl.data.manifest import configured_paths
+
     problems = []
     for name, spec in config["datasets"].items():
         if spec.get("kind") != "folder":
             continue
-        paths = [(key, spec[key]) for key in ("images_dir", "labels_dir", "nnunet_raw") if spec.get(key)]
-        paths += [(f"cases.{case}.{key}", entry[key]) for case, entry in (spec.get("cases") or {}).items()
-                  for key in ("image", "label") if isinstance(entry, dict) and entry.get(key)]
-        problems += [f"datasets.{name}.{key} = {str(path)!r}: does not exist (relative paths are read from "
-                     f"{Path.cwd()})" for key, path in paths if not Path(str(path)).expanduser().exists()]
+        problems += [f"datasets.{name}.{key} = {str(path)!r}: does not exist "
+                     f"(relative paths are read from {Path.cwd()})"
+                     for key, path in configured_paths(spec) if not path.exists()]
     return problems
 
 

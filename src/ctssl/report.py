@@ -308,17 +308,19 @@ def calibration(summary: pd.DataFrame, dataset: str, control: str = "supervised-
     ])
 
 
-def delta_per_seed(cells: pd.DataFrame) -> pd.DataFrame:
-    """Δ of every init against its engine's scratch per seed (one labelled subset and one run each), in Dice points:
-    whether a table's Δ is carried by one or two draws is read here."""
+def delta_per_seed(cells: pd.DataFrame, versus: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
+    """Δ of every init against its engine's scratch, and of each `versus` pair (A, B: A − B), per seed (one labelled
+    subset and one run each), in Dice points: whether a table's Δ is carried by one or two draws is read here."""
     runs = cells.set_index(["dataset", "fraction", "init", "seed"])["mean_fg_dice"]
+    pairs = [(i, reference_for(i)) for i in init_order(cells["init"].unique()) if i != reference_for(i)]
     rows = []
-    for (dataset, fraction, init, seed), value in runs.items():
-        reference = reference_for(init)
-        if init != reference and (dataset, fraction, reference, seed) in runs.index:
-            rows.append({"dataset": dataset, "fraction": fraction, "init": init, "reference": reference, "seed": seed,
-                         "delta": 100 * (value - runs[(dataset, fraction, reference, seed)])})
-    return pd.DataFrame(rows, columns=["dataset", "fraction", "init", "reference", "seed", "delta"])
+    for mine, reference in [*pairs, *versus]:
+        for (dataset, fraction, init, seed), value in runs.items():
+            if init == mine and (dataset, fraction, reference, seed) in runs.index:
+                rows.append({"dataset": dataset, "fraction": fraction, "init": mine, "reference": reference,
+                             "seed": seed, "delta": 100 * (value - runs[(dataset, fraction, reference, seed)])})
+    columns = ["dataset", "fraction", "init", "reference", "seed", "delta"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def seed_lines(per_seed: pd.DataFrame) -> list[str]:

@@ -18,19 +18,26 @@ from ctssl.io import atomic_path
 LISTED_KINDS = ("folder", "manual")  # the kinds read from the user's own paths (downloads are fixed archives)
 
 
-def source_roots(spec: dict) -> list[Path]:
-    """The paths a dataset of a listed kind is read from (folders are listed recursively)."""
+def configured_paths(spec: dict) -> list[tuple[str, Path]]:
+    """(key, path) of every path a dataset of a listed kind is read from, keys as in the config (`images_dir`,
+    `cases.{case}.label`, ...): what the configuration check requires to exist and what the listing walks."""
     if spec["kind"] == "manual":
         keys = ["path"]
     elif spec["kind"] == "folder":
         keys = ["images_dir", "labels_dir", "nnunet_raw"]
     else:
         return []
-    roots = [Path(str(spec[k])).expanduser() for k in keys if spec.get(k)]
-    for entry in (spec.get("cases") or {}).values():
+    paths = [(key, Path(str(spec[key])).expanduser()) for key in keys if spec.get(key)]
+    for case, entry in (spec.get("cases") or {}).items():
         if isinstance(entry, dict):
-            roots += [Path(str(entry[k])).expanduser() for k in ("image", "label") if entry.get(k)]
-    return roots
+            paths += [(f"cases.{case}.{key}", Path(str(entry[key])).expanduser())
+                      for key in ("image", "label") if entry.get(key)]
+    return paths
+
+
+def source_roots(spec: dict) -> list[Path]:
+    """The paths a dataset of a listed kind is read from (folders are listed recursively)."""
+    return [path for _, path in configured_paths(spec)]
 
 
 def source_listing(spec: dict) -> dict[str, list[int]]:
