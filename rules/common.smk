@@ -5,6 +5,8 @@ from ctssl.config import (
     NNUNET_BOOKKEEPING,
     all_inits,
     engines,
+    fixed_test_cases,
+    import_settings,
     inits_for,
     job_resources,
     nnunet_arch_problem,
@@ -15,7 +17,6 @@ from ctssl.config import (
     slurm_gpu_problem,
 )
 from ctssl.data.manifest import LISTED_KINDS, refresh_source_manifest
-from ctssl.data.sources import nnunet_test_cases
 from ctssl.splits import fraction_key
 
 R = config["results"]
@@ -120,11 +121,10 @@ def gpu_request_check(rule_name):
 
     def check(wildcards):
         settings = workflow.resource_settings
-        rule_keys = set(settings.overwrite_resources.get(rule_name, {}))
-        if any(k.startswith("slurm_") for k in rule_keys | set(settings.default_resources or {})):
-            problem = slurm_gpu_problem(config, rule_name, rule_keys)
-            if problem:
-                raise WorkflowError(problem)
+        problem = slurm_gpu_problem(config, rule_name, settings.overwrite_resources.get(rule_name, {}),
+                                    settings.default_resources or {})
+        if problem:
+            raise WorkflowError(problem)
         return []
 
     return check
@@ -159,12 +159,9 @@ def splits_params(wildcards):
     """The split settings of one dataset; its own test cases only when the user fixed them (so a results folder made
     before `splits.test_cases` existed, or another dataset's list, reruns nothing)."""
     params = {"test_fraction": config["splits"]["test_fraction"], "min_test": config["splits"]["min_test"]}
-    own = config["splits"]["test_cases"]
-    fixed = own[wildcards.dataset] if wildcards.dataset in own else []
-    if fixed == "imagesTs":  # the ids themselves, so a changed imagesTs/ reruns the split
-        fixed = nnunet_test_cases(Path(config["datasets"][wildcards.dataset]["nnunet_raw"]))
+    fixed = fixed_test_cases(config, wildcards.dataset)
     if fixed:
-        params["test_cases"] = sorted(fixed)
+        params["test_cases"] = fixed
     return params
 
 
@@ -184,12 +181,8 @@ def splits_if_downstream(wildcards):
 
 
 def dataset_settings(wildcards):
-    """The `datasets.{dataset}` section (kind and its keys); for an nnU-Net raw folder whose imagesTs/ is the test
-    split, a flag that imports those cases too (only then: other datasets' settings are unchanged)."""
-    spec, own = config["datasets"][wildcards.dataset], config["splits"]["test_cases"]
-    if wildcards.dataset in own and own[wildcards.dataset] == "imagesTs":
-        return {**spec, "import_images_ts": True}
-    return spec
+    """The `datasets.{dataset}` section as its import job reads it (ctssl.config.import_settings)."""
+    return import_settings(config, wildcards.dataset)
 
 
 def is_downstream(wildcards):

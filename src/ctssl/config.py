@@ -734,6 +734,26 @@ def load_config(path: str | Path) -> dict:
         raise ConfigError(f"{path}: invalid configuration:\n{exc}") from None
 
 
+def fixed_test_cases(config: dict, dataset: str) -> list[str] | None:
+    """The user's own test cases of `dataset` (`splits.test_cases`), sorted; for `imagesTs` the ids in the nnU-Net
+    raw folder's imagesTs/ (so a changed imagesTs/ changes the split's parameters); None when the split is drawn."""
+    fixed = config["splits"]["test_cases"].get(dataset)
+    if fixed == "imagesTs":
+        from ctssl.data.sources import nnunet_test_cases
+
+        fixed = nnunet_test_cases(Path(config["datasets"][dataset]["nnunet_raw"]))
+    return sorted(fixed) if fixed else None
+
+
+def import_settings(config: dict, dataset: str) -> dict:
+    """The `datasets.{dataset}` section as its import job reads it: for an nnU-Net raw folder whose imagesTs/ is the
+    test split, a flag that imports those cases too (only then: other datasets' settings are unchanged)."""
+    spec = config["datasets"][dataset]
+    if config["splits"]["test_cases"].get(dataset) == "imagesTs":
+        return {**spec, "import_images_ts": True}
+    return spec
+
+
 def requested_gpus(resources: Mapping) -> int:
     """GPUs a Snakemake job asked its scheduler for: `gpu`, or `gres` (gpu:N or gpu:model:N, per node)."""
     if resources.get("gpu"):
@@ -751,12 +771,17 @@ NNUNET_BOOKKEEPING = ("save_every",)  # finetune.nnunet.* of the same kind
 TRAINING_RULES = {"pretrain": "pretrain", "finetune": "finetune", "finetune_nnunet": "finetune"}  # rule -> stage
 
 
-def slurm_gpu_problem(config: dict, rule: str, profile_keys: Iterable[str]) -> str | None:
-    """Why a training job sent to SLURM would train without a GPU (None if it asks for one, or trains on the CPU on
-    purpose with `device: cpu`). `profile_keys`: the resource names the profile sets for the rule (set-resources).
+def slurm_gpu_problem(config: dict, rule: str, profile_keys: Iterable[str],
+                      default_keys: Iterable[str] = ()) -> str | None:
+    """Why a training job sent to SLURM would train without a GPU (None if it asks for one, trains on the CPU on
+    purpose with `device: cpu`, or the run is not a SLURM run: no `slurm_*` resource in the profile's set-resources
+    for the rule, `profile_keys`, or in its default-resources, `default_keys`).
     SLURM gives a job no GPU it did not request, and the job would stop at its start (ctssl.train.common.pick_device)
     or, before that check existed, train on the CPU for weeks: refused while the DAG is built, before any queueing."""
-    if config["device"] == "cpu" or {"gpu", "gpus", "gres"} & set(profile_keys):
+    profile_keys = set(profile_keys)
+    if not any(key.startswith("slurm_") for key in profile_keys | set(default_keys)):
+        return None
+    if config["device"] == "cpu" or {"gpu", "gpus", "gres"} & profile_keys:
         return None
     stage = TRAINING_RULES[rule]
     if requested_gpus(job_resources(config, stage)):
