@@ -121,8 +121,9 @@ def gpu_request_check(rule_name):
 
     def check(wildcards):
         settings = workflow.resource_settings
-        problem = slurm_gpu_problem(config, rule_name, settings.overwrite_resources.get(rule_name, {}),
-                                    settings.default_resources or {})
+        problem = slurm_gpu_problem(
+            config, rule_name, settings.overwrite_resources.get(rule_name, {}), settings.default_resources or {}
+        )
         if problem:
             raise WorkflowError(problem)
         return []
