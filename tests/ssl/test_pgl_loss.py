@@ -49,7 +49,7 @@ PAIRS = [  # overlapping boxes of different sizes (scale), with and without flip
 
 def test_aligned_coordinate_features_give_zero_local_loss(coordinate_pgl):
     loss, parts = coordinate_pgl.loss(_batch(PAIRS))
-    assert parts["local"] == pytest.approx(0.0, abs=1e-6)
+    assert float(parts["local"]) == pytest.approx(0.0, abs=1e-6)
     assert float(loss) == pytest.approx(0.0, abs=1e-6)
 
 

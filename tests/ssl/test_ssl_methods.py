@@ -166,8 +166,9 @@ def test_pgl_decorrelation_term_is_added_and_reaches_the_backbone():
     loss_plain, parts_plain = plain.loss(batch)
     loss, parts = regularised.loss(batch)
     assert set(parts_plain) == {"local"} and {"local", "variance", "covariance"} <= set(parts)
-    assert parts["local"] == pytest.approx(parts_plain["local"], rel=1e-5)  # same weights, same local term
-    assert float(loss.detach()) == pytest.approx(parts["local"] + 2.0 * (parts["variance"] + 0.04 * parts["covariance"]),
-                                        rel=1e-5)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in parts.values())
+    local, variance, covariance = (float(parts[k]) for k in ("local", "variance", "covariance"))
+    assert local == pytest.approx(float(parts_plain["local"]), rel=1e-5)  # same weights, same local term
+    assert float(loss.detach()) == pytest.approx(local + 2.0 * (variance + 0.04 * covariance), rel=1e-5)
     loss.backward()
     assert regularised.backbone.model[0].conv.unit0.conv.weight.grad.abs().sum() > 0

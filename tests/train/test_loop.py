@@ -144,3 +144,53 @@ def test_checkpoints_by_wall_clock_time(tmp_path, monkeypatch, minutes, written)
                             checkpoint_minutes=minutes)
     run_loop(task, net, optimizer, scheduler, params, settings, tmp_path, "fp", torch.device("cpu"))
     assert saved == ([1, 2, 3] if written else [])
+
+
+def test_precision_follows_the_amp_setting_and_fp16_scales_the_loss(tmp_path, monkeypatch):
+    """amp: true/bf16 -> bfloat16 autocast, fp16 -> float16 with a GradScaler, false or a CPU -> float32; a loop in
+    float16 steps through the scaler (its scale is checkpointed state, so it must be the loop's, not a fresh one)."""
+    from ctssl.train.common import loop_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert loop_precision(True, cuda) == (True, torch.bfloat16) == loop_precision("bf16", cuda)
+    assert loop_precision("fp16", cuda) == (True, torch.float16)
+    assert loop_precision(False, cuda)[0] is False and loop_precision("fp16", cpu)[0] is False
+
+    scaled = []
+    real_scale = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale",
+                        lambda self, loss: scaled.append(self.is_enabled()) or real_scale(self, loss))
+    net, params, optimizer, scheduler, batches = _setup(3)
+    dtypes = []
+
+    def loss(batch):
+        out = net(batch["x"])
+        dtypes.append(out.dtype)
+        return out.float().pow(2).mean(), {}
+
+    fp16 = LoopSettings(grad_clip=1.0, use_amp=True, log_every=100, checkpoint_every=0, amp_dtype=torch.float16)
+    before = net.weight.detach().clone()
+    run_loop(Task(name="toy", steps=3, batch_size=2, loss=loss, batches=batches), net, optimizer, scheduler, params,
+             fp16, tmp_path, "fp", cpu)
+    assert dtypes == [torch.float16] * 3 and scaled == [True] * 3
+    assert not torch.equal(net.weight, before)  # the scaled gradients were unscaled and applied
+
+
+def test_the_loss_and_its_parts_are_read_from_the_device_in_one_copy(monkeypatch):
+    """Each float() of a CUDA tensor waits for the device: the loop reads the loss and every tensor part together
+    (one tolist of one stacked tensor), keeps float parts as they are, and keeps the parts' order."""
+    from ctssl.train.distributed import SINGLE, agree, host_values
+
+    def one_by_one(self):
+        raise AssertionError("a tensor part was read on its own")
+
+    monkeypatch.setattr(torch.Tensor, "__float__", one_by_one)
+    copies = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: copies.append(self.shape) or real_tolist(self))
+    parts = {"a": torch.tensor(2.5), "b": 0.25, "c": torch.tensor([[-1.0]], dtype=torch.float64)}
+    assert host_values(torch.tensor(1.5, requires_grad=True) * 1, parts) == [1.5, 2.5, 0.25, -1.0]
+    assert copies == [torch.Size([3])]  # the loss and the two tensor parts, in one copy
+    value, logged, stop = agree(SINGLE, torch.tensor(1.5), parts, False)
+    assert (value, logged, stop) == (1.5, {"a": 2.5, "b": 0.25, "c": -1.0}, False)

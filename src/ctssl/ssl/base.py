@@ -3,7 +3,7 @@
 A method is an nn.Module with:
 - `backbone`: the online MONAI UNet whose weights become `model.pt`;
 - `view_sampler(...)` (classmethod): the data side, run in DataLoader workers: (volume, rng) -> dict of tensors;
-- `loss(batch)`: (scalar loss, dict of logged floats);
+- `loss(batch)`: (scalar loss, dict of logged parts as detached scalar tensors: the loop reads them in one copy);
 - `momentum_pairs()`: the (online, target) module pairs updated by EMA after every optimizer step (may be empty).
 Every batch also carries `dataset_id` and `group_id` (indices into `pool_meta["datasets"]`/`["groups"]`).
 Register a new method with one line in `ctssl.ssl.REGISTRY`.
@@ -113,10 +113,10 @@ class SSLMethod(nn.Module):
     def view_sampler(cls, method_cfg: dict, patch: list[int]) -> Sampler:
         return TwoViewSampler(patch, method_cfg["views"])
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss, as `forward`: DistributedDataParallel reduces gradients only for what runs through it."""
         return self.loss(batch)
 

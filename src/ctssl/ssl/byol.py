@@ -57,7 +57,7 @@ class BYOL(SSLMethod):
         with torch.no_grad():
             target = encode(self.target_backbone, x)[-1]
         loss = self.head.loss(online, target)
-        return loss, {"global": float(loss.detach())}
+        return loss, {"global": loss.detach()}
 
     def momentum_pairs(self):
         return [(self.backbone, self.target_backbone), (self.head.projector, self.head.target_projector)]

@@ -122,4 +122,4 @@ class Genesis(SSLMethod):
     def loss(self, batch):
         restored = self.reconstruction(self.backbone(batch["input"]))
         loss = F.mse_loss(restored.float(), batch["target"].float())
-        return loss, {"mse": float(loss.detach())}
+        return loss, {"mse": loss.detach()}

@@ -76,18 +76,18 @@ class HSSL(SSLMethod):
         x = torch.cat([batch["view_a"], batch["view_b"]])
         taps = forward_with_taps(self.backbone, x)
         pooled = {lvl: taps[lvl].float().mean(dim=(2, 3, 4)) for lvl in {*self.levels, "bottleneck"}}
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=x.device)
         if self.weights["contrastive"]:
             for lvl in self.levels:
                 z_a, z_b = self.projectors[lvl](pooled[lvl]).chunk(2)
                 term = nt_xent(z_a, z_b, self.temperature)
-                logs[f"ntxent_{lvl}"] = float(term.detach())
+                logs[f"ntxent_{lvl}"] = term.detach()
                 total = total + self.weights["contrastive"] * term / len(self.levels)
         for kind, weight_name in CLASSIFIERS.items():
             if self.weights[weight_name]:
                 ids = self.check_ids(batch[f"{kind}_id"], kind).repeat(2)  # both views share the label
                 term = F.cross_entropy(self.classifiers[kind](pooled["bottleneck"]), ids)
-                logs[f"ce_{kind}"] = float(term.detach())
+                logs[f"ce_{kind}"] = term.detach()
                 total = total + self.weights[weight_name] * term
         return total, logs

@@ -93,4 +93,4 @@ class MAE(SSLMethod):
         if self.cfg["norm_target"]:
             target = standardise_per_block(target, self.block_ids)
         loss = masked_reconstruction_loss(pred, target, batch["mask"], self.cfg["reconstruction_loss"])
-        return loss, {"masked_" + self.cfg["reconstruction_loss"]: float(loss.detach())}
+        return loss, {"masked_" + self.cfg["reconstruction_loss"]: loss.detach()}

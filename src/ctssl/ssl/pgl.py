@@ -127,17 +127,17 @@ class PGL(SSLMethod):
         p_a, p_b = pred.chunk(2)
         z_a, z_b = proj.chunk(2)
         local = 0.5 * (local_consistency_loss(p_a, z_b) + local_consistency_loss(p_b, z_a))
-        logs = {"local": float(local.detach())}
+        logs = {"local": local.detach()}
         loss = local
         if self.decorrelation_weight > 0:
             variance, covariance = variance_covariance(projected)
-            logs.update(variance=float(variance.detach()), covariance=float(covariance.detach()))
+            logs.update(variance=variance.detach(), covariance=covariance.detach())
             loss = loss + self.decorrelation_weight * (variance + COVARIANCE_FACTOR * covariance)
         if self.global_head is not None:
             # The encoder runs a second time for the pooled bottleneck; cheap next to the full U-Net pass.
             glob = self.global_head.loss(encode(self.backbone, x)[-1],
                                          encode(self.target_backbone, x)[-1].detach())
-            logs["global"] = float(glob.detach())
+            logs["global"] = glob.detach()
             loss = loss + self.global_weight * glob
         return loss, logs
 

@@ -92,5 +92,5 @@ class Supervised(SSLMethod):
                 raise ValueError(f"supervised: a sample of {name!r}, which has no usable labels, reached the loss")
             part = self.loss_fn(self.heads[name](features[rows]).float(), batch["target"][rows])
             losses.append(part * len(rows))
-            logs[name] = float(part.detach())
+            logs[name] = part.detach()
         return torch.stack(losses).sum() / len(ids), logs

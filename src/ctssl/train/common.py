@@ -14,6 +14,8 @@ import torch
 
 from ctssl.config import FINETUNE_BOOKKEEPING, NNUNET_BOOKKEEPING, requested_gpus
 
+log = logging.getLogger(__name__)
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy, torch and MONAI so that, on CPU, the same config gives the same numbers."""
@@ -92,6 +94,19 @@ def start_training_job(smk) -> tuple[logging.Logger, dict]:
             cfg["finetune"]["nnunet"] = {**{k: given["nnunet"][k] for k in NNUNET_BOOKKEEPING},
                                          **cfg["finetune"]["nnunet"]}
     return log, cfg
+
+
+def loop_precision(amp: bool | str, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(autocast on, its dtype) for the config's `amp` on `device`: mixed precision on CUDA only (a CPU trains in
+    float32). bf16 on a GPU that only emulates it is slow, not wrong: a warning names the fp16 setting."""
+    if device.type != "cuda" or amp is False:
+        return False, torch.bfloat16
+    if amp == "fp16":
+        return True, torch.float16
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        log.warning("%s has no native bfloat16: amp %s runs emulated and slowly; set amp: fp16 (float16 with loss "
+                    "scaling) for this GPU", torch.cuda.get_device_name(device), amp)
+    return True, torch.bfloat16
 
 
 def set_threads(threads: int | None) -> None:

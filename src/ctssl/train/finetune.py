@@ -37,7 +37,7 @@ from ctssl.preprocess.spatial import to_original_grid
 from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.splits import fraction_key, label_subset
 from ctssl.train.checkpoint import discard_checkpoint
-from ctssl.train.common import pick_device, seed_everything, set_threads, warmup_cosine
+from ctssl.train.common import loop_precision, pick_device, seed_everything, set_threads, warmup_cosine
 from ctssl.train.loop import CHECKPOINT, IndexedSamples, LoopSettings, Task, run_loop
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,8 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
                 batch_size=batch_size * int(ft["patches_per_case"]), loss=loss, batches=batches,
                 on_step=None if on_step is None else (lambda step: on_step(step, net)),
                 loader_setting=f"finetune.num_workers (now {workers})")
-    settings = LoopSettings(grad_clip=float(ft["grad_clip"]), use_amp=device.type == "cuda" and bool(cfg["amp"]),
+    use_amp, amp_dtype = loop_precision(cfg["amp"], device)
+    settings = LoopSettings(grad_clip=float(ft["grad_clip"]), use_amp=use_amp, amp_dtype=amp_dtype,
                             log_every=int(ft["log_every"]), checkpoint_every=int(ft["checkpoint_every"]),
                             checkpoint_minutes=float(ft["checkpoint_minutes"]))
     result = run_loop(task, net, optimizer, scheduler, params, settings, out_dir, fingerprint, device)

@@ -1,5 +1,5 @@
 """The one training loop of ctssl. Pretraining (every SSL method) and fine-tuning supply only the loss and the
-batches; everything else happens here, once: bf16 autocast on CUDA, gradient clipping, refusal of a non-finite loss
+batches; everything else happens here, once: autocast on CUDA (bf16, or fp16 with loss scaling), gradient clipping, refusal of a non-finite loss
 (naming the step and each loss part), the LR schedule step, a CSV log and a progress bar, periodic checkpoints,
 checkpoint-and-exit on SIGTERM/SIGUSR1, and resume.
 
@@ -35,7 +35,9 @@ LOG_FIELDS = ["step", "loss", "lr", "samples_per_s", "elapsed_s", "wait_s", "com
 LOADER_BOUND = 0.2  # warn when the loop waits for batches more than this fraction of an interval's wall time
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
+# batch -> (scalar loss, logged parts): parts as detached tensors (the loop reads them with the loss in one copy
+# from the device, ctssl.train.distributed.host_values) or floats.
+LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 
 
 class IndexedSamples(Dataset):
@@ -99,6 +101,7 @@ class LoopSettings:
     log_every: int
     checkpoint_every: int   # 0: only when a signal asks for one
     checkpoint_minutes: float = 0.0  # also one whenever this much wall-clock time passed since the last (0: off)
+    amp_dtype: torch.dtype = torch.bfloat16  # float16: the loss is scaled (GradScaler), as nnU-Net trains
 
 
 @dataclass
@@ -143,9 +146,11 @@ class LoaderWatch:
 
 
 def optimizer_step(loss_fn: LossFn, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   params: list[torch.Tensor], grad_clip: float, use_amp: bool) -> tuple[torch.Tensor, dict]:
-    """Loss (bf16 autocast on CUDA), backward, clipping, optimizer step. benchmarks/pretrain_step.py times this."""
-    with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=use_amp):
+                   params: list[torch.Tensor], grad_clip: float, use_amp: bool,
+                   amp_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, dict]:
+    """Loss (autocast in `amp_dtype` when `use_amp`), backward, clipping, optimizer step; the scaler is enabled only
+    for float16. benchmarks/pretrain_step.py and gpu_check.py time this."""
+    with torch.autocast(params[0].device.type, dtype=amp_dtype, enabled=use_amp):
         loss, parts = loss_fn(batch)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -168,7 +173,8 @@ def run_loop(task: Task, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
     With several ranks (`world`), every rank runs this loop on its share of each batch; the logged loss and parts
     are the ranks' means, a signal to any rank stops all of them at the same step, and only rank 0 writes the log
     and checkpoints. A checkpoint holds nothing that depends on the world size, so any world size resumes it."""
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for fp16 users
+    # bf16 keeps float32's exponent range and needs no loss scaling; fp16 does (its gradients underflow otherwise).
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.use_amp and settings.amp_dtype == torch.float16)
     ckpt_path = out_dir / CHECKPOINT
     state = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     start, log_rows = load_checkpoint(ckpt_path, fingerprint, state, device, keep_aside=world.is_main)
@@ -187,7 +193,7 @@ def run_loop(task: Task, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 break
             t_step = time.perf_counter()
             loss, parts = optimizer_step(task.loss, _to(batch, device), optimizer, scaler, params,
-                                         settings.grad_clip, settings.use_amp)
+                                         settings.grad_clip, settings.use_amp, settings.amp_dtype)
             step += 1
             # agree() reads the loss value, which waits for the device: compute_s includes the GPU's time.
             value, parts, stop = agree(world, loss, parts, flag.received is not None)

@@ -23,7 +23,7 @@ from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.ssl import METHODS
 from ctssl.ssl.base import Sampler
 from ctssl.train.checkpoint import discard_checkpoint
-from ctssl.train.common import pick_device, seed_everything, set_threads, warmup_cosine
+from ctssl.train.common import loop_precision, pick_device, seed_everything, set_threads, warmup_cosine
 from ctssl.train.distributed import SINGLE, World, check_identical, convert_batchnorm, placement
 from ctssl.train.loop import CHECKPOINT, IndexedSamples, LoopSettings, Task, run_loop
 
@@ -180,7 +180,8 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     task = Task(name=f"pretrain {method}-{pool}", steps=steps, batch_size=batch_size, loss=model,
                 batches=batches, after_step=lambda step: {"tau": net.update_targets(step, steps)},
                 loader_setting=f"pretrain.num_workers (now {workers})")
-    settings = LoopSettings(grad_clip=float(mcfg["grad_clip"]), use_amp=device.type == "cuda" and bool(cfg["amp"]),
+    use_amp, amp_dtype = loop_precision(cfg["amp"], device)
+    settings = LoopSettings(grad_clip=float(mcfg["grad_clip"]), use_amp=use_amp, amp_dtype=amp_dtype,
                             log_every=int(mcfg["log_every"]), checkpoint_every=int(mcfg["checkpoint_every"]))
     fingerprint = run_fingerprint(method, model_cfg, mcfg, pool_csv)
     result = run_loop(task, net, optimizer, scheduler, params, settings, out_dir, fingerprint, device, world)
