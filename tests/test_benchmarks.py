@@ -53,18 +53,37 @@ def test_gpu_check_quick_on_cpu_prints_every_method_variant_loader_and_dag(tmp_p
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
     assert re.search(r"measured float32 matmul peak: [\d.e+-]+ TFLOP/s", out), out
-    rows = re.findall(r"^(\w+) +(eager|channels_last_3d|compile) +([\d.]+) +([\d.]+) +nan +([\d.]+) +([\d.]+)%$",
-                      out, re.M)
+    rows = re.findall(r"^(\w+) +(eager|eager_fp16|channels_last_3d|compile|compile_fp16|nnunet) +(fp32|fp16) +"
+                      r"([\d.]+) +([\d.]+) +nan +([\d.]+) +([\d.]+)%(?:  \(first step, compiling: [\d.]+ s\))?$", out, re.M)
     methods = ("pgl", "byol", "hssl", "genesis", "mae", "supervised", "finetune")
-    assert {(r[0], r[1]) for r in rows} == {(m, v) for m in methods for v in ("eager", "channels_last_3d")} | {
-        ("finetune", "compile")}, out
-    assert len(re.findall(r"^\w+ +compile +skipped \(not in --compile-methods\)$", out, re.M)) == 6, out
-    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
+    assert {(r[0], r[1], r[2]) for r in rows} == {(m, v, "fp32") for m in methods for v in ("eager", "channels_last_3d")} | {
+        ("finetune", "compile", "fp32"), ("finetune", "eager_fp16", "fp16"), ("finetune", "compile_fp16", "fp16"),
+        ("pgl", "compile", "fp32"), ("hssl", "compile", "fp32"), ("nnunet", "nnunet", "fp32")}, out  # nnU-Net's trainer: float32 and not compiled on a CPU, as nnU-Net decides
+    assert len(re.findall(r"^\w+ +compile(?:_fp16)? +skipped \(not in --compile-methods\)$", out, re.M)) == 8, out
+    assert len(re.findall(r"^\w+ +(?:eager|compile)_fp16 +skipped \(not in --fp16-methods\)$", out, re.M)) == 8, out
+    compiled = re.findall(r"^(\w+) +compile +fp32 .*\(first step, compiling: ([\d.]+) s\)$", out, re.M)
+    assert {m for m, _ in compiled} == {"finetune", "pgl", "hssl"}, out
+    assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)
+    # the anchor: every fine-tuning variant as a ratio to nnU-Net's own trainer step
+    assert re.search(r"^fine-tuning step / nnU-Net's trainer step \(fp32, [\d.]+ ms;", out, re.M), out
+    ratios = dict(re.findall(r"^  (eager|eager_fp16|channels_last_3d|compile|compile_fp16) +fp\d\d +([\d.]+)x", out, re.M))
+    assert set(ratios) == {"eager", "eager_fp16", "channels_last_3d", "compile", "compile_fp16"} and all(
+        float(v) > 0 for v in ratios.values()), out
+    assert set(re.findall(r"^  (\w+) +[+-][\d.]+ % \([\d.]+ vs [\d.]+ ms/step\)$", out, re.M)) == set(methods), out
+    e2e = re.findall(r"^  ([\w@]+) +([\d.]+) samples/s +[\d.]+ ms/step +loader wait +([\d.]+) %$", out, re.M)
+    runs = set(methods) - {"finetune"} | {"pgl@device", "byol@device", "hssl@device"}  # both view paths
+    assert {m for m, _, _ in e2e} == runs and all(float(r) > 0 for _, r, _ in e2e), out
+    assert re.search(r"^views.augment_on: device .* a batch in [\d.]+ ms", out, re.M), out
+    assert re.search(r"^ +2 workers: +[\d.]+ pairs/s \( *[\d.]+x the step\) \(device path\)$", out, re.M), out
     assert re.search(r"^ +1 workers: +[\d.]+ pairs/s", out, re.M) and re.search(r"^ +2 workers:", out, re.M)
     assert "the configured pretrain.num_workers is 8" in out
     assert re.search(r"tiny DAG on cpu .*dry run: OK in \d+ s, \d+ jobs", out), out
     report = json.loads((tmp_path / "check.json").read_text())
-    assert report["dag"]["ok"] and report["dag"]["jobs"] > 10 and len(report["rows"]) == 21
+    assert report["dag"]["ok"] and report["dag"]["jobs"] > 10 and len(report["rows"]) == 7 * 5 + 1
+    assert set(report["nnunet_ratio"]) == {"eager (fp32)", "eager_fp16 (fp16)", "channels_last_3d (fp32)",
+                                           "compile (fp32)", "compile_fp16 (fp16)"}
+    assert set(report["end_to_end"]) == runs and set(report["readback"]) == set(methods)
+    assert all(0 <= r["loader_wait_fraction"] < 1 for r in report["end_to_end"].values())
 
 
 def test_gpu_check_stops_a_slow_dag_and_keeps_the_figures_it_measured(tmp_path):
@@ -72,7 +91,7 @@ def test_gpu_check_stops_a_slow_dag_and_keeps_the_figures_it_measured(tmp_path):
     loader rates and the stopped DAG: a GPU lease that ends early keeps what was measured."""
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--device", "cpu", "--quick",
                           "--threads", "2", "--methods", "finetune", "--variants", "eager", "--workers", "1",
-                          "--dag", "run", "--dag-timeout", "2", "--json", str(tmp_path / "check.json")],
+                          "--e2e-methods", "--dag", "run", "--dag-timeout", "2", "--json", str(tmp_path / "check.json")],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
     assert re.search(r"tiny DAG on cpu \(.*\), run: TIMED OUT in \d+ s", run.stdout), run.stdout

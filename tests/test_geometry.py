@@ -17,6 +17,7 @@ from ctssl.geometry import (
     shared_grid,
     source_index_coords,
 )
+from ctssl.ssl.device_views import block_shape, read_block, resample_views
 
 PATCH = [16, 12, 8]
 SHAPE = (40, 33, 21)
@@ -33,22 +34,37 @@ def coordinate_features(geom: ViewGeometry, stride: int) -> torch.Tensor:
     return F.avg_pool3d(view[None], stride)[0] if stride > 1 else view
 
 
-def test_sample_view_matches_analytic_source_coordinates():
+def device_path(volume: np.ndarray, geom: ViewGeometry, patch, scale) -> torch.Tensor:
+    """views.augment_on: device: the worker reads the view's padded block, the device resamples the batch."""
+    block, origin = read_block(volume, geom, block_shape(patch, scale))
+    return resample_views(block[None], geom.to_tensor()[None], origin[None], patch)[0]
+
+
+PATHS = {"loader": lambda volume, geom, patch, scale: sample_view_from_array(volume, geom, patch),
+         "device": device_path}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sample_view_matches_analytic_source_coordinates(path):
     rng = np.random.default_rng(0)
+    coords = coordinate_volume(SHAPE).numpy()
     for _ in range(20):
         a, _ = random_view_pair(rng, SHAPE, PATCH, (1.1, 1.4), 0.5, 0.1)
-        sampled = sample_view(coordinate_volume(SHAPE), a, PATCH)
+        assert torch.allclose(sample_view(coordinate_volume(SHAPE), a, PATCH).double(), source_index_coords(a, PATCH),
+                              atol=1e-4)
+        sampled = torch.cat([PATHS[path](channel, a, PATCH, (1.1, 1.4)) for channel in coords])
         assert torch.allclose(sampled.double(), source_index_coords(a, PATCH), atol=1e-4)
 
 
-def test_sampling_a_block_of_an_array_equals_sampling_the_whole_volume():
+@pytest.mark.parametrize("path", PATHS)
+def test_sampling_a_block_of_an_array_equals_sampling_the_whole_volume(path):
     rng = np.random.default_rng(5)
     volume = rng.normal(size=SHAPE).astype(np.float32)
     for _ in range(30):
         a, b = random_view_pair(rng, SHAPE, PATCH, (0.6, 1.5), 0.5, 0.0)
         for g in (a, b):  # includes boxes touching the volume's borders and sub-voxel starts
             whole = sample_view(torch.from_numpy(volume)[None], g, PATCH)
-            assert torch.allclose(sample_view_from_array(volume, g, PATCH), whole, atol=1e-5)
+            assert torch.allclose(PATHS[path](volume, g, PATCH, (0.6, 1.5)), whole, atol=1e-5)
 
 
 def test_flip_reverses_the_view_axis():

@@ -50,3 +50,27 @@ def test_forward_to_equals_the_full_pass_tap_and_skips_finer_stages(model, size,
     assert out.shape[1:] == (tap_widths(model)[level], *shape)
     # Finer stages never ran (ResEnc's 'output' is its last stage plus a 1x1x1 conv, so all stages run).
     assert calls == list(range(min(feature_levels(model).index(level) + 1, len(stages))))
+
+
+@pytest.mark.parametrize("model", [MODEL, pytest.param(RESENC, marks=needs_dna)], ids=["unet", "resenc"])
+def test_regional_compilation_covers_every_partial_pass_and_keeps_the_weights(model):
+    """pretrain.compile: every block the methods run is compiled in place (dynamo traces encode, forward_to at a
+    coarse level and the taps), the state_dict keys stay those of model.pt, and the numbers stay the eager ones."""
+    from torch._dynamo.utils import counters
+
+    from ctssl.models.features import compile_regions, encode
+
+    torch.manual_seed(0)
+    eager, compiled = build_backbone(model), build_backbone(model)
+    compiled.load_state_dict(eager.state_dict())
+    keys = list(compiled.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    regions = compile_regions(compiled, backend="eager")
+    assert list(compiled.state_dict()) == keys and len(regions) >= 2 * len(decoder_layers(compiled)) + 1
+    x = torch.randn(2, 1, 32, 24, 8)
+    for run in (lambda net: encode(net, x)[-1], lambda net: forward_to(net, x, "decoder0"),
+                lambda net: forward_with_taps(net, x)["decoder1"], lambda net: net(x)):
+        assert torch.allclose(run(compiled), run(eager), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= len(regions) // 2  # repeated blocks of one shape share a graph
+    assert sum(counters["graph_break"].values()) == 0

@@ -220,3 +220,25 @@ def test_patches_are_drawn_without_metadata_and_are_the_same_values_as_with_it(p
         assert isinstance(reference["image"], MetaTensor)
         for key in ("image", "label"):
             assert torch.equal(patch[key], reference[key].as_tensor()), (i, key)
+
+
+def test_compile_compiles_the_cell_network_in_place(prepared, tmp_path, monkeypatch, caplog):
+    """finetune.compile: the cell's network is compiled in place before the first step (the eager backend here), the
+    first step's time is logged as a compile, and model.pt keeps an uncompiled cell's keys."""
+    import logging
+
+    from ctssl.models.backbone import SegmentationNet
+    from ctssl.models.weights import read_state_dict
+
+    calls = []
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(SegmentationNet, "compile",
+                        lambda self, **kw: calls.append(self) or real_compile(self, backend="eager"), raising=False)
+    pre, splits_path, _ = prepared
+    cfg = {**CFG, "finetune": {**CFG["finetune"], "compile": True}}
+    with caplog.at_level(logging.INFO, logger="ctssl.train.loop"):
+        run_finetune(preprocessed_dir=pre, splits_path=splits_path, fraction=50, seed=0, init="scratch",
+                     init_weights=None, cfg=cfg, out_dir=tmp_path / "c")
+    assert len(calls) == 1 and "the first step took" in caplog.text
+    _run(prepared, tmp_path / "e")
+    assert list(read_state_dict(tmp_path / "c" / "model.pt")) == list(read_state_dict(tmp_path / "e" / "model.pt"))

@@ -146,3 +146,34 @@ def test_nnunet_checkpoints_of_other_settings_are_set_aside(tmp_path):
     assert not other.exists()
     (aside,) = tmp_path.glob("checkpoints.bad-*")
     assert (aside / "nnUNet_results" / "kept.pth").read_bytes() == b"x"  # kept, never deleted
+
+
+def test_the_benchmark_anchor_is_nnunets_trainer_on_ctssls_network(tmp_path):
+    """benchmarks/gpu_check.py's anchor: nnU-Net's own trainer, initialised without a dataset, trains the network
+    ctssl fine-tunes (every encoder/decoder tensor of ctssl's ResEnc, same shapes; nnU-Net adds its deep-supervision
+    heads), with nnU-Net's loss over every deep-supervision scale, and its train_step learns; the nnU-Net folders it
+    needed are not left in the environment."""
+    import torch
+
+    from ctssl.models.backbone import build_backbone
+    from ctssl.nnunet.trainer import benchmark_trainer, deep_supervision_targets
+
+    model = complete_config({"model": {"arch": "resenc", "channels": [4, 8, 16], "strides": [1, 2, 2],
+                                       "kernel_sizes": [3, 3, 3], "blocks_per_stage": [1, 1, 1],
+                                       "feature_channels": 4}})["model"]
+    before = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    torch.manual_seed(0)
+    trainer = benchmark_trainer(model, [16, 16, 16], 2, 3, torch.device("cpu"), tmp_path)
+    assert {k: os.environ.get(k) for k in before} == before
+    ours = {k: v.shape for k, v in build_backbone(model).state_dict().items() if ".seg_layers." not in k}
+    theirs = {k: v.shape for k, v in trainer.network.state_dict().items()}
+    assert ours.items() <= theirs.items() and all(".seg_layers." in k for k in theirs.keys() - ours.keys())
+    label = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
+    label[:, :, 4:12, 4:12, 4:12] = 1
+    label[:, :, 6:10, 6:10, 6:10] = 2
+    targets = deep_supervision_targets(trainer, label)
+    assert [t.shape[2:] for t in targets] == [torch.Size([16, 16, 16]), torch.Size([8, 8, 8])]
+    assert torch.equal(targets[1][0, 0], label[0, 0, ::2, ::2, ::2])  # nearest neighbour: every second voxel
+    batch = {"data": label.float() + 0.1 * torch.randn(2, 1, 16, 16, 16), "target": targets}
+    losses = [float(trainer.train_step(batch)["loss"]) for _ in range(15)]
+    assert losses[-1] < losses[0] - 0.1, losses

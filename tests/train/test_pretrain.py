@@ -236,3 +236,25 @@ def test_a_large_pool_keeps_a_bounded_number_of_volumes_mapped(liver_preprocesse
         assert torch.equal(a["input"], b["input"]) and torch.equal(a["target"], b["target"])
         assert len(bounded._cache) <= 2
     assert len(unbounded._cache) == 4
+
+
+def test_compile_compiles_the_online_and_target_networks_and_keeps_model_pt(pool_csv, tmp_path, monkeypatch):
+    """pretrain.compile: PGL's online and target backbones are compiled block by block before the first step (the
+    eager backend here: the test checks the wiring, tests/models/test_features.py the compilation), the run
+    trains, and model.pt has the keys of an uncompiled run's."""
+    import ctssl.train.pretrain as pretrain_module
+    from ctssl.models.features import compile_regions
+
+    compiled = []
+
+    def eager_backend(net):
+        compiled.append(net)
+        return compile_regions(net, backend="eager")
+
+    monkeypatch.setattr(pretrain_module, "compile_regions", eager_backend)
+    run_pretrain(pool_csv=pool_csv, method="pgl", pool="all", cfg=_cfg(steps=3, compile=True), out_dir=tmp_path / "c")
+    run_pretrain(pool_csv=pool_csv, method="pgl", pool="all", cfg=_cfg(steps=3), out_dir=tmp_path / "e")
+    assert len(compiled) == 2 and compiled[0] is not compiled[1]  # online and target
+    ours, eager = (read_state_dict(tmp_path / d / "model.pt") for d in ("c", "e"))
+    assert list(ours) == list(eager)
+    assert len(_losses(tmp_path / "c")) == 3

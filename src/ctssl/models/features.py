@@ -91,6 +91,23 @@ def forward_to(net: nn.Module, x: torch.Tensor, level: str) -> torch.Tensor:
     return out
 
 
+def compile_regions(net: nn.Module, **options) -> list[nn.Module]:
+    """torch.compile, in place (nn.Module.compile: state_dict keys and weights unchanged), every block the
+    functions above call: the methods run parts of the network (encode, forward_to, taps), so compiling the
+    backbone's own forward would leave most of their compute eager. Regional compilation: repeated blocks of one
+    shape share a compiled graph, which shortens the compile. Returns the compiled modules."""
+    if _is_resenc(net):
+        decoder = net.decoder
+        regions = [net.encoder.stem, *(block for stage in net.encoder.stages for block in stage.blocks),
+                   *decoder.stages, *decoder.transpconvs, decoder.seg_layers[-1]]
+    else:
+        blocks = connection_blocks(net)
+        regions = [b[0] for b in blocks] + [bottom_layer(net)] + [b[2] for b in blocks]
+    for module in regions:
+        module.compile(**options)
+    return regions
+
+
 def _check_level(level: str, names: list[str]) -> None:
     if level not in names:
         raise ValueError(f"unknown feature level {level!r}; available: {names}")

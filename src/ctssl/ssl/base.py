@@ -30,6 +30,7 @@ from torch import nn
 
 from ctssl.geometry import random_view_pair, sample_view_from_array
 from ctssl.models.backbone import build_backbone
+from ctssl.ssl.device_views import block_shape, draw_intensity, finish_views, read_block
 
 Sampler = Callable[[np.ndarray, np.random.Generator], dict[str, torch.Tensor]]
 
@@ -76,13 +77,19 @@ def intensity_transform(cfg: dict) -> Compose:
 
 
 class TwoViewSampler:
-    """Two augmented views of one volume plus the geometry (box, flips) that made each."""
+    """Two augmented views of one volume plus the geometry (box, flips) that made each.
+
+    `views.augment_on`: `loader` resizes and augments the views here (in the DataLoader workers); `device` draws
+    the same geometry and parameters here and hands over the blocks the views come from, which `finish` (called by
+    the training loop on the device) turns into the same views (ctssl.ssl.device_views)."""
 
     def __init__(self, patch: list[int], views_cfg: dict, use_crop: bool = True, use_flip: bool = True):
         self.patch = [int(p) for p in patch]
         self.cfg = views_cfg
         self.use_crop, self.use_flip = use_crop, use_flip
         self.intensity = intensity_transform(views_cfg["intensity"])
+        self.on_device = views_cfg["augment_on"] == "device"
+        self.block = block_shape(self.patch, views_cfg["scale"])
 
     def __call__(self, volume: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         geom_a, geom_b = random_view_pair(
@@ -91,11 +98,21 @@ class TwoViewSampler:
             use_crop=self.use_crop, use_flip=self.use_flip)
         out = {}
         for key, geom in (("a", geom_a), ("b", geom_b)):
-            view = sample_view_from_array(volume, geom, self.patch)
-            self.intensity.set_random_state(seed=int(rng.integers(2**31)))
-            out[f"view_{key}"] = torch.as_tensor(self.intensity(view)).float()
+            seed = int(rng.integers(2**31))
+            if self.on_device:
+                out[f"block_{key}"], out[f"origin_{key}"] = read_block(volume, geom, self.block)
+                out[f"intensity_{key}"] = draw_intensity(self.intensity, seed)
+            else:
+                view = sample_view_from_array(volume, geom, self.patch)
+                self.intensity.set_random_state(seed=seed)
+                # MONAI hands back a MetaTensor; a plain tensor batches and compiles (dynamo cannot trace the subclass)
+                out[f"view_{key}"] = torch.as_tensor(self.intensity(view)).as_subclass(torch.Tensor).float()
             out[f"geom_{key}"] = geom.to_tensor()
         return out
+
+    def finish(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch as the loss reads it: on the device path, the views made on the training device."""
+        return finish_views(batch, self.patch) if self.on_device else batch
 
 
 class SSLMethod(nn.Module):

@@ -67,12 +67,17 @@ class HSSL(SSLMethod):
     def check_ids(self, ids: torch.Tensor, kind: str) -> torch.Tensor:
         """Labels must index the pool's own datasets/groups: anything else is a data bug, not a class."""
         names = self.pool_meta[f"{kind}s"]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
-            bad = int(ids.max()) if int(ids.max()) >= len(names) else int(ids.min())
+        low, high = torch.stack([ids.min(), ids.max()]).tolist() if ids.numel() else (0, 0)  # one read
+        if low < 0 or high >= len(names):
+            bad = high if high >= len(names) else low
             raise ValueError(f"hssl: {kind} id {bad} is not one of the pool's {len(names)} {kind}s {names}")
         return ids.long()
 
     def loss(self, batch):
+        # The labels are checked (read on the host) before the networks are queued: a read after them would make
+        # the host wait for the forward pass mid-step on a GPU.
+        labels = {kind: self.check_ids(batch[f"{kind}_id"], kind).repeat(2)  # both views share the label
+                  for kind, weight_name in CLASSIFIERS.items() if self.weights[weight_name]}
         x = torch.cat([batch["view_a"], batch["view_b"]])
         taps = forward_with_taps(self.backbone, x)
         pooled = {lvl: taps[lvl].float().mean(dim=(2, 3, 4)) for lvl in {*self.levels, "bottleneck"}}
@@ -84,10 +89,8 @@ class HSSL(SSLMethod):
                 term = nt_xent(z_a, z_b, self.temperature)
                 logs[f"ntxent_{lvl}"] = term.detach()
                 total = total + self.weights["contrastive"] * term / len(self.levels)
-        for kind, weight_name in CLASSIFIERS.items():
-            if self.weights[weight_name]:
-                ids = self.check_ids(batch[f"{kind}_id"], kind).repeat(2)  # both views share the label
-                term = F.cross_entropy(self.classifiers[kind](pooled["bottleneck"]), ids)
-                logs[f"ce_{kind}"] = term.detach()
-                total = total + self.weights[weight_name] * term
+        for kind, ids in labels.items():
+            term = F.cross_entropy(self.classifiers[kind](pooled["bottleneck"]), ids)
+            logs[f"ce_{kind}"] = term.detach()
+            total = total + self.weights[CLASSIFIERS[kind]] * term
         return total, logs

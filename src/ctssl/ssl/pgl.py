@@ -112,12 +112,14 @@ class PGL(SSLMethod):
                               use_flip="flip" in priors)
 
     def loss(self, batch):
+        # The views' geometry is read on the host before the networks are queued (read after them, the host would
+        # wait for the forward pass mid-step on a GPU).
+        geom_a, geom_b = batch["geom_a"].cpu(), batch["geom_b"].cpu()
         x = torch.cat([batch["view_a"], batch["view_b"]])
         online = forward_to(self.backbone, x, self.feature_level)
         with torch.no_grad():
             target = forward_to(self.target_backbone, x, self.feature_level)
-        grid_a, grid_b = pair_grids(batch["geom_a"].cpu(), batch["geom_b"].cpu(), self.grid_size, self.patch,
-                                    list(online.shape[2:]))
+        grid_a, grid_b = pair_grids(geom_a, geom_b, self.grid_size, self.patch, list(online.shape[2:]))
         on_a, on_b = online.chunk(2)
         tg_a, tg_b = target.chunk(2)
         projected = self.projector(torch.cat([align(on_a, grid_a), align(on_b, grid_b)]))

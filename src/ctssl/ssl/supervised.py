@@ -82,8 +82,8 @@ class Supervised(SSLMethod):
                                     float(method_cfg["views"]["flip_prob"]))
 
     def loss(self, batch):
+        ids = batch["dataset_id"].tolist()  # read before the network is queued: no mid-step wait on a GPU
         features = self.backbone(batch["input"])
-        ids = batch["dataset_id"].tolist()
         losses, logs = [], {}
         for dataset_id in sorted(set(ids)):
             name = self.dataset_names[dataset_id]

@@ -211,6 +211,8 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
         weights_info.update(path=str(init_weights), sha256=digest,
                             loaded=len(report["loaded"]), skipped=report["skipped"])
 
+    if ft["compile"]:
+        net.compile()  # in place: the state_dict (model.pt, checkpoints) keeps its keys
     draw = CasePatches([load_case(cell.folder, c) for c in cell.train_cases], training_transforms(patch, ft))
     steps, batch_size, workers = int(ft["steps"]), int(ft["batch_size"]), int(ft["num_workers"])
 
@@ -237,7 +239,7 @@ def run_finetune(*, preprocessed_dir: str | Path, splits_path: str | Path, fract
     use_amp, amp_dtype = loop_precision(cfg["amp"], device)
     settings = LoopSettings(grad_clip=float(ft["grad_clip"]), use_amp=use_amp, amp_dtype=amp_dtype,
                             log_every=int(ft["log_every"]), checkpoint_every=int(ft["checkpoint_every"]),
-                            checkpoint_minutes=float(ft["checkpoint_minutes"]))
+                            checkpoint_minutes=float(ft["checkpoint_minutes"]), compiled=bool(ft["compile"]))
     result = run_loop(task, net, optimizer, scheduler, params, settings, out_dir, fingerprint, device)
     value, start, train_seconds = result.final_loss, result.start, result.seconds
 

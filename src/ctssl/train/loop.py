@@ -92,6 +92,7 @@ class Task:
     after_step: Callable[[int], dict[str, float]] = field(default=lambda step: {})  # e.g. EMA update; logged
     on_step: Callable[[int], None] | None = None  # observers (learning curves); must not consume training RNG
     loader_setting: str = "num_workers"  # the setting that adds loader workers, named in the loader-bound warning
+    prepare: Callable[[Batch], Batch] = field(default=lambda batch: batch)  # on the device, before the loss (views)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class LoopSettings:
     checkpoint_every: int   # 0: only when a signal asks for one
     checkpoint_minutes: float = 0.0  # also one whenever this much wall-clock time passed since the last (0: off)
     amp_dtype: torch.dtype = torch.bfloat16  # float16: the loss is scaled (GradScaler), as nnU-Net trains
+    compiled: bool = False  # torch.compile'd networks: the first step's time (it compiles) is logged
 
 
 @dataclass
@@ -192,13 +194,15 @@ def run_loop(task: Task, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
             if batch is None:
                 break
             t_step = time.perf_counter()
-            loss, parts = optimizer_step(task.loss, _to(batch, device), optimizer, scaler, params,
+            loss, parts = optimizer_step(task.loss, task.prepare(_to(batch, device)), optimizer, scaler, params,
                                          settings.grad_clip, settings.use_amp, settings.amp_dtype)
             step += 1
             # agree() reads the loss value, which waits for the device: compute_s includes the GPU's time.
             value, parts, stop = agree(world, loss, parts, flag.received is not None)
             wait_s, compute_s = t_step - t_wait, time.perf_counter() - t_step
             watch.add(wait_s, compute_s)
+            if settings.compiled and step == start + 1:
+                log.info("%s: the first step took %.1f s (it compiled the networks)", task.name, compute_s)
             if not math.isfinite(value):
                 csv_log.close()
                 raise FloatingPointError(f"{task.name}: loss is {value} at step {step}/{task.steps} (parts: "

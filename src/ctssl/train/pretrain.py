@@ -19,6 +19,7 @@ from ctssl.config import method_config, method_of
 from ctssl.integrity import PreprocessedFolder
 from ctssl.io import file_digest, json_digest, read_json, save_torch, write_json
 from ctssl.models.backbone import backbone_spec
+from ctssl.models.features import compile_regions
 from ctssl.provenance import code_version, environment, scheduler_info
 from ctssl.ssl import METHODS
 from ctssl.ssl.base import Sampler
@@ -155,6 +156,10 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     if world.distributed:  # batch statistics of the global batch
         net = convert_batchnorm(net)
     net = net.to(device)
+    if mcfg["compile"]:  # the online and target networks, block by block (the methods run parts of them)
+        for name in ("backbone", "target_backbone"):
+            if hasattr(net, name):
+                compile_regions(getattr(net, name))
     model = net
     if world.distributed:
         # Same initial weights on every rank (same seed; DDP also broadcasts rank 0's), gradients averaged over
@@ -168,8 +173,8 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
     optimizer = build_optimizer(params, mcfg)
     warmup = int(mcfg["warmup_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
-    draw = PoolSampler(images, METHODS[registered].view_sampler(mcfg, patch), dataset_ids, group_ids,
-                       frame["label"].tolist() if uses_labels else None)
+    sampler = METHODS[registered].view_sampler(mcfg, patch)
+    draw = PoolSampler(images, sampler, dataset_ids, group_ids, frame["label"].tolist() if uses_labels else None)
     workers = int(mcfg["num_workers"])
 
     def batches(start: int) -> DataLoader:
@@ -179,10 +184,12 @@ def run_pretrain(*, pool_csv: str | Path, method: str, pool: str, cfg: dict, out
 
     task = Task(name=f"pretrain {method}-{pool}", steps=steps, batch_size=batch_size, loss=model,
                 batches=batches, after_step=lambda step: {"tau": net.update_targets(step, steps)},
-                loader_setting=f"pretrain.num_workers (now {workers})")
+                loader_setting=f"pretrain.num_workers (now {workers})",
+                prepare=getattr(sampler, "finish", lambda batch: batch))  # views.augment_on: device
     use_amp, amp_dtype = loop_precision(cfg["amp"], device)
     settings = LoopSettings(grad_clip=float(mcfg["grad_clip"]), use_amp=use_amp, amp_dtype=amp_dtype,
-                            log_every=int(mcfg["log_every"]), checkpoint_every=int(mcfg["checkpoint_every"]))
+                            log_every=int(mcfg["log_every"]), checkpoint_every=int(mcfg["checkpoint_every"]),
+                            compiled=bool(mcfg["compile"]))
     fingerprint = run_fingerprint(method, model_cfg, mcfg, pool_csv)
     result = run_loop(task, net, optimizer, scheduler, params, settings, out_dir, fingerprint, device, world)
     loss_value = result.final_loss
