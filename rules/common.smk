@@ -15,6 +15,7 @@ from ctssl.config import (
     pretraining_names,
     seeds_for,
     slurm_gpu_problem,
+    without_later_defaults,
 )
 from ctssl.data.manifest import LISTED_KINDS, refresh_source_manifest
 from ctssl.splits import fraction_key
@@ -151,7 +152,7 @@ def pretrain_params(wildcards):
     `device`: it names hardware (the job reads it from the config), so moving work to another GPU reruns nothing."""
     return {
         "model": config["model"],
-        "pretrain": pretrain_section_for(config["pretrain"], wildcards.method),
+        "pretrain": without_later_defaults(pretrain_section_for(config["pretrain"], wildcards.method), "pretrain"),
         "amp": config["amp"],
     }
 
@@ -210,7 +211,11 @@ def finetune_params(wildcards):
     same numbers as an uninterrupted one)."""
     left_out = ("engine", "nnunet", *FINETUNE_BOOKKEEPING)
     finetune = {k: v for k, v in config["finetune"].items() if k not in left_out}
-    return {"model": config["model"], "finetune": finetune, "amp": config["amp"]}
+    return {
+        "model": config["model"],
+        "finetune": without_later_defaults(finetune, "finetune"),
+        "amp": config["amp"],
+    }
 
 
 def finetune_nnunet_params(wildcards):

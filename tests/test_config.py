@@ -466,3 +466,23 @@ def test_a_missing_folder_is_refused_at_dry_run(tmp_path):
     assert run.returncode != 0
     assert f"datasets.mine.labels_dir = '{tmp_path / 'lables'}': does not exist" in run.stdout + run.stderr
     assert "images_dir" not in (run.stdout + run.stderr).split("invalid configuration", 1)[-1]
+
+
+def test_settings_added_later_leave_the_job_parameters_at_their_default_and_come_back_in_the_job():
+    """ctssl.config.LATER_SETTINGS: each default is the schema's; at it, the key is out of the job's parameters (so
+    results made before the setting existed stay current), and the job puts it back; another value stays in."""
+    from ctssl.config import LATER_SETTINGS, load_config, restore_later_defaults, without_later_defaults
+
+    cfg = load_config(Path(__file__).parents[1] / "config.yaml")
+    for (stage, path), default in LATER_SETTINGS.items():
+        value = cfg[stage]
+        for key in path:
+            value = value[key]
+        assert value == default, (stage, path)
+    params = {stage: without_later_defaults(cfg[stage], stage) for stage in ("pretrain", "finetune")}
+    assert "compile" not in params["pretrain"] and "compile" not in params["finetune"]
+    assert "augment_on" not in params["pretrain"]["views"] and "scale" in params["pretrain"]["views"]
+    assert restore_later_defaults(params) == {stage: cfg[stage] for stage in params}
+    changed = copy.deepcopy(cfg["pretrain"])
+    changed["views"]["augment_on"] = "device"
+    assert without_later_defaults(changed, "pretrain")["views"]["augment_on"] == "device"

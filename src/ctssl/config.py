@@ -769,6 +769,37 @@ def requested_gpus(resources: Mapping) -> int:
 FINETUNE_BOOKKEEPING = ("log_every", "checkpoint_every", "checkpoint_minutes")
 NNUNET_BOOKKEEPING = ("save_every",)  # finetune.nnunet.* of the same kind
 TRAINING_RULES = {"pretrain": "pretrain", "finetune": "finetune", "finetune_nnunet": "finetune"}  # rule -> stage
+# Settings added after results folders existed, with the default that computes what those folders hold: left out of
+# a job's parameters while at that default, so a new setting reruns nothing until it is changed; the job puts the
+# default back (restore_later_defaults). (section, key path in it) -> default. A method's own override of one of
+# them (pretrain.methods.NAME) is always a parameter: no earlier results folder has one.
+LATER_SETTINGS = {("finetune", ("compile",)): False, ("pretrain", ("compile",)): False,
+                  ("pretrain", ("views", "augment_on")): "loader"}
+
+
+def without_later_defaults(section: Mapping, name: str) -> dict:
+    """A copy of config section `name` (finetune or pretrain, as a job's params carry it) without the
+    LATER_SETTINGS that are at their default."""
+    out = copy.deepcopy(dict(section))
+    for (stage, (*parents, key)), default in LATER_SETTINGS.items():
+        block = out
+        for parent in parents:
+            block = block.get(parent, {}) if stage == name else {}
+        if stage == name and block.get(key, not default) == default:
+            del block[key]
+    return out
+
+
+def restore_later_defaults(cfg: dict) -> dict:
+    """A job's settings (from its params) with the LATER_SETTINGS its params left out put back."""
+    out = copy.deepcopy(cfg)
+    for (stage, (*parents, key)), default in LATER_SETTINGS.items():
+        block = out.get(stage)
+        for parent in parents:
+            block = block.setdefault(parent, {}) if isinstance(block, dict) else None
+        if isinstance(block, dict):
+            block.setdefault(key, default)
+    return out
 
 
 def slurm_gpu_problem(config: dict, rule: str, profile_keys: Iterable[str],

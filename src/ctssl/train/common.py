@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctssl.config import FINETUNE_BOOKKEEPING, NNUNET_BOOKKEEPING, requested_gpus
+from ctssl.config import FINETUNE_BOOKKEEPING, NNUNET_BOOKKEEPING, requested_gpus, restore_later_defaults
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def start_training_job(smk) -> tuple[logging.Logger, dict]:
     job = f"{smk.rule} {dict(smk.wildcards.items())}"
     assign_job_gpus(device, requested_gpus(resources), job, log)
     check_job_device(device, job, resources, log)
-    cfg = {**smk.params.cfg, "device": device}
+    cfg = restore_later_defaults({**smk.params.cfg, "device": device})
     if "finetune" in cfg:  # how a cell logs and checkpoints: read from the config too, not a parameter
         given = smk.config["finetune"]
         cfg["finetune"] = {**{k: given[k] for k in FINETUNE_BOOKKEEPING}, **cfg["finetune"]}
