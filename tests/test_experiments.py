@@ -207,3 +207,21 @@ def test_the_realism_script_writes_its_tables_and_figure(realct, tmp_path):
     cases = pd.read_csv(tmp_path / "probe_cases.csv")
     assert set(cases["profile"]) == {"ct_btcv", "ct_liver", "ct_spleen", "ct_kidney"}
     assert cases["dice_raw"].between(0, 100).all()
+
+
+def test_the_scratch_gap_grid_and_its_per_class_table():
+    """scratch-gap: scratch only, at the lowest count and with every remaining case, each seed; the table is the
+    seed mean of each class's final dev Dice in points (NaN classes, absent from the development cases, stay NaN)."""
+    from ctssl.experiments import per_class_finals, scratch_gap_runs
+
+    runs = scratch_gap_runs(1, 22, [0, 1], 4000)
+    assert [(r.init, r.labelled, r.seed) for r in runs] == [("scratch", 1, 0), ("scratch", 1, 1), ("scratch", 22, 0),
+                                                            ("scratch", 22, 1)]
+    assert all(r.finetune["steps"] == 4000 for r in runs)
+    curves = pd.DataFrame({"step": [2, 4, 4, 4, 4], "steps": [4] * 5, "labelled": [1, 1, 1, 22, 22],
+                           "seed": [0, 0, 1, 0, 1], "dev_dice": [0.9, 0.2, 0.4, 0.5, 0.7],
+                           "dev_kidney_left": [0.9, 0.0, 0.1, 0.2, 0.4], "dev_aorta": [float("nan")] * 5})
+    table = per_class_finals(curves)
+    assert list(table.columns) == ["dice", "aorta", "kidney_left"] and list(table.index) == [1, 22]
+    assert table.loc[1, "dice"] == pytest.approx(30.0) and table.loc[22, "kidney_left"] == pytest.approx(30.0)
+    assert table["aorta"].isna().all()

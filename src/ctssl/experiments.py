@@ -616,6 +616,39 @@ def exp_lowest_fraction(study: Study, out: Path, seeds: list[int], jobs: int = 1
     return table
 
 
+def scratch_gap_runs(lowest: int, n_train: int, seeds: list[int], steps: int) -> list[Run]:
+    """Scratch at the lowest labelled count and with every remaining training case: the label gap alone."""
+    schedule = {"steps": steps, "lr": CONVERGENCE_LR}
+    return [Run("scratch", "scratch", seed, schedule, labelled=labelled) for labelled in (lowest, n_train)
+            for seed in seeds]
+
+
+def per_class_finals(curves: pd.DataFrame) -> pd.DataFrame:
+    """Final dev Dice (points) per labelled count and class, mean over seeds: rows labelled count, columns classes
+    (the curves' dev_* columns, `dice` = the mean over classes)."""
+    final = curves[curves["step"] == curves["steps"]]
+    columns = ["dev_dice", *sorted(c for c in final.columns if c.startswith("dev_") and c != "dev_dice")]
+    table = 100 * final.groupby("labelled")[columns].mean()
+    return table.rename(columns=lambda c: "dice" if c == "dev_dice" else c.removeprefix("dev_"))
+
+
+def exp_scratch_gap(study: Study, out: Path, seeds: list[int], jobs: int = 1) -> pd.DataFrame:
+    """Issue 38's development-case probes of a setting: does scratch learn each class with every label, and how far
+    is the lowest labelled count below it? Scratch only (no pretraining run), per class; decided on the
+    convergence study's development cases, never on test cases."""
+    study, lowest, n_train, _ = _convergence_study(study)
+    steps = int(study.cfg["finetune"]["steps"])
+    curves = _dev_curves(study, scratch_gap_runs(lowest, n_train, seeds, steps), jobs)
+    table = per_class_finals(curves)
+    dev = read_json(study.splits_path)["development"]
+    header = (f"# scratch-gap: scratch with {lowest} and with all {n_train} labelled cases, per class (development "
+              f"cases)\n\n{study.dataset}; development = {len(dev)} training cases held out of every run "
+              f"({', '.join(dev)}); seeds {seeds}; {steps} steps, AdamW {CONVERGENCE_LR:g}. Final dev Dice in %, mean "
+              f"over seeds; label gap {table['dice'].iloc[-1] - table['dice'].iloc[0]:+.1f} points.\n\n")
+    _write_convergence(out, curves, table, header, "scratch-gap: dev Dice (mean ± sd over seeds)")
+    return table
+
+
 SUPERVISED_LENGTHS = [1000, 3000, 10000]  # supervised-control pretraining steps (1,000: the science config's)
 SUPERVISED_LABELLED = 1  # the one labelled count whose label gap passed (a) in lowest-fraction
 
@@ -692,5 +725,6 @@ EXPERIMENTS: dict[str, Callable[[Study, Path, list[int]], pd.DataFrame]] = {
     "convergence": exp_convergence,
     "convergence-lr": exp_convergence_lr, "invariance": exp_invariance,
     "length": exp_length, "lowest-fraction": exp_lowest_fraction, "lr": exp_lr, "probe": exp_probe,
+    "scratch-gap": exp_scratch_gap,
     "supervised-length": exp_supervised_length, "weights": exp_weights,
 }
