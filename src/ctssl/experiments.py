@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctssl.config import load_config, method_config
+from ctssl.config import load_config, method_config, without_later_defaults
 from ctssl.diagnostics import DiceCurve, activation_scales, development_cases, weight_drift, weight_norms
 from ctssl.io import file_digest, json_digest, read_json, save_torch, write_json
 from ctssl.models.backbone import build_backbone
@@ -130,7 +130,8 @@ class Study:
         # Keyed by everything the weights depend on, not by name alone: a config with another network or other
         # pretraining settings must not pick up weights cached for the old one.
         pool = file_digest(pool_csv) if int(steps) else None  # an untrained start reads no image
-        key = json_digest({"model": cfg["model"], "method": method, "settings": mcfg, "pool": pool})
+        key = json_digest({"model": cfg["model"], "method": method, "pool": pool,  # as the workflow's params:
+                           "settings": without_later_defaults(mcfg, "pretrain")})  # new settings at default: same key
         out = self.cache / "pretrain" / f"{name}-{steps}-{key[:8]}"
         weights = out / "model.pt"
         if weights.exists():
@@ -208,7 +209,9 @@ class Study:
         return settings
 
     def _run_dir(self, settings: dict) -> Path:
-        return self.cache / "finetune" / json_digest(settings)[:16]
+        """Keyed as the workflow keys a job: settings added later, at their default, leave earlier keys valid."""
+        cfg = {**settings["cfg"], "finetune": without_later_defaults(settings["cfg"]["finetune"], "finetune")}
+        return self.cache / "finetune" / json_digest({**settings, "cfg": cfg})[:16]
 
 
 # -- tables and plots ----------------------------------------------------------------------------------------
