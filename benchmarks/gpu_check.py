@@ -372,7 +372,7 @@ def main() -> int:
     parser.add_argument("--configfile", type=Path, default=ROOT / "configs" / "paper.yaml")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cuda or cpu")
     parser.add_argument("--quick", action="store_true", help="small network, 32^3 patches, 1 timed step, "
-                                                             "fine-tuning alone compiled (eager backend), dry-run DAG: the CI "
+                                                             "the --compile-methods compiled with the eager backend, dry-run DAG: the CI "
                                                              "mode")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10; --quick 1)")
     parser.add_argument("--workers", type=int, nargs="+", default=None,
@@ -427,8 +427,8 @@ def main() -> int:
     peak = matmul_peak(device, 512 if args.quick or device.type == "cpu" else 8192, 2 if args.quick else 10, dtype)
     report: dict = {"device": str(device), "device_name": name, "torch": torch.__version__,
                     "cuda": torch.version.cuda, "config": str(args.configfile), "quick": args.quick,
-                    "matmul_dtype": str(dtype), "matmul_tflops": peak / 1e12, "model": model_cfg, "rows": [], "readback": {}, "loader": {},
-                    "dag": None}
+                    "matmul_dtype": str(dtype), "matmul_tflops": peak / 1e12, "model": model_cfg, "rows": [],
+                    "readback": {}, "loader": {}, "dag": None}
     print(f"device {device} ({name}), torch {torch.__version__}, CUDA {torch.version.cuda}, bf16 autocast: {amp}")
     print(f"measured {str(dtype).split('.')[-1]} matmul peak: {peak / 1e12:.4g} TFLOP/s (model FLOP utilisation is "
           "against this)")
@@ -450,7 +450,8 @@ def main() -> int:
             fp16 = variant.endswith("_fp16")
             row = {"method": method, "variant": variant, "precision": precision_name(FP16 if fp16 else precision),
                    "tflop_per_step": flops / 1e12}
-            skipped = ("not in --compile-methods" if variant.startswith("compile") and method not in args.compile_methods
+            compiled = variant.startswith("compile")
+            skipped = ("not in --compile-methods" if compiled and method not in args.compile_methods
                        else "not in --fp16-methods" if fp16 and method not in args.fp16_methods else None)
             if skipped:
                 row["skipped"] = skipped
@@ -543,8 +544,9 @@ def time_end_to_end(args: argparse.Namespace, config: dict, model_cfg: dict, pre
     workers = args.e2e_workers if args.e2e_workers is not None else 1 if args.quick else int(pretrain["num_workers"])
     n_volumes = 2 if args.quick else 8
     cfg = {**config, "model": model_cfg, "pretrain": pretrain, "device": str(device)}
-    print(f"end to end, samples (view pairs for PGL, BYOL, HSSL) per second (ctssl's pretraining run: its loader with {workers} workers over {n_volumes} "
-          f"{'x'.join(map(str, volume))} volumes, its loop, EMA and log; {timed} steps timed after {warmup}):")
+    print(f"end to end, samples (view pairs for PGL, BYOL, HSSL) per second (ctssl's pretraining run: its loader "
+          f"with {workers} workers over {n_volumes} {'x'.join(map(str, volume))} volumes, its loop, EMA and log; "
+          f"{timed} steps timed after {warmup}):")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="ctssl_gpu_check_e2e_") as work:
         pool_csv = write_pool(Path(work) / "preprocessed", volume, n_volumes)
@@ -615,7 +617,8 @@ def nnunet_ratios(rows: list[dict]) -> dict[str, float]:
     ratios = {}
     for row in ours:
         ratios[f"{row['variant']} ({row['precision']})"] = ratio = row["seconds"] / anchor["seconds"]
-        print(f"  {row['variant']:17s} {row['precision']:>4s} {ratio:6.2f}x{'  (goal: <= 1.1x)' if ratio > 1.1 else ''}")
+        goal = "  (goal: <= 1.1x)" if ratio > 1.1 else ""
+        print(f"  {row['variant']:17s} {row['precision']:>4s} {ratio:6.2f}x{goal}")
     return ratios
 
 
