@@ -177,3 +177,25 @@ def test_the_benchmark_anchor_is_nnunets_trainer_on_ctssls_network(tmp_path):
     batch = {"data": label.float() + 0.1 * torch.randn(2, 1, 16, 16, 16), "target": targets}
     losses = [float(trainer.train_step(batch)["loss"]) for _ in range(15)]
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_an_unreadable_nnunet_checkpoint_is_set_aside_and_the_cell_starts_afresh(tmp_path, capsys):
+    """nnU-Net writes checkpoint_latest.pth in place: a job killed while writing it leaves a truncated file. The
+    rerun sets it aside (kept, named .bad-<time>) with one line saying why, instead of failing on it; a readable
+    checkpoint is loaded."""
+    import torch
+
+    from ctssl.nnunet.cell import resume
+
+    class Trainer:
+        def load_checkpoint(self, path):
+            self.loaded = torch.load(path, weights_only=False)
+
+    truncated = tmp_path / "checkpoint_latest.pth"
+    truncated.write_bytes(b"")
+    assert resume(Trainer(), truncated) is False
+    assert not truncated.exists() and len(list(tmp_path.glob("checkpoint_latest.pth.bad-*"))) == 1
+    assert "checkpoint_latest.pth is unreadable (EOFError" in capsys.readouterr().out
+    torch.save({"epoch": 3}, truncated)
+    trainer = Trainer()
+    assert resume(trainer, truncated) is True and trainer.loaded == {"epoch": 3}

@@ -78,8 +78,9 @@ def train(spec: dict, plans: dict):
     # checkpoint_final.pth: killed after training, before predicting (nnU-Net then trains no further epoch).
     final, latest = (Path(trainer.output_folder) / f"checkpoint_{k}.pth" for k in ("final", "latest"))
     latest = final if final.exists() else latest
-    if latest.exists():  # a killed run of this cell (ctssl.nnunet.engine.resumable_results): continue it
-        trainer.load_checkpoint(str(latest))
+    # A killed run of this cell (ctssl.nnunet.engine.resumable_results): continue it; an unreadable checkpoint is
+    # set aside and the cell starts afresh.
+    if latest.exists() and resume(trainer, latest):
         print(f"ctssl: resuming from nnU-Net's {latest} at epoch {trainer.current_epoch}", flush=True)
     elif spec["pretrained_run"]:
         load_pretrained_weights(trainer.network, str(Path(spec["work"]) / "weights" / "checkpoint_nnunet.pth"),
@@ -88,6 +89,24 @@ def train(spec: dict, plans: dict):
     trainer.run_training()
     trainer.resumed_from_epoch = resumed_from_epoch
     return trainer
+
+
+def resume(trainer, checkpoint: Path) -> bool:
+    """Load nnU-Net's checkpoint; False, with the file set aside as `NAME.bad-<time>` (never deleted) and one line
+    saying why, when it cannot be read: nnU-Net writes checkpoints in place, so a job killed while writing one
+    leaves a truncated file, and the rerun then trains the cell from the start instead of failing on it."""
+    import pickle
+    import time
+
+    try:
+        trainer.load_checkpoint(str(checkpoint))
+        return True
+    except (EOFError, RuntimeError, pickle.UnpicklingError, KeyError) as exc:
+        aside = checkpoint.with_name(f"{checkpoint.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+        checkpoint.rename(aside)
+        print(f"ctssl: nnU-Net's {checkpoint.name} is unreadable ({type(exc).__name__}: {exc}), probably cut short by "
+              f"a kill while it was written; set aside as {aside.name}, training the cell from the start", flush=True)
+        return False
 
 
 def nnunet_probabilities(predictor, image: np.ndarray, spacing: list[float]) -> np.ndarray:
