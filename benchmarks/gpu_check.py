@@ -65,7 +65,7 @@ from ctssl.models.features import compile_regions
 from ctssl.ssl import METHODS
 from ctssl.train.common import loop_precision, pick_device, set_threads
 from ctssl.train.distributed import host_values
-from ctssl.train.loop import IndexedSamples, optimizer_step
+from ctssl.train.loop import IndexedSamples, grad_scaler, optimizer_step
 from ctssl.train.pretrain import build_optimizer, run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ def bench_variant(case: dict, variant: str, steps: int, device: torch.device, pr
     net.to(memory_format=torch.channels_last_3d if variant == "channels_last_3d" else torch.contiguous_format)
     batch = to_memory_format(batch, variant == "channels_last_3d")
     use_amp, dtype = precision
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and dtype == torch.float16)
+    scaler = grad_scaler(device, use_amp, dtype)
 
     def step():
         optimizer_step(loss, batch, case["optimizer"], scaler, case["params"], case["grad_clip"], use_amp=use_amp,
@@ -195,7 +195,7 @@ def readback_cost(case: dict, steps: int, device: torch.device, precision: tuple
     read, one synchronisation at the end of each run. On a CPU there is nothing to wait for; on a GPU the read
     stops the host from queueing the next step while the device finishes this one."""
     use_amp, dtype = precision
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and dtype == torch.float16)
+    scaler = grad_scaler(device, use_amp, dtype)
 
     def run(read: bool) -> float:
         sync(device)
@@ -463,7 +463,7 @@ def main() -> int:
                 row["mfu"] = flops / row["seconds"] / peak
                 print_row(row, flops)
             except Exception as exc:  # e.g. torch.compile on a platform it does not support: say so, go on
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                row["error"] = error_text(exc)
                 print(f"{method:12s} {variant:17s} failed: {row['error']}")
             report["rows"].append(row)
             save(report, args.json)
@@ -564,7 +564,7 @@ def time_end_to_end(args: argparse.Namespace, config: dict, model_cfg: dict, pre
                 print(f"  {name:14s} {row['samples_per_s']:8.2f} samples/s  {1000 * row['seconds_per_step']:8.1f} "
                       f"ms/step  loader wait {100 * row['loader_wait_fraction']:5.1f} %")
             except Exception as exc:
-                results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+                results[name] = {"error": error_text(exc)}
                 print(f"  {name:14s} failed: {results[name]['error']}")
     return results
 
@@ -599,7 +599,7 @@ def time_nnunet(model_cfg: dict, ft: dict, device: torch.device, steps: int, pea
             row["variant"] = "nnunet_compiled" if case["compiled"] else "nnunet"
             print_row(row, flops)
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            row["error"] = error_text(exc)
             print(f"{'nnunet':12s} {'nnunet':17s} failed: {row['error']}")
     return row
 
@@ -620,6 +620,11 @@ def nnunet_ratios(rows: list[dict]) -> dict[str, float]:
         goal = "  (goal: <= 1.1x)" if ratio > 1.1 else ""
         print(f"  {row['variant']:17s} {row['precision']:>4s} {ratio:6.2f}x{goal}")
     return ratios
+
+
+def error_text(exc: Exception) -> str:
+    """A failed row's reason: the exception's type and first line."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def save(report: dict, path: Path | None) -> None:

@@ -784,8 +784,8 @@ def without_later_defaults(section: Mapping, name: str) -> dict:
     for (stage, (*parents, key)), default in LATER_SETTINGS.items():
         block = out
         for parent in parents:
-            block = block.get(parent, {}) if stage == name else {}
-        if stage == name and block.get(key, not default) == default:
+            block = block.get(parent, {})
+        if stage == name and key in block and block[key] == default:
             del block[key]
     return out
 

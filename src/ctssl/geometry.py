@@ -78,14 +78,18 @@ def sample_view(volume: torch.Tensor, geometry: ViewGeometry, patch: Sequence[in
                          align_corners=False)[0]
 
 
-def sample_view_from_array(volume: np.ndarray, geometry: ViewGeometry, patch: Sequence[int]) -> torch.Tensor:
-    """`sample_view` on a (X, Y, Z) array, typically a memory map, reading only the block the view touches.
-
-    The block spans the box plus one voxel on each side (every trilinear neighbour), clipped to the volume, so the
-    result equals sampling the whole volume while copying a patch-sized block instead of the full scan.
-    """
+def source_block(geometry: ViewGeometry, shape: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(lo, hi) voxel bounds of the block a view samples from: its box plus one voxel on each side (every trilinear
+    neighbour), clipped to a volume of `shape`. Sampling that block equals sampling the whole volume."""
     lo = [max(0, int(np.floor(s)) - 1) for s in geometry.start]
-    hi = [min(n, int(np.ceil(s + z)) + 1) for s, z, n in zip(geometry.start, geometry.size, volume.shape, strict=True)]
+    hi = [min(n, int(np.ceil(s + z)) + 1) for s, z, n in zip(geometry.start, geometry.size, shape, strict=True)]
+    return lo, hi
+
+
+def sample_view_from_array(volume: np.ndarray, geometry: ViewGeometry, patch: Sequence[int]) -> torch.Tensor:
+    """`sample_view` on a (X, Y, Z) array, typically a memory map, reading only the block the view touches
+    (`source_block`): a patch-sized copy instead of the full scan, with the same result."""
+    lo, hi = source_block(geometry, volume.shape)
     block = np.array(volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)  # writable copy
     shifted = ViewGeometry(tuple(s - o for s, o in zip(geometry.start, lo, strict=True)), geometry.size,
                            geometry.flips)

@@ -23,7 +23,7 @@ from monai.networks.layers import GaussianFilter
 from monai.transforms import Compose
 from monai.transforms.transform import RandomizableTransform
 
-from ctssl.geometry import ViewGeometry, to_grid
+from ctssl.geometry import ViewGeometry, source_block, to_grid
 
 # Per view, the intensity parameters drawn in the worker, in the order they are applied (MONAI's Compose order).
 PARAMS = ("noise_on", "noise_std", "noise_seed", "blur_on", "sigma_x", "sigma_y", "sigma_z", "scale_on", "factor",
@@ -40,11 +40,10 @@ def block_shape(patch: Sequence[int], scale: Sequence[float]) -> list[int]:
 def read_block(volume: np.ndarray, geometry: ViewGeometry, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(the block of `volume` a view samples from, edge-padded at its far end to `shape`; its origin in the volume).
 
-    The block is sample_view_from_array's (the box plus one voxel each side, clipped to the volume); repeating its
-    last voxel beyond it gives the same trilinear values as grid_sample's border clamping on the unpadded block.
+    The block is the loader path's (ctssl.geometry.source_block); repeating its last voxel beyond it gives the same
+    trilinear values as grid_sample's border clamping on the unpadded block.
     """
-    lo = [max(0, int(np.floor(s)) - 1) for s in geometry.start]
-    hi = [min(n, int(np.ceil(s + z)) + 1) for s, z, n in zip(geometry.start, geometry.size, volume.shape, strict=True)]
+    lo, hi = source_block(geometry, volume.shape)
     block = np.asarray(volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
     if any(b > s for b, s in zip(block.shape, shape, strict=True)):
         raise ValueError(f"a view's block {block.shape} exceeds the padded block shape {tuple(shape)}")
@@ -87,26 +86,29 @@ def view_grids(geometry: torch.Tensor, origin: torch.Tensor, patch: Sequence[int
 def apply_intensity(views: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """MONAI's RandGaussianNoise, RandGaussianSmooth, RandScaleIntensity, RandShiftIntensity and
     RandAdjustContrast on a batch of views (B, 1, *patch), each view with its own drawn `params` (B, len(PARAMS))."""
+    # The per-view choices (which views get noise or blur, their seeds and sigmas) from one copy on the host, not
+    # one device read per view; the batched arithmetic reads the parameters on the device.
+    host = dict(zip(PARAMS, params.cpu().T.tolist(), strict=True))
     p = {name: params[:, k].to(views.device) for k, name in enumerate(PARAMS)}
     out = views.float()
-    noisy = [i for i in range(len(out)) if p["noise_on"][i] > 0.5]
+    noisy = [i for i, on in enumerate(host["noise_on"]) if on > 0.5]
     if noisy:
         noise = torch.zeros_like(out)
         for i in noisy:  # one generator a view: a view's noise depends on its own seed only
-            generator = torch.Generator(device=out.device).manual_seed(int(p["noise_seed"][i]))
-            noise[i] = torch.randn(out.shape[1:], generator=generator, device=out.device) * float(p["noise_std"][i])
+            generator = torch.Generator(device=out.device).manual_seed(int(host["noise_seed"][i]))
+            noise[i] = torch.randn(out.shape[1:], generator=generator, device=out.device) * host["noise_std"][i]
         out = out + noise
-    blurred = [i for i in range(len(out)) if p["blur_on"][i] > 0.5]
+    blurred = [i for i, on in enumerate(host["blur_on"]) if on > 0.5]
     if blurred:
         out = out.clone()
         for i in blurred:  # a sigma per view: MONAI's separable Gaussian, as GaussianSmooth applies it
-            sigma = [torch.as_tensor(float(p[k][i]), device=out.device) for k in ("sigma_x", "sigma_y", "sigma_z")]
+            sigma = [torch.as_tensor(host[k][i], device=out.device) for k in ("sigma_x", "sigma_y", "sigma_z")]
             out[i] = GaussianFilter(3, sigma, approx="erf")(out[i][None])[0]
     column = (-1, 1, 1, 1, 1)
     out = out * (1 + (p["factor"] * p["scale_on"]).float().view(column))
     out = out + (p["offset"] * p["shift_on"]).float().view(column)
-    on = p["gamma_on"].view(column) > 0.5
-    if on.any():
+    if any(on > 0.5 for on in host["gamma_on"]):
+        on = p["gamma_on"].view(column) > 0.5
         low = out.amin(dim=(1, 2, 3, 4), keepdim=True)
         spread = out.amax(dim=(1, 2, 3, 4), keepdim=True) - low
         gamma = p["gamma"].float().view(column)

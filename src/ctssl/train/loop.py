@@ -147,6 +147,11 @@ class LoaderWatch:
         self.interval = [0.0, 0.0]
 
 
+def grad_scaler(device: torch.device, use_amp: bool, amp_dtype: torch.dtype) -> torch.amp.GradScaler:
+    """bf16 keeps float32's exponent range and needs no loss scaling; fp16 does (its gradients underflow otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+
+
 def optimizer_step(loss_fn: LossFn, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    params: list[torch.Tensor], grad_clip: float, use_amp: bool,
                    amp_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, dict]:
@@ -175,8 +180,7 @@ def run_loop(task: Task, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
     With several ranks (`world`), every rank runs this loop on its share of each batch; the logged loss and parts
     are the ranks' means, a signal to any rank stops all of them at the same step, and only rank 0 writes the log
     and checkpoints. A checkpoint holds nothing that depends on the world size, so any world size resumes it."""
-    # bf16 keeps float32's exponent range and needs no loss scaling; fp16 does (its gradients underflow otherwise).
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.use_amp and settings.amp_dtype == torch.float16)
+    scaler = grad_scaler(device, settings.use_amp, settings.amp_dtype)
     ckpt_path = out_dir / CHECKPOINT
     state = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     start, log_rows = load_checkpoint(ckpt_path, fingerprint, state, device, keep_aside=world.is_main)
