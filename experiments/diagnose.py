@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (experiments that support it)")
     parser.add_argument("--dataset", default="liver", help="the config's downstream dataset the study fine-tunes")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="supervised-length: the control's pretraining lengths (default 1000 3000 10000)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     study = Study(args.config, dataset=args.dataset, threads=args.threads)
@@ -33,7 +35,12 @@ def main() -> None:
     experiment = EXPERIMENTS[args.experiment]
     if args.jobs > 1 and "jobs" not in inspect.signature(experiment).parameters:
         parser.error(f"--jobs: experiment {args.experiment} runs one run at a time")
-    table = experiment(study, out, args.seeds, **({"jobs": args.jobs} if args.jobs > 1 else {}))
+    options = {"jobs": args.jobs} if args.jobs > 1 else {}
+    if args.lengths:
+        if "lengths" not in inspect.signature(experiment).parameters:
+            parser.error(f"--lengths: only supervised-length takes it, not {args.experiment}")
+        options["lengths"] = args.lengths
+    table = experiment(study, out, args.seeds, **options)
     print(table.round(2).to_string())
     print(f"-> {out}")
 

@@ -667,19 +667,21 @@ def supervised_length_runs(lengths: list[int], labelled: int, n_train: int, seed
     return runs + [Run("scratch", "scratch", seed, schedule, labelled=n_train) for seed in seeds]
 
 
-def exp_supervised_length(study: Study, out: Path, seeds: list[int], jobs: int = 1) -> pd.DataFrame:
+def exp_supervised_length(study: Study, out: Path, seeds: list[int], jobs: int = 1,
+                          lengths: list[int] | None = None) -> pd.DataFrame:
     """Issue 24, after lowest-fraction: is the supervised control too weak, not the setting? The control
-    pretrained for each of SUPERVISED_LENGTHS steps (same data), at SUPERVISED_LABELLED labelled cases, against
+    pretrained for each of `lengths` steps (default SUPERVISED_LENGTHS; same data), at SUPERVISED_LABELLED labelled
+    cases, against
     scratch on the development cases, with lowest-fraction's rule (fixed before the runs): a length passes with
     (a) the label gap >= LOWEST_GAP and (b) the control ahead of scratch in the seed mean and in >= LOWEST_SEEDS_AHEAD
     seeds; a passing length goes through the calibration on test cases next."""
+    lengths = sorted(lengths or SUPERVISED_LENGTHS)
     study, _, n_train, _ = _convergence_study(study)
     steps = int(study.cfg["finetune"]["steps"])
-    curves = _dev_curves(study, supervised_length_runs(SUPERVISED_LENGTHS, SUPERVISED_LABELLED, n_train, seeds, steps),
-                         jobs)
+    curves = _dev_curves(study, supervised_length_runs(lengths, SUPERVISED_LABELLED, n_train, seeds, steps), jobs)
     finals = _final_dice(curves)
     rows = []
-    for length in SUPERVISED_LENGTHS:
+    for length in lengths:
         mine = finals[finals["init"].isin(["scratch", f"supervised@{length}"])].replace(
             {"init": {f"supervised@{length}": "supervised"}})
         table, chosen = lowest_fraction_table(mine, n_train)
@@ -690,7 +692,7 @@ def exp_supervised_length(study: Study, out: Path, seeds: list[int], jobs: int =
     header = (f"# supervised-length: is the supervised control too weak? (development cases)\n\n"
               f"{study.dataset}; development = {len(dev)} training cases held out of every run ({', '.join(dev)}); "
               f"{SUPERVISED_LABELLED} labelled case(s), scratch with all {n_train} remaining for the label gap; the "
-              f"supervised control pretrained for {SUPERVISED_LENGTHS} steps on the same data; seeds {seeds}; "
+              f"supervised control pretrained for {lengths} steps on the same data; seeds {seeds}; "
               f"{steps} fine-tuning steps, AdamW {CONVERGENCE_LR:g}. Final dev Dice in %, mean over seeds. Rule "
               f"(fixed before the runs, as lowest-fraction): (a) label gap >= {LOWEST_GAP:g} and (b) the control "
               f"ahead of scratch in the seed mean and in >= {LOWEST_SEEDS_AHEAD} seeds.\n\n**Passing: "
