@@ -26,7 +26,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (experiments that support it)")
     parser.add_argument("--dataset", default="liver", help="the config's downstream dataset the study fine-tunes")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
-                        help="supervised-length: the control's pretraining lengths (default 1000 3000 10000)")
+                        help="pretraining lengths: supervised-length's control (default 1000 3000 10000), curves' "
+                             "methods (default 3000 10000 30000)")
+    parser.add_argument("--methods", nargs="+", default=None, help="curves: the methods (default pgl hssl mae)")
+    parser.add_argument("--pools", type=int, nargs="+", default=None,
+                        help="curves: unlabelled pool sizes in volumes (default 100 500 2000)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     study = Study(args.config, dataset=args.dataset, threads=args.threads)
@@ -36,10 +40,11 @@ def main() -> None:
     if args.jobs > 1 and "jobs" not in inspect.signature(experiment).parameters:
         parser.error(f"--jobs: experiment {args.experiment} runs one run at a time")
     options = {"jobs": args.jobs} if args.jobs > 1 else {}
-    if args.lengths:
-        if "lengths" not in inspect.signature(experiment).parameters:
-            parser.error(f"--lengths: only supervised-length takes it, not {args.experiment}")
-        options["lengths"] = args.lengths
+    for option in ("lengths", "methods", "pools"):
+        if getattr(args, option):
+            if option not in inspect.signature(experiment).parameters:
+                parser.error(f"--{option}: experiment {args.experiment} does not take it")
+            options[option] = getattr(args, option)
     table = experiment(study, out, args.seeds, **options)
     print(table.round(2).to_string())
     print(f"-> {out}")

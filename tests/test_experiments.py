@@ -13,8 +13,11 @@ from ctssl.experiments import (
     convergence_lr_runs,
     convergence_runs,
     convergence_table,
+    curve_runs,
+    curve_table,
     lowest_fraction_runs,
     lowest_fraction_table,
+    nested_pool_order,
     supervised_length_runs,
     tail_change,
     write_outputs,
@@ -225,3 +228,61 @@ def test_the_scratch_gap_grid_and_its_per_class_table():
     assert list(table.columns) == ["dice", "aorta", "kidney_left"] and list(table.index) == [1, 22]
     assert table.loc[1, "dice"] == pytest.approx(30.0) and table.loc[22, "kidney_left"] == pytest.approx(30.0)
     assert table["aorta"].isna().all()
+
+
+def test_nested_pools_keep_each_domain_at_its_share_in_every_prefix():
+    domains = pd.Series(["btcv"] * 28 + ["spleen"] * 60 + ["chest"] * 12)
+    order = nested_pool_order(domains, seed=0)
+    assert sorted(order) == list(range(100))  # a permutation: every volume once
+    for size in range(1, 101):
+        counts = domains.iloc[order[:size]].value_counts()
+        for domain, total in domains.value_counts().items():
+            assert abs(counts.get(domain, 0) - size * total / 100) <= 1, (size, domain)
+    again, other = nested_pool_order(domains, seed=0), nested_pool_order(domains, seed=1)
+    assert list(again) == list(order) and list(other) != list(order)
+    assert set(order[:20]) != set(other[:20])  # the seed draws which volumes, not only their order
+
+
+def test_a_study_pool_is_a_prefix_of_the_nested_order_and_refuses_more_than_it_has(tmp_path, liver_preprocessed):
+    study = _study(tmp_path, liver_preprocessed)
+    pool = pd.DataFrame({"case": [f"c{i}" for i in range(10)], "dataset": ["a"] * 6 + ["b"] * 4,
+                         "group": "g", "image": [f"c{i}.npy" for i in range(10)], "label": ""})
+    (study.root / "pools").mkdir()
+    pool.to_csv(study.root / "pools" / "all.csv", index=False)
+    small, large = pd.read_csv(study.pool(5)), pd.read_csv(study.pool(8))
+    assert len(small) == 5 and len(large) == 8 and set(small["case"]) <= set(large["case"])
+    assert sorted(small["dataset"].value_counts().tolist()) == [2, 3]  # 60 / 40 of 5 volumes
+    with pytest.raises(ValueError, match="11 volumes asked, .*all.csv holds 10: raise the n_cases"):
+        study.pool(11)
+    assert study.pretrained("pgl@0:5").parent.name.startswith("pgl-0-pool5-")
+
+
+def test_the_curve_grid_sweeps_the_pool_at_the_shortest_length_and_the_length_on_the_largest_pool():
+    runs = curve_runs(["pgl", "mae"], [500, 100], [10000, 3000], 1, [0, 1], 4000)
+    inits = list(dict.fromkeys(r.init for r in runs))
+    assert inits == ["scratch", "pgl@3000:100", "pgl@3000:500", "pgl@10000:500",
+                     "mae@3000:100", "mae@3000:500", "mae@10000:500"]
+    assert len(runs) == 2 * len(inits) and {r.labelled for r in runs} == {1}
+    assert {tuple(sorted(r.finetune.items())) for r in runs} == {(("lr", 1e-3), ("steps", 4000))}
+
+
+def test_the_curve_table_on_hand_computed_finals():
+    scratch = [40.0, 42.0, 44.0, 46.0]
+    finals = pd.DataFrame(
+        [{"init": "scratch", "seed": s, "dice": d} for s, d in enumerate(scratch)]
+        + [{"init": "pgl@3000:100", "seed": s, "dice": d + 2} for s, d in enumerate(scratch)]
+        + [{"init": "pgl@3000:500", "seed": s, "dice": d + e}
+           for s, (d, e) in enumerate(zip(scratch, [1, 3, 1, 3], strict=True))]
+        + [{"init": "pgl@10000:500", "seed": s, "dice": d - 1} for s, d in enumerate(scratch)])
+    table = curve_table(finals, [100, 500], [3000, 10000]).set_index(["sweep", "volumes", "pretrain_steps"])
+    assert sorted(table.index) == [("length", 500, 3000), ("length", 500, 10000), ("pool", 100, 3000),
+                                   ("pool", 500, 3000)]  # the shared point is in both sweeps
+    assert table.loc[("pool", 100, 3000), "delta_vs_scratch"] == pytest.approx(2.0)
+    assert table.loc[("pool", 100, 3000), ["ci95_low", "ci95_high"]].tolist() == pytest.approx([2.0, 2.0])
+    shared = table.loc[("pool", 500, 3000)]
+    assert shared["delta_vs_scratch"] == pytest.approx(2.0)
+    assert 1.0 <= shared["ci95_low"] < 2.0 < shared["ci95_high"] <= 3.0
+    assert table.loc[("length", 500, 3000), "ci95_low"] == shared["ci95_low"]
+    longest = table.loc[("length", 500, 10000)]
+    assert longest["delta_vs_scratch"] == pytest.approx(-1.0) and longest["seeds_ahead"] == "0/4"
+    assert longest["dice"] == pytest.approx(42.0) and longest["scratch"] == pytest.approx(43.0)

@@ -118,12 +118,14 @@ class Study:
 
     # -- pretraining -----------------------------------------------------------------------------------------
     def pretrained(self, init: str) -> Path | None:
-        """Weights for 'scratch' (None) or '{method}@{steps}', trained once and cached."""
+        """Weights for 'scratch' (None), '{method}@{steps}' (on pool 'all') or '{method}@{steps}:{volumes}' (on
+        that many of pool 'all''s volumes: `pool`), trained once and cached."""
         if init == "scratch":
             return None
-        name, _, steps = init.partition("@")
+        name, _, length = init.partition("@")
+        steps, _, volumes = length.partition(":")
         method, overrides = VARIANTS.get(name, (name, {}))
-        cfg, pool_csv = copy.deepcopy(self.cfg), self.root / "pools" / "all.csv"
+        cfg, pool_csv = copy.deepcopy(self.cfg), self.pool(int(volumes)) if volumes else self.root / "pools" / "all.csv"
         # A nested override (views.intensity...) is merged key by key into the shared settings by method_config.
         cfg["pretrain"]["methods"][method].update(copy.deepcopy(overrides), steps=int(steps))
         mcfg = method_config(cfg["pretrain"], method)
@@ -132,7 +134,7 @@ class Study:
         pool = file_digest(pool_csv) if int(steps) else None  # an untrained start reads no image
         key = json_digest({"model": cfg["model"], "method": method, "pool": pool,  # as the workflow's params:
                            "settings": without_later_defaults(mcfg, "pretrain")})  # new settings at default: same key
-        out = self.cache / "pretrain" / f"{name}-{steps}-{key[:8]}"
+        out = self.cache / "pretrain" / f"{name}-{steps}{f'-pool{volumes}' if volumes else ''}-{key[:8]}"
         weights = out / "model.pt"
         if weights.exists():
             return weights
@@ -145,6 +147,21 @@ class Study:
         cfg["pretrain"]["checkpoint_every"] = max(int(steps), 1)
         run_pretrain(pool_csv=pool_csv, method=method, pool="all", cfg=cfg, out_dir=out, threads=self.threads)
         return weights
+
+    def pool(self, volumes: int) -> Path:
+        """A pool of `volumes` of pool 'all''s volumes (`nested_pool_order`, drawn with the pretraining seed), for
+        the unlabelled-pool curve; written once under the cache (its content keys the pretraining runs)."""
+        source = self.root / "pools" / "all.csv"
+        frame = pd.read_csv(source, keep_default_na=False)
+        if not 1 <= volumes <= len(frame):
+            raise ValueError(f"a pool of {volumes} volumes asked, {source} holds {len(frame)}: raise the n_cases of "
+                             f"the pool's datasets in {self.config_path} (pretrain.pool_datasets)")
+        order = nested_pool_order(frame["dataset"], int(self.cfg["pretrain"]["seed"]))
+        path = self.cache / "pools" / f"all-{volumes}-{file_digest(source)[:8]}.csv"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.iloc[order[:volumes]].to_csv(path, index=False)
+        return path
 
     # -- fine-tuning -----------------------------------------------------------------------------------------
     def finetune(self, run: Run) -> Path:
@@ -212,6 +229,20 @@ class Study:
         """Keyed as the workflow keys a job: settings added later, at their default, leave earlier keys valid."""
         cfg = {**settings["cfg"], "finetune": without_later_defaults(settings["cfg"]["finetune"], "finetune")}
         return self.cache / "finetune" / json_digest({**settings, "cfg": cfg})[:16]
+
+
+def nested_pool_order(domains: pd.Series, seed: int) -> np.ndarray:
+    """An order of a pool's rows whose every prefix keeps each domain at its share of the pool (within one volume):
+    each domain's rows are shuffled (with `seed`) and row i of a domain of n rows is placed at (i + 0.5) / n. So
+    the first 100 volumes are a subset of the first 500, and the pool curve measures adding volumes, not drawing
+    other ones; nothing in numpy or pandas draws nested stratified subsets."""
+    rng = np.random.default_rng(seed)
+    positions = np.empty(len(domains))
+    for _, rows in sorted(pd.Series(range(len(domains)), index=domains.to_numpy()).groupby(level=0)):
+        shuffled = rng.permutation(rows.to_numpy())
+        positions[shuffled] = (np.arange(len(shuffled)) + 0.5) / len(shuffled)
+    tiebreak = rng.random(len(domains))
+    return np.lexsort((tiebreak, positions))
 
 
 # -- tables and plots ----------------------------------------------------------------------------------------
@@ -701,6 +732,98 @@ def exp_supervised_length(study: Study, out: Path, seeds: list[int], jobs: int =
     return table
 
 
+CURVE_METHODS = ["pgl", "hssl", "mae"]  # issue 38, point 3: PGL, HSSL (every domain of the pool) and MAE
+CURVE_POOLS = [100, 500, 2000]  # unlabelled volumes the pretraining draws from
+CURVE_LENGTHS = [3000, 10000, 30000]  # pretraining steps
+
+
+def curve_runs(methods: list[str], pools: list[int], lengths: list[int], labelled: int, seeds: list[int],
+               steps: int) -> list[Run]:
+    """The two sweeps of each method, fine-tuned at `labelled` cases, every seed, `steps` long: the pool grows at
+    the shortest length, the length grows on the largest pool (the point they share runs once); plus scratch."""
+    schedule = {"steps": steps, "lr": CONVERGENCE_LR}
+    points = dict.fromkeys([(volumes, min(lengths)) for volumes in sorted(pools)]
+                           + [(max(pools), length) for length in sorted(lengths)])
+    inits = [f"{method}@{length}:{volumes}" for method in methods for volumes, length in points]
+    return [Run(init, init, seed, schedule, labelled=labelled) for init in ["scratch", *inits] for seed in seeds]
+
+
+def curve_table(finals: pd.DataFrame, pools: list[int], lengths: list[int]) -> pd.DataFrame:
+    """Per method and sweep point: final dev Dice (seed mean, points), Δ against scratch with its 95 % bootstrap CI
+    over seeds (a seed is one labelled draw and one run: the unit of the run-level interval), the Wilcoxon p over
+    seeds and how many seeds are ahead. `finals`: columns init ('scratch' or 'method@steps:volumes'), seed, dice."""
+    wide = finals.pivot_table(index="seed", columns="init", values="dice")
+    rows = []
+    for init in [c for c in wide.columns if c != "scratch"]:
+        method, _, point = init.partition("@")
+        length, volumes = (int(v) for v in point.split(":"))
+        delta = wide[init] - wide["scratch"]
+        low, high = bootstrap_ci(wide[[init]].to_numpy(), wide[["scratch"]].to_numpy())
+        sweeps = [name for name, on in (("pool", length == min(lengths)), ("length", volumes == max(pools))) if on]
+        for sweep in sweeps:
+            rows.append({"method": method, "sweep": sweep, "volumes": volumes, "pretrain_steps": length,
+                         "dice": float(wide[init].mean()), "scratch": float(wide["scratch"].mean()),
+                         "delta_vs_scratch": float(delta.mean()), "ci95_low": low, "ci95_high": high,
+                         "p_wilcoxon": paired_wilcoxon(wide[init], wide["scratch"])[0],
+                         "seeds_ahead": f"{int((delta > 0).sum())}/{len(delta)}"})
+    return pd.DataFrame(rows).sort_values(["sweep", "method", "volumes", "pretrain_steps"], ignore_index=True)
+
+
+def plot_curve_table(table: pd.DataFrame, path: Path, title: str) -> None:
+    """Δ against scratch (95 % CI over seeds) as the pool grows and as pretraining grows, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    for ax, (sweep, x, xlabel) in zip(axes, (("pool", "volumes", "unlabelled volumes in the pool"),
+                                             ("length", "pretrain_steps", "pretraining steps")), strict=True):
+        for method, rows in table[table["sweep"] == sweep].groupby("method", sort=False):
+            errors = [rows["delta_vs_scratch"] - rows["ci95_low"], rows["ci95_high"] - rows["delta_vs_scratch"]]
+            ax.errorbar(rows[x], rows["delta_vs_scratch"], yerr=errors, marker="o", capsize=3, label=method)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Δ dev Dice vs scratch (points)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def exp_curves(study: Study, out: Path, seeds: list[int], jobs: int = 1, lengths: list[int] | None = None,
+               methods: list[str] | None = None, pools: list[int] | None = None) -> pd.DataFrame:
+    """Issue 38, point 3, on development cases (never test cases): does what pretraining buys at the lowest
+    fraction grow with the unlabelled pool and with pretraining length? Each method (default CURVE_METHODS)
+    pretrained on nested pools of `pools` volumes (default CURVE_POOLS) at the shortest of `lengths` (default
+    CURVE_LENGTHS), and for each length on the largest pool; fine-tuned with the config's lowest fraction's labelled
+    count against scratch. The dev cases are held out of fine-tuning, not of the unlabelled pool (they are training
+    cases; the test cases never enter it)."""
+    lengths, pools = sorted(lengths or CURVE_LENGTHS), sorted(pools or CURVE_POOLS)
+    methods = methods or CURVE_METHODS
+    study, lowest, _, n_full = _convergence_study(study)
+    steps = int(study.cfg["finetune"]["steps"])
+    curves = _dev_curves(study, curve_runs(methods, pools, lengths, lowest, seeds, steps), jobs)
+    table = curve_table(_final_dice(curves), pools, lengths)
+    dev = read_json(study.splits_path)["development"]
+    header = (f"# curves: does the gain grow with the unlabelled pool and with pretraining? (development cases)\n\n"
+              f"{study.dataset}; development = {len(dev)} training cases held out of fine-tuning ({', '.join(dev)}); "
+              f"{lowest} labelled case(s) (the config's lowest fraction of {n_full}); methods {methods}; pools "
+              f"{pools} volumes (nested, each domain at its share) at {min(lengths)} pretraining steps, and "
+              f"{lengths} steps on {max(pools)} volumes; seeds {seeds}; {steps} fine-tuning steps. Final dev Dice "
+              f"in %; Δ against scratch with its 95 % bootstrap CI over seeds and the Wilcoxon p over seeds.\n\n")
+    out.mkdir(parents=True, exist_ok=True)
+    curves.to_csv(out / "curves.csv", index=False)
+    table.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(header + table.round(2).to_markdown(index=False) + "\n")
+    plot_curve_table(table, out / "curves.png", "Δ vs scratch at the lowest fraction (dev cases, 95 % CI over seeds)")
+    return table
+
+
 def exp_calibration(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
     """Issue 24's calibration, read off the workflow's report of the config (run it first with inits scratch and
     the supervised control): can this setting see transfer at all? `seeds` is unused: the cells are the
@@ -728,7 +851,7 @@ def exp_calibration(study: Study, out: Path, seeds: list[int]) -> pd.DataFrame:
 EXPERIMENTS: dict[str, Callable[[Study, Path, list[int]], pd.DataFrame]] = {
     "calibration": exp_calibration, "controls": exp_controls, "collapse": exp_collapse,
     "convergence": exp_convergence,
-    "convergence-lr": exp_convergence_lr, "invariance": exp_invariance,
+    "convergence-lr": exp_convergence_lr, "curves": exp_curves, "invariance": exp_invariance,
     "length": exp_length, "lowest-fraction": exp_lowest_fraction, "lr": exp_lr, "probe": exp_probe,
     "scratch-gap": exp_scratch_gap,
     "supervised-length": exp_supervised_length, "weights": exp_weights,
