@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ctssl.experiments import EXPERIMENTS, Study  # noqa: E402
+from ctssl.experiments import EXPERIMENTS, VARIANTS, Study  # noqa: E402
+from ctssl.ssl import METHODS  # noqa: E402
 
 
 def main() -> None:
@@ -32,19 +33,23 @@ def main() -> None:
     parser.add_argument("--pools", type=int, nargs="+", default=None,
                         help="curves: unlabelled pool sizes in volumes (default 100 500 2000)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    study = Study(args.config, dataset=args.dataset, threads=args.threads)
-    study.ensure_data()
-    out = Path(args.out or ROOT / "experiments" / "results" / args.experiment)
     experiment = EXPERIMENTS[args.experiment]
-    if args.jobs > 1 and "jobs" not in inspect.signature(experiment).parameters:
+    accepted = inspect.signature(experiment).parameters
+    if args.jobs > 1 and "jobs" not in accepted:
         parser.error(f"--jobs: experiment {args.experiment} runs one run at a time")
     options = {"jobs": args.jobs} if args.jobs > 1 else {}
     for option in ("lengths", "methods", "pools"):
         if getattr(args, option):
-            if option not in inspect.signature(experiment).parameters:
+            if option not in accepted:
                 parser.error(f"--{option}: experiment {args.experiment} does not take it")
             options[option] = getattr(args, option)
+    unknown = sorted(set(args.methods or ()) - set(METHODS) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--methods: {', '.join(unknown)} not a pretraining method (known: {', '.join(sorted(METHODS))})")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    study = Study(args.config, dataset=args.dataset, threads=args.threads)
+    study.ensure_data()
+    out = Path(args.out or ROOT / "experiments" / "results" / args.experiment)
     table = experiment(study, out, args.seeds, **options)
     print(table.round(2).to_string())
     print(f"-> {out}")

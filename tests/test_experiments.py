@@ -286,3 +286,16 @@ def test_the_curve_table_on_hand_computed_finals():
     longest = table.loc[("length", 500, 10000)]
     assert longest["delta_vs_scratch"] == pytest.approx(-1.0) and longest["seeds_ahead"] == "0/4"
     assert longest["dice"] == pytest.approx(42.0) and longest["scratch"] == pytest.approx(43.0)
+
+
+def test_diagnose_refuses_options_an_experiment_does_not_take_before_touching_any_data(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "diagnose.py"
+    for argv, message in ((["calibration", "--pools", "5"], "--pools: experiment calibration does not take it"),
+                          (["curves", "--methods", "pgl", "bogus"], "--methods: bogus not a pretraining method")):
+        run = subprocess.run([sys.executable, str(script), *argv, "--config", str(tmp_path / "absent.yaml")],
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
