@@ -517,12 +517,14 @@ def _dev_curves(study: Study, runs: list[Run], jobs: int) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _write_convergence(out: Path, curves: pd.DataFrame, table: pd.DataFrame, header: str, title: str) -> None:
+def _write_convergence(out: Path, curves: pd.DataFrame, table: pd.DataFrame, header: str, title: str,
+                       plot: Callable[[Path, str], None] | None = None) -> None:
+    """curves.csv, table.csv, table.md and curves.png (`plot(path, title)`; default: the dev curves per run group)."""
     out.mkdir(parents=True, exist_ok=True)
     curves.to_csv(out / "curves.csv", index=False)
     table.to_csv(out / "table.csv")
     (out / "table.md").write_text(header + table.round(2).to_markdown() + "\n")
-    plot_convergence(curves, out / "curves.png", title)
+    (plot or (lambda path, text: plot_convergence(curves, path, text)))(out / "curves.png", title)
 
 
 def exp_convergence(study: Study, out: Path, seeds: list[int], jobs: int = 1) -> pd.DataFrame:
@@ -816,11 +818,9 @@ def exp_curves(study: Study, out: Path, seeds: list[int], jobs: int = 1, lengths
               f"{pools} volumes (nested, each domain at its share) at {min(lengths)} pretraining steps, and "
               f"{lengths} steps on {max(pools)} volumes; seeds {seeds}; {steps} fine-tuning steps. Final dev Dice "
               f"in %; Δ against scratch with its 95 % bootstrap CI over seeds and the Wilcoxon p over seeds.\n\n")
-    out.mkdir(parents=True, exist_ok=True)
-    curves.to_csv(out / "curves.csv", index=False)
-    table.to_csv(out / "table.csv", index=False)
-    (out / "table.md").write_text(header + table.round(2).to_markdown(index=False) + "\n")
-    plot_curve_table(table, out / "curves.png", "Δ vs scratch at the lowest fraction (dev cases, 95 % CI over seeds)")
+    _write_convergence(out, curves, table.set_index("method"), header,
+                       "Δ vs scratch at the lowest fraction (dev cases, 95 % CI over seeds)",
+                       plot=lambda path, title: plot_curve_table(table, path, title))
     return table
 
 
