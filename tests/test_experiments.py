@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from ctssl.experiments import (
@@ -190,6 +191,23 @@ def test_finetune_many_runs_uncached_runs_on_worker_processes_to_the_same_result
     assert [p.parent.name for p in paths] == [study._run_dir(study._settings(r)).name for r in runs]
     assert json.loads(paths[0].read_text())["per_case"] == first  # a worker process computes what this one does
     assert all((p.parent / "curve.csv").exists() for p in paths)
+
+
+def test_pretrainings_on_worker_processes_give_the_weights_of_a_serial_run(tmp_path, liver_preprocessed):
+    """finetune_many pretrains its distinct inits on the worker processes: the same weights as in this process."""
+    from ctssl.pools import write_pool
+
+    study = _study(tmp_path, liver_preprocessed)
+    write_pool("all", ["liver"], [str(study.preprocessed)], [str(study.splits_path)],
+               study.root / "pools" / "all.csv")
+    study.cfg["pretrain"].update(patch_size=[16, 16, 16], batch_size=2)
+    serial = torch.load(study.pretrained("pgl@2:2"), weights_only=True)
+    study.pretrained("pgl@2:2").parent.rename(tmp_path / "serial_pretrain")  # uncached again
+    study._on_workers(study.pretrained, ["pgl@2:2", "mae@2"], jobs=2)
+    [pgl] = (study.cache / "pretrain").glob("pgl-2-pool2-*/model.pt")
+    parallel = torch.load(pgl, weights_only=True)
+    assert serial.keys() == parallel.keys() and all(torch.equal(serial[k], parallel[k]) for k in serial)
+    assert len(list((study.cache / "pretrain").glob("mae-2-*/model.pt"))) == 1
 
 
 def test_the_realism_script_writes_its_tables_and_figure(realct, tmp_path):

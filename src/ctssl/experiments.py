@@ -196,18 +196,32 @@ class Study:
 
     def finetune_many(self, runs: list[Run], jobs: int = 1) -> list[Path]:
         """metrics.json of each run; the uncached ones on `jobs` processes (each with the study's threads)."""
-        for init in dict.fromkeys(run.init for run in runs):
-            self.pretrained(init)  # once, here, before any worker could start the same pretraining
+        # Every pretraining once, here, before any fine-tuning worker could start the same one; the distinct
+        # pretrainings are independent, so they share the `jobs` processes too (each writes its own folder).
+        inits = list(dict.fromkeys(run.init for run in runs))
+        for init in inits:  # the pool files first, in this process: two workers must not write one
+            _, _, volumes = init.partition("@")[2].partition(":")
+            if volumes:
+                self.pool(int(volumes))
+        self._on_workers(self.pretrained, inits, jobs)
         # Longest first, so that the workers finish together.
         todo = sorted((run for run in runs if not self._cached(run)), key=lambda r: -int(r.finetune.get("steps", 0)))
-        if jobs > 1 and len(todo) > 1:
+        self._on_workers(self.finetune, todo, jobs)
+        return [self.finetune(run) for run in runs]
+
+    @staticmethod
+    def _on_workers(task: Callable, items: list, jobs: int) -> None:
+        """`task` over `items` on `jobs` worker processes (results are read back from the cache afterwards)."""
+        if jobs > 1 and len(items) > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn, not fork: a forked child of a process that has used torch's thread pool can hang.
             with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                list(pool.map(self.finetune, todo))
-        return [self.finetune(run) for run in runs]
+                list(pool.map(task, items))
+        else:
+            for item in items:
+                task(item)
 
     def _cached(self, run: Run) -> bool:
         return (self._run_dir(self._settings(run)) / "metrics.json").exists()
