@@ -12,6 +12,7 @@ from ctssl.report import (
     calibration,
     collect,
     comparisons_table,
+    dataset_block,
     effects_plot,
     holm,
     paired_wilcoxon,
@@ -73,6 +74,29 @@ def test_summary_numbers_delta_wilcoxon_and_best(files):
     assert byol["delta_vs_scratch"] == pytest.approx(0.0) and byol["p_wilcoxon"] == 1.0
     assert table["best"].sum() == 2 and table.loc[(10, "pgl-all"), "best"] and table.loc[(100, "pgl-all"), "best"]
     assert (table["n_seeds"] == 2).all() and (table["n_test_cases"] == 2).all()
+
+
+def test_the_share_of_the_label_gap_an_init_closes(tmp_path):
+    # scratch: 35.0 at 10 %, 55.0 at 100 % (liver 0.5 / 0.9 + 0.1 x seed; see test_summary_numbers...) -> gap 20;
+    # pgl-all +0.2 liver at 10 % -> Δ +10 -> 50 % of the gap; byol-all below scratch by 0.1 liver -> -25 %.
+    files = []
+    for init, low, high in (("scratch", 0.5, 0.9), ("pgl-all", 0.7, 0.9), ("byol-all", 0.4, 0.9)):
+        for s in (0, 1):
+            files.append(_cell(tmp_path, "liver", init, 10, s, low + 0.1 * s, 0.2))
+            files.append(_cell(tmp_path, "liver", init, 100, s, high + 0.1 * s, 0.2))
+    long, cells, _ = collect(files)
+    table = summary_table(cells, long).set_index(["fraction", "init"])
+    assert table.loc[(100, "scratch"), "dice_mean"] - table.loc[(10, "scratch"), "dice_mean"] == pytest.approx(20.0)
+    assert table.loc[(10, "pgl-all"), "gap_closed"] == pytest.approx(50.0)
+    assert table.loc[(10, "byol-all"), "gap_closed"] == pytest.approx(-25.0)
+    assert table.loc[[(10, "scratch"), (100, "pgl-all"), (100, "byol-all")], "gap_closed"].isna().all()
+    block = dataset_block(summary_table(cells, long), "liver", lambda text: text)
+    assert block["10% gap closed"].to_dict() == {"scratch": "–", "pgl-all": "+50 %", "byol-all": "-25 %"} and "100% gap closed" not in block
+    # no label gap (every fraction alike): no share
+    flat = [path for path in files if "_100_" not in path.name]
+    flat += [_cell(tmp_path, "liver", init, 100, s, 0.5 + 0.1 * s, 0.2) for init in ("scratch",) for s in (0, 1)]
+    long, cells, _ = collect(flat)
+    assert summary_table(cells, long)["gap_closed"].isna().all()
 
 
 def test_paired_wilcoxon_uses_only_shared_pairs():

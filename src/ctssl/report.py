@@ -248,7 +248,27 @@ def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
             rows.append(row)
     table = pd.DataFrame(rows)
     table["p_holm"] = _holm_within(table)
+    table["gap_closed"] = label_gap_closed(table)
     return _mark_best(table, ["dataset", "fraction"])
+
+
+def label_gap_closed(table: pd.DataFrame) -> pd.Series:
+    """The share (%) of the label gap an init closes at its fraction: its Δ against its reference divided by what
+    every label adds to that reference (the reference at the dataset's highest fraction minus the reference at this
+    fraction). 100 % = as good as training from scratch with every label; NaN at the highest fraction itself and
+    wherever the reference has no label gap (a gap <= 0 makes the share meaningless)."""
+    dice = table.set_index(["dataset", "fraction", "init"])["dice_mean"]
+    top = table.groupby("dataset")["fraction"].max()
+
+    def share(row: pd.Series) -> float:
+        reference, highest = reference_for(row["init"]), top[row["dataset"]]
+        if row["fraction"] == highest or np.isnan(row["delta_vs_scratch"]):
+            return np.nan
+        gap = dice.get((row["dataset"], highest, reference), np.nan) - dice[(row["dataset"], row["fraction"],
+                                                                             reference)]
+        return 100 * row["delta_vs_scratch"] / gap if gap > 0 else np.nan
+
+    return table.apply(share, axis=1) if len(table) else pd.Series(dtype=float)
 
 
 COMPARISON_COLUMNS = ["dataset", "fraction", "init", "reference", "dice_init", "dice_reference", "delta", "ci_low",
@@ -389,6 +409,9 @@ def dataset_block(summary: pd.DataFrame, dataset: str, bold: Callable[[str], str
         out[f"{label} Dice"] = [_dice(f.loc[i, "dice_mean"], f.loc[i, "dice_sd"], f.loc[i, "best"], bold)
                                 if i in f.index else "–" for i in out.index]
         out = out.assign(**_paired_columns(f, out.index, label, "delta_vs_scratch"))
+        if f["gap_closed"].notna().any():
+            out[f"{label} gap closed"] = [_percent(f.loc[i, "gap_closed"]) if i in f.index else "–"
+                                          for i in out.index]
         out[f"{label} Dice (prep. grid)"] = [_number(f.loc[i, "dice_preprocessed_mean"]) if i in f.index else "–"
                                              for i in out.index]
     return out
@@ -427,6 +450,10 @@ def _interval(low: float, high: float) -> str:
     return "–" if np.isnan(low) else f"[{low:+.1f}, {high:+.1f}]"
 
 
+def _percent(x: float) -> str:
+    return "–" if np.isnan(x) else f"{x:+.0f} %"
+
+
 def _number(x: float) -> str:
     return "n/a" if np.isnan(x) else f"{x:.1f}"
 
@@ -463,7 +490,9 @@ NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%) on e
         "p: two-sided Wilcoxon "
         "signed-rank test of the init against scratch, paired over (seed, test case), each pair's values being the "
         "case's mean foreground Dice. p Holm: p corrected by Holm's step-down method across the inits of the same "
-        "table (dataset and fraction). Best mean per column in bold.")
+        "table (dataset and fraction). gap closed: Δ divided by the label gap of the reference (its Dice at the "
+        "highest fraction minus at this one), the share of what every label adds that the init buys with this "
+        "fraction's labels. Best mean per column in bold.")
 
 
 def markdown_report(summary: pd.DataFrame, per_class: pd.DataFrame, provenance: pd.DataFrame, note: str = "",
