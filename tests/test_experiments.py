@@ -14,6 +14,7 @@ from ctssl.experiments import (
     convergence_lr_runs,
     convergence_runs,
     convergence_table,
+    curve_choice,
     curve_runs,
     curve_table,
     lowest_fraction_runs,
@@ -304,6 +305,28 @@ def test_the_curve_table_on_hand_computed_finals():
     longest = table.loc[("length", 500, 10000)]
     assert longest["delta_vs_scratch"] == pytest.approx(-1.0) and longest["seeds_ahead"] == "0/4"
     assert longest["dice"] == pytest.approx(42.0) and longest["scratch"] == pytest.approx(43.0)
+
+
+def test_the_curves_rule_picks_the_largest_mean_gain_unless_a_cheaper_point_is_within_a_point():
+    def table(points):  # (method, volumes, steps, delta, ci_low, ci_high)
+        return pd.DataFrame([{"method": m, "sweep": "pool", "volumes": v, "pretrain_steps": n, "delta_vs_scratch": d,
+                              "ci95_low": lo, "ci95_high": hi} for m, v, n, d, lo, hi in points])
+
+    # mean over the methods: (100, 3k) 0.5, (500, 3k) 2.5, (500, 10k) 2.8; (500, 3k) is within 1 point and cheaper
+    grid = table([("pgl", 100, 3000, 0.5, -1, 2), ("mae", 100, 3000, 0.5, -1, 2),
+                  ("pgl", 500, 3000, 3.0, 1, 5), ("mae", 500, 3000, 2.0, -1, 4),
+                  ("pgl", 500, 10000, 3.2, 1, 5), ("mae", 500, 10000, 2.4, 0.5, 4)])
+    volumes, steps, reason = curve_choice(grid)
+    assert (volumes, steps) == (500, 3000) and "within 1 point" in reason
+    # the longer run ahead by more than a point: it is taken
+    grid.loc[grid["pretrain_steps"] == 10000, "delta_vs_scratch"] += 1.5
+    assert curve_choice(grid)[:2] == (500, 10000)
+    # every CI includes 0: the cheapest point, whatever the means
+    grid[["ci95_low", "ci95_high"]] = [-5, 5]
+    assert curve_choice(grid) == (100, 3000, "every Δ's CI includes 0: the cheapest point")
+    # a point shared by both sweeps counts once
+    both = pd.concat([grid, grid[grid["volumes"] == 500].assign(sweep="length")], ignore_index=True)
+    assert curve_choice(both) == curve_choice(grid)
 
 
 def test_diagnose_refuses_options_an_experiment_does_not_take_before_touching_any_data(tmp_path):

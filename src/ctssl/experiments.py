@@ -785,6 +785,26 @@ def curve_table(finals: pd.DataFrame, pools: list[int], lengths: list[int]) -> p
     return pd.DataFrame(rows).sort_values(["sweep", "method", "volumes", "pretrain_steps"], ignore_index=True)
 
 
+CURVE_TOLERANCE = 1.0  # points: two curve points closer than this in mean Δ count as equal; the cheaper is taken
+
+
+def curve_choice(table: pd.DataFrame) -> tuple[int, int, str]:
+    """The rule fixed before the curves ran (docs/science.md, "The curves"): the (volumes, pretraining steps) point
+    with the largest Δ averaged over the methods, the cheaper one when another is within CURVE_TOLERANCE of it;
+    if every Δ's CI includes 0, the cheapest. Cheaper: fewer pretraining steps (what every method pays), then fewer
+    volumes. Returns (volumes, steps, the reason in words)."""
+    points = table.drop_duplicates(["method", "volumes", "pretrain_steps"])
+    mean = points.groupby(["pretrain_steps", "volumes"])["delta_vs_scratch"].mean().sort_index()  # cheapest first
+    if ((points["ci95_low"] <= 0) & (points["ci95_high"] >= 0)).all():
+        (steps, volumes), reason = mean.index[0], "every Δ's CI includes 0: the cheapest point"
+    else:
+        near = mean[mean >= mean.max() - CURVE_TOLERANCE]
+        steps, volumes = near.index[0]
+        reason = (f"the largest mean Δ ({mean.max():+.2f})" if near.index[0] == mean.idxmax() else
+                  f"within {CURVE_TOLERANCE:g} point of the largest mean Δ ({mean.max():+.2f}) and cheaper")
+    return int(volumes), int(steps), reason
+
+
 def plot_curve_table(table: pd.DataFrame, path: Path, title: str) -> None:
     """Δ against scratch (95 % CI over seeds) as the pool grows and as pretraining grows, one line per method."""
     import matplotlib
@@ -825,13 +845,15 @@ def exp_curves(study: Study, out: Path, seeds: list[int], jobs: int = 1, lengths
     steps = int(study.cfg["finetune"]["steps"])
     curves = _dev_curves(study, curve_runs(methods, pools, lengths, lowest, seeds, steps), jobs)
     table = curve_table(_final_dice(curves), pools, lengths)
+    volumes, length, reason = curve_choice(table)
     dev = read_json(study.splits_path)["development"]
     header = (f"# curves: does the gain grow with the unlabelled pool and with pretraining? (development cases)\n\n"
               f"{study.dataset}; development = {len(dev)} training cases held out of fine-tuning ({', '.join(dev)}); "
               f"{lowest} labelled case(s) (the config's lowest fraction of {n_full}); methods {methods}; pools "
               f"{pools} volumes (nested, each domain at its share) at {min(lengths)} pretraining steps, and "
               f"{lengths} steps on {max(pools)} volumes; seeds {seeds}; {steps} fine-tuning steps. Final dev Dice "
-              f"in %; Δ against scratch with its 95 % bootstrap CI over seeds and the Wilcoxon p over seeds.\n\n")
+              f"in %; Δ against scratch with its 95 % bootstrap CI over seeds and the Wilcoxon p over seeds.\n\n"
+              f"**Chosen by the rule: {volumes} volumes, {length} pretraining steps** ({reason}).\n\n")
     _write_convergence(out, curves, table.set_index("method"), header,
                        "Δ vs scratch at the lowest fraction (dev cases, 95 % CI over seeds)",
                        plot=lambda path, title: plot_curve_table(table, path, title))
