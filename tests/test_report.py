@@ -94,7 +94,7 @@ def test_the_share_of_the_label_gap_an_init_closes(tmp_path):
     assert block["10% gap closed"].to_dict() == {"scratch": "–", "pgl-all": "+50 %", "byol-all": "-25 %"} and "100% gap closed" not in block
     # no label gap (every fraction alike): no share
     flat = [path for path in files if "_100_" not in path.name]
-    flat += [_cell(tmp_path, "liver", init, 100, s, 0.5 + 0.1 * s, 0.2) for init in ("scratch",) for s in (0, 1)]
+    flat += [_cell(tmp_path, "liver", "scratch", 100, s, 0.5 + 0.1 * s, 0.2) for s in (0, 1)]
     long, cells, _ = collect(flat)
     assert summary_table(cells, long)["gap_closed"].isna().all()
 

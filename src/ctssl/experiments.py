@@ -46,6 +46,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
+def parse_init(init: str) -> tuple[str, str, str]:
+    """An experiment init 'name@steps' or 'name@steps:volumes' -> (name, steps, volumes); '' where absent."""
+    name, _, length = init.partition("@")
+    steps, _, volumes = length.partition(":")
+    return name, steps, volumes
+
+
 @dataclass(frozen=True)
 class Run:
     """One fine-tuning run of an experiment. `init`: 'scratch' or '{method}@{steps}' (pretrained for that many
@@ -122,8 +129,7 @@ class Study:
         that many of pool 'all''s volumes: `pool`), trained once and cached."""
         if init == "scratch":
             return None
-        name, _, length = init.partition("@")
-        steps, _, volumes = length.partition(":")
+        name, steps, volumes = parse_init(init)
         method, overrides = VARIANTS.get(name, (name, {}))
         cfg, pool_csv = copy.deepcopy(self.cfg), self.pool(int(volumes)) if volumes else self.root / "pools" / "all.csv"
         # A nested override (views.intensity...) is merged key by key into the shared settings by method_config.
@@ -200,7 +206,7 @@ class Study:
         # pretrainings are independent, so they share the `jobs` processes too (each writes its own folder).
         inits = list(dict.fromkeys(run.init for run in runs))
         for init in inits:  # the pool files first, in this process: two workers must not write one
-            _, _, volumes = init.partition("@")[2].partition(":")
+            volumes = parse_init(init)[2]
             if volumes:
                 self.pool(int(volumes))
         self._on_workers(self.pretrained, inits, jobs)
@@ -771,8 +777,8 @@ def curve_table(finals: pd.DataFrame, pools: list[int], lengths: list[int]) -> p
     wide = finals.pivot_table(index="seed", columns="init", values="dice")
     rows = []
     for init in [c for c in wide.columns if c != "scratch"]:
-        method, _, point = init.partition("@")
-        length, volumes = (int(v) for v in point.split(":"))
+        method, length, volumes = parse_init(init)
+        length, volumes = int(length), int(volumes)
         delta = wide[init] - wide["scratch"]
         low, high = bootstrap_ci(wide[[init]].to_numpy(), wide[["scratch"]].to_numpy())
         sweeps = [name for name, on in (("pool", length == min(lengths)), ("length", volumes == max(pools))) if on]
