@@ -18,6 +18,7 @@ from ctssl.report import (
     paired_wilcoxon,
     per_class_table,
     summary_table,
+    verdicts,
     write_report,
 )
 
@@ -70,6 +71,7 @@ def test_summary_numbers_delta_wilcoxon_and_best(files):
     assert pgl["delta_vs_scratch"] == pytest.approx(10.0)  # +0.2 liver -> +0.1 mean foreground
     # 4 pairs (2 seeds x 2 cases), all in favour of pgl-all: exact two-sided p = 2 / 2**4
     assert pgl["n_pairs"] == 4 and pgl["p_wilcoxon"] == pytest.approx(0.125)
+    assert scratch["verdict"] == "" and pgl["verdict"] == "no difference"  # 4 pairs cannot reach Holm p < 0.05
     byol = table.loc[(10, "byol-all")]
     assert byol["delta_vs_scratch"] == pytest.approx(0.0) and byol["p_wilcoxon"] == 1.0
     assert table["best"].sum() == 2 and table.loc[(10, "pgl-all"), "best"] and table.loc[(100, "pgl-all"), "best"]
@@ -129,15 +131,15 @@ def test_write_report_files(files, tmp_path):
     assert {"delta_vs_scratch", "p_wilcoxon", "n_pairs", "best", "n_seeds", "n_test_cases"} <= set(summary.columns)
     md = re.sub(r" +", " ", out["table_md"].read_text())
     # original-grid Dice is the main column; the preprocessed-grid mean (here 1 point higher) sits beside it
-    assert "| pgl-all | **45.0 ± 3.5** | +10.0 | [+10.0, +20.0] | 0.125 | 0.250 | 46.0 | **45.0 ± 3.5** |" in md
+    assert "| pgl-all | **45.0 ± 3.5** | +10.0 | [+10.0, +20.0] | 0.125 | 0.250 | no difference | 46.0 | **45.0 ± 3.5** |" in md
     assert summary.loc[summary["init"] == "pgl-all", "dice_preprocessed_mean"].round(3).tolist() == [46.0, 46.0]
-    assert "| scratch | 35.0 ± 3.5 | – | – | – | – |" in md
-    assert "| byol-all | 35.0 ± 3.5 | +0.0 | [+0.0, +0.0] | 1.000 | 1.000 |" in md
+    assert "| scratch | 35.0 ± 3.5 | – | – | – | – | – |" in md
+    assert "| byol-all | 35.0 ± 3.5 | +0.0 | [+0.0, +0.0] | 1.000 | 1.000 | no difference |" in md
     assert "p Holm: p corrected by Holm's step-down method across the inits of the same table" in md
     assert "n = 2 test cases × 2 seeds (4 pairs per test)" in md
     assert "# Dice per class" in md and "# Provenance" in md and "ffffffffffffffff" in md
     assert "# Head-to-head comparisons" in md
-    assert "| pgl-all vs byol-all | +10.0 | [+10.0, +20.0] | 0.125 | 0.125 | +10.0 | [+10.0, +20.0] |" in md
+    assert "| pgl-all vs byol-all | +10.0 | [+10.0, +20.0] | 0.125 | 0.125 | no difference | +10.0 | [+10.0, +20.0] |" in md
     assert len(pd.read_csv(out["comparisons_csv"])) == 2
     tex = out["table_tex"].read_text()
     assert tex.count(r"\begin{tabular}") == 3 and r"\textbf{45.0 $\pm$ 3.5}" in tex
@@ -169,6 +171,17 @@ def test_head_to_head_comparisons_on_hand_computed_cells(files):
     reverse = comparisons_table(cells, long, [("byol-all", "pgl-all")]).iloc[0]
     assert reverse["delta"] == pytest.approx(-10.0) and reverse["ci_high"] == pytest.approx(-10.0)
     assert comparisons_table(cells, long, []).empty
+    # CI above 0 but Holm p 0.25 (4 pairs can't reach 0.05): no verdict either way
+    assert row["verdict"] == "no difference" and same["verdict"] == "no difference"
+
+
+def test_a_verdict_needs_both_the_holm_p_and_the_run_level_ci():
+    """The pre-registered rule on hand-made rows: Holm p < 0.05 and the whole CI on one side of 0."""
+    rows = pd.DataFrame({"p_holm": [0.01, 0.01, 0.01, 0.2, 0.049, np.nan],
+                         "ci_low": [0.5, -3.0, -1.0, 1.0, -0.2, np.nan],
+                         "ci_high": [4.0, -0.1, 2.0, 5.0, -0.1, np.nan]})
+    assert verdicts(rows).tolist() == ["above", "below", "no difference", "no difference", "below", ""]
+    assert verdicts(rows.iloc[:0]).empty
 
 
 def test_the_effects_figure_draws_the_tables_numbers(files, tmp_path):

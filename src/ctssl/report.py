@@ -248,8 +248,29 @@ def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
             rows.append(row)
     table = pd.DataFrame(rows)
     table["p_holm"] = _holm_within(table)
+    table["verdict"] = verdicts(table)
     table["gap_closed"] = label_gap_closed(table)
     return _mark_best(table, ["dataset", "fraction"])
+
+
+VERDICT_ALPHA = 0.05  # a verdict needs the Holm-corrected p below this and the run-level CI on one side of 0
+
+
+def verdicts(table: pd.DataFrame) -> pd.Series:
+    """The rule a claim is read by, applied per row: 'above' (Holm p < VERDICT_ALPHA and the whole run-level CI
+    above 0), 'below' (the same, below 0), 'no difference' (anything else), '' for a row with no comparison (the
+    reference itself). Both tests must agree, so a Δ carried by one or two seeds (narrow pairs, wide runs) gets no
+    verdict: the reader does not have to apply the rule by eye."""
+    def one(row: pd.Series) -> str:
+        if np.isnan(row["p_holm"]) or np.isnan(row["ci_low"]):
+            return ""
+        if row["p_holm"] < VERDICT_ALPHA and row["ci_low"] > 0:
+            return "above"
+        if row["p_holm"] < VERDICT_ALPHA and row["ci_high"] < 0:
+            return "below"
+        return "no difference"
+
+    return table.apply(one, axis=1) if len(table) else pd.Series(dtype=object)
 
 
 def label_gap_closed(table: pd.DataFrame) -> pd.Series:
@@ -272,7 +293,7 @@ def label_gap_closed(table: pd.DataFrame) -> pd.Series:
 
 
 COMPARISON_COLUMNS = ["dataset", "fraction", "init", "reference", "dice_init", "dice_reference", "delta", "ci_low",
-                      "ci_high", "p_wilcoxon", "p_holm", "n_pairs"]
+                      "ci_high", "p_wilcoxon", "p_holm", "n_pairs", "verdict"]
 
 
 def comparisons_table(cells: pd.DataFrame, long: pd.DataFrame, comparisons: Iterable[tuple[str, str]]
@@ -292,6 +313,7 @@ def comparisons_table(cells: pd.DataFrame, long: pd.DataFrame, comparisons: Iter
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     if not table.empty:
         table["p_holm"] = _holm_within(table)
+        table["verdict"] = verdicts(table)
     return table
 
 
@@ -437,11 +459,12 @@ def _paired_columns(rows: pd.DataFrame, index: pd.Index, label: str, delta: str)
     return {f"{label} Δ": shown(lambda r: _signed(r[delta])),
             f"{label} 95% CI": shown(lambda r: _interval(r["ci_low"], r["ci_high"])),
             f"{label} p": shown(lambda r: _p(r["p_wilcoxon"])),
-            f"{label} p Holm": shown(lambda r: _p(r["p_holm"]))}
+            f"{label} p Holm": shown(lambda r: _p(r["p_holm"])),
+            f"{label} verdict": shown(lambda r: r["verdict"] or "–")}
 
 
 COMPARISONS_NOTE = ("Head-to-head comparisons named in the config (`comparisons`): Δ = first init minus second, "
-                    "in Dice points, with the same bootstrap CI and paired Wilcoxon test as above; p Holm: "
+                    "in Dice points, with the same bootstrap CI, paired Wilcoxon test and verdict rule as above; p Holm: "
                     "corrected across the comparisons of one dataset and fraction, a family apart from the rows "
                     "against scratch.")
 
@@ -490,7 +513,8 @@ NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%) on e
         "p: two-sided Wilcoxon "
         "signed-rank test of the init against scratch, paired over (seed, test case), each pair's values being the "
         "case's mean foreground Dice. p Holm: p corrected by Holm's step-down method across the inits of the same "
-        "table (dataset and fraction). gap closed: Δ divided by the label gap of the reference (its Dice at the "
+        "table (dataset and fraction). verdict: above (or below) scratch only when the Holm p < 0.05 and the whole "
+        "95% CI lies above (below) 0, otherwise no difference. gap closed: Δ divided by the label gap of the reference (its Dice at the "
         "highest fraction minus at this one), the share of what every label adds that the init buys with this "
         "fraction's labels. Best mean per column in bold.")
 
