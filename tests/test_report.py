@@ -196,6 +196,7 @@ def test_the_effects_figure_draws_the_tables_numbers(files, tmp_path):
     pgl = drawn.loc[(10, "pgl-all − scratch")]
     assert (pgl["delta"], pgl["ci_low"], pgl["ci_high"], pgl["p_holm"]) == (
         pytest.approx(10.0), pytest.approx(10.0), pytest.approx(20.0), pytest.approx(0.25))
+    assert pgl["verdict"] == "no difference"  # drawn hollow: Holm p 0.25
     head = drawn.loc[(100, "pgl-all − byol-all")]
     assert head["family"] == "head to head" and head["p_holm"] == pytest.approx(0.125)  # a family of one
     only_scratch = summary[summary["init"] == "scratch"]

@@ -695,13 +695,13 @@ def effect_rows(summary: pd.DataFrame, versus: pd.DataFrame) -> pd.DataFrame:
         label=lambda f: f["init"] + " − " + np.where(f["engine"] == "nnunet", "scratch@nnunet", "scratch"),
         family="against scratch", delta=lambda f: f["delta_vs_scratch"])
     head = versus.assign(label=versus["init"] + " − " + versus["reference"], family="head to head")
-    columns = ["dataset", "fraction", "family", "label", "delta", "ci_low", "ci_high", "p_holm"]
+    columns = ["dataset", "fraction", "family", "label", "delta", "ci_low", "ci_high", "p_holm", "verdict"]
     return pd.concat([against[columns], head[columns]], ignore_index=True)
 
 
 def effects_plot(summary: pd.DataFrame, versus: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     """One panel per (dataset, fraction): every Δ as a point with its 95 % bootstrap CI, a line at 0, the Holm p
-    beside it (filled: Holm p < 0.05). The table's numbers as a picture; returns the rows it drew."""
+    beside it (filled: a verdict, above or below, by the tables' rule). The table's numbers as a picture; returns the rows it drew."""
     rows = effect_rows(summary, versus)
     panels = list(rows.groupby(["dataset", "fraction"], sort=True))
     if not panels:
@@ -712,7 +712,7 @@ def effects_plot(summary: pd.DataFrame, versus: pd.DataFrame, path: str | Path) 
     for ax, ((dataset, fraction), frame) in zip(axes[0], panels, strict=True):
         y = np.arange(len(frame))[::-1]
         for yi, row in zip(y, frame.itertuples(), strict=True):
-            significant = row.p_holm < 0.05
+            significant = row.verdict in ("above", "below")
             colour = "C0" if row.family == "against scratch" else "C1"
             ax.errorbar(row.delta, yi, xerr=[[row.delta - row.ci_low], [row.ci_high - row.delta]], fmt="o",
                         color=colour, mfc=colour if significant else "white", capsize=3)
