@@ -179,8 +179,10 @@ def test_a_verdict_needs_both_the_holm_p_and_the_run_level_ci():
     """The pre-registered rule on hand-made rows: Holm p < 0.05 and the whole CI on one side of 0."""
     rows = pd.DataFrame({"p_holm": [0.01, 0.01, 0.01, 0.2, 0.049, np.nan],
                          "ci_low": [0.5, -3.0, -1.0, 1.0, -0.2, np.nan],
-                         "ci_high": [4.0, -0.1, 2.0, 5.0, -0.1, np.nan]})
+                         "ci_high": [4.0, -0.1, 2.0, 5.0, -0.1, np.nan], "n_runs": [10, 2, 10, 10, 10, 0]})
     assert verdicts(rows).tolist() == ["above", "below", "no difference", "no difference", "below", ""]
+    one_seed = rows.assign(n_runs=1)  # a CI over test cases alone: no claim, whatever p and the interval say
+    assert verdicts(one_seed).tolist() == ["one run"] * 5 + [""]
     assert verdicts(rows.iloc[:0]).empty
 
 

@@ -198,13 +198,14 @@ class Pairing:
 
     def versus(self, dataset: str, fraction: float, mine: str, reference: str) -> dict:
         """Δ = mine - reference (difference of the seed means, Dice points), its 95 % bootstrap CI, the Wilcoxon
-        p over (seed, test case) pairs and their number."""
+        p over (seed, test case) pairs, their number and the number of runs (seeds) both inits share."""
         delta = 100 * (self.means[(dataset, fraction, mine)] - self.means[(dataset, fraction, reference)])
         p, n = paired_wilcoxon(self.scores.loc[(dataset, mine, fraction)],
                                self.scores.loc[(dataset, reference, fraction)])
         a, b = self.grid(dataset, fraction, mine, reference)
         low, high = run_bootstrap_ci(a, b)
-        return {"delta": delta, "ci_low": 100 * low, "ci_high": 100 * high, "p_wilcoxon": p, "n_pairs": n}
+        return {"delta": delta, "ci_low": 100 * low, "ci_high": 100 * high, "p_wilcoxon": p, "n_pairs": n,
+                "n_runs": a.shape[0]}
 
     def grid(self, dataset: str, fraction: float, mine: str, reference: str) -> tuple[np.ndarray, np.ndarray]:
         """Both inits' class Dice on their shared (seed, test case) pairs as (seeds, cases, classes) arrays."""
@@ -239,7 +240,7 @@ def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
                    "n_seeds": int(means.loc[init, "count"]),
                    "n_test_cases": int(group[group["init"] == init]["n_test"].max()),
                    "delta_vs_scratch": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_wilcoxon": np.nan,
-                   "p_holm": np.nan, "n_pairs": 0,
+                   "p_holm": np.nan, "n_pairs": 0, "n_runs": 0,
                    "dice_preprocessed_mean": 100 * preprocessed.get(init, np.nan)}
             row["engine"] = engine_of(init)
             if init != reference and not np.isnan(ref):
@@ -254,16 +255,20 @@ def summary_table(cells: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
 
 
 VERDICT_ALPHA = 0.05  # a verdict needs the Holm-corrected p below this and the run-level CI on one side of 0
+SINGLE_RUN = "one run"  # the verdict of a row with one shared seed: its CI resamples test cases only, not runs
 
 
 def verdicts(table: pd.DataFrame) -> pd.Series:
     """The rule a claim is read by, applied per row: 'above' (Holm p < VERDICT_ALPHA and the whole run-level CI
     above 0), 'below' (the same, below 0), 'no difference' (anything else), '' for a row with no comparison (the
-    reference itself). Both tests must agree, so a Δ carried by one or two seeds (narrow pairs, wide runs) gets no
+    reference itself), SINGLE_RUN where the inits share one seed (its interval cannot see run-to-run spread, so it
+    supports no claim). Both tests must agree, so a Δ carried by one or two seeds (narrow pairs, wide runs) gets no
     verdict: the reader does not have to apply the rule by eye."""
     def one(row: pd.Series) -> str:
         if np.isnan(row["p_holm"]) or np.isnan(row["ci_low"]):
             return ""
+        if row["n_runs"] < 2:
+            return SINGLE_RUN
         if row["p_holm"] < VERDICT_ALPHA and row["ci_low"] > 0:
             return "above"
         if row["p_holm"] < VERDICT_ALPHA and row["ci_high"] < 0:
@@ -293,7 +298,7 @@ def label_gap_closed(table: pd.DataFrame) -> pd.Series:
 
 
 COMPARISON_COLUMNS = ["dataset", "fraction", "init", "reference", "dice_init", "dice_reference", "delta", "ci_low",
-                      "ci_high", "p_wilcoxon", "p_holm", "n_pairs", "verdict"]
+                      "ci_high", "p_wilcoxon", "p_holm", "n_pairs", "n_runs", "verdict"]
 
 
 def comparisons_table(cells: pd.DataFrame, long: pd.DataFrame, comparisons: Iterable[tuple[str, str]]
@@ -514,7 +519,8 @@ NOTE = ("Dice: mean ± sd over seeds of each run's mean foreground Dice (%) on e
         "signed-rank test of the init against scratch, paired over (seed, test case), each pair's values being the "
         "case's mean foreground Dice. p Holm: p corrected by Holm's step-down method across the inits of the same "
         "table (dataset and fraction). verdict: above (or below) scratch only when the Holm p < 0.05 and the whole "
-        "95% CI lies above (below) 0, otherwise no difference. gap closed: Δ divided by the label gap of the reference (its Dice at the "
+        "95% CI lies above (below) 0, otherwise no difference; 'one run' where a single seed was run (its CI "
+        "resamples test cases only, so it supports no claim). gap closed: Δ divided by the label gap of the reference (its Dice at the "
         "highest fraction minus at this one), the share of what every label adds that the init buys with this "
         "fraction's labels. Best mean per column in bold.")
 
