@@ -43,13 +43,22 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:  # tests that use the real CT samples carry the marker `realct`, for CI and the summary
         if "realct" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.realct)
+        # The fast tier (`pytest -m "not slow"`) leaves out every real Snakemake run and the longest files: the
+        # minutes of the suite are there (docs/development.md), the logic they call is unit-tested elsewhere.
+        if item.get_closest_marker("workflow") or _file_of(item) in LONGEST_FILES:
+            item.add_marker(pytest.mark.slow)
 
     def rank(item) -> int:
-        path = Path(str(item.fspath)).resolve()
-        name = path.relative_to(ROOT / "tests").as_posix() if path.is_relative_to(ROOT / "tests") else ""
+        name = _file_of(item)
         return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
 
     items.sort(key=rank)  # stable: tests keep their order inside a file
+
+
+def _file_of(item) -> str:
+    """The test's file relative to tests/ ('' outside it), as LONGEST_FILES names it."""
+    path = Path(str(item.fspath)).resolve()
+    return path.relative_to(ROOT / "tests").as_posix() if path.is_relative_to(ROOT / "tests") else ""
 
 
 def pytest_configure(config) -> None:
